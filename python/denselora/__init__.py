@@ -1,0 +1,36 @@
+"""DenseLoRA: parameter-efficient fine-tuning with a shared encoder/decoder per module group and one
+small dense matrix per layer, ``y = W0 x + s * act(D_g @ M_l @ act(E_g @ x))``."""
+
+from . import errors
+from ._core import __version__
+from .config import DEFAULT_TARGET_MODULES, DenseLoRAConfig
+from .errors import (
+    ChecksumError,
+    ConfigError,
+    DenseLoRAError,
+    FormatError,
+    IncompatibleAdapterError,
+    NotMergeableError,
+)
+from .io import load_adapter, save_adapter
+from .layer import DenseLoRALayer, DenseLoRAShared
+from .model import DenseLoRAModel, get_denselora_model
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "ChecksumError",
+    "ConfigError",
+    "DenseLoRAConfig",
+    "DenseLoRAError",
+    "DenseLoRALayer",
+    "DenseLoRAModel",
+    "DenseLoRAShared",
+    "FormatError",
+    "IncompatibleAdapterError",
+    "NotMergeableError",
+    "__version__",
+    "errors",
+    "get_denselora_model",
+    "load_adapter",
+    "save_adapter",
+]

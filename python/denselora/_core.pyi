@@ -1,0 +1,15 @@
+# Type stubs for the compiled extension `denselora._core` (the Rust core's binding).
+from os import PathLike
+from typing import Mapping, Optional, Union
+
+import numpy as np
+
+_Path = Union[str, PathLike[str]]
+
+__version__: str
+ADAPTER_FORMAT_VERSION: int
+
+def save_adapter(path: _Path, config_json: str, tensors: Mapping[str, np.ndarray]) -> None: ...
+def load_adapter(path: _Path) -> tuple[str, dict[str, tuple[str, np.ndarray]]]: ...
+def save_safetensors(path: _Path, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None) -> None: ...
+def write_text_atomic(path: _Path, text: str) -> None: ...

@@ -1,0 +1,101 @@
+"""`DenseLoRAConfig`: what to adapt and how, as a dataclass that round-trips through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .errors import ConfigError
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+ACTIVATIONS = ("gelu", "identity")
+
+
+@dataclass
+class DenseLoRAConfig:
+    """Configuration of a DenseLoRA adapter.
+
+    The branch added to each targeted linear layer is ``s * act(D_g @ M_l @ act(E_g @ x))`` with
+    ``s = alpha / r``; ``E_g`` and ``D_g`` are shared by every layer of a group (one group per module
+    name and shape), ``M_l`` is each layer's own ``r x r`` matrix.
+
+    Args:
+        r: latent width of the shared encoder/decoder.
+        alpha: scale numerator; the branch is multiplied by ``alpha / r``.
+        dropout: dropout probability applied to the input, to ``act(E x)`` and to the branch output
+            (training only).
+        target_modules: module names (matched against the last component of a module's path, or a
+            dotted suffix of it) or one regular expression matched against the full path.
+        activation: ``"gelu"`` (exact, as in the paper's code) or ``"identity"`` (a linear branch that
+            can be merged into the base weights and exported as a LoRA).
+        layers_to_transform: adapt only modules whose path holds one of these layer indices.
+        base_model_name_or_path: recorded on save when known; checked when adapters are combined.
+        init_fingerprint: a hash of the adapter's initial values, recorded at creation so that runs
+            started from the same initial adapter can be recognised.
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: Union[list[str], str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    activation: str = "gelu"
+    layers_to_transform: Optional[list[int]] = None
+    base_model_name_or_path: Optional[str] = None
+    init_fingerprint: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise ConfigError(f"target_modules regex {self.target_modules!r} is invalid: {exc}") from exc
+        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ConfigError(f"target_modules must be a non-empty list of names or a regex, got {self.target_modules!r}")
+        if self.layers_to_transform is not None and not all(
+            isinstance(i, int) and i >= 0 for i in self.layers_to_transform
+        ):
+            raise ConfigError(f"layers_to_transform must be non-negative integers, got {self.layers_to_transform!r}")
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha) / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DenseLoRAConfig":
+        """Build from a dict; keys that are not config fields (e.g. ``groups``) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DenseLoRAConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError("config JSON must be an object")
+        return cls.from_dict(data)

@@ -1,0 +1,181 @@
+"""The adapted layer: a frozen base linear layer plus the DenseLoRA branch. Math only; injection,
+saving and switching live in `model.py`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from .errors import NotMergeableError
+from .functional import dense_branch
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or a GPT-2 style ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return int(in_features), int(out_features)
+    raise TypeError(f"{type(module).__name__} is not a linear layer")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+class DenseLoRAShared(nn.Module):
+    """The encoder ``E`` (r x in) and decoder ``D`` (out x r) of one group, one parameter each,
+    referenced (never copied) by every layer of the group."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        *,
+        device: Optional[torch.device] = None,
+        decoder_rank: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        decoder_rank = r if decoder_rank is None else decoder_rank
+        kw: dict[str, Any] = {"device": device, "dtype": torch.float32}
+        self.encoder = nn.Parameter(torch.empty(r, in_features, **kw))
+        self.decoder = nn.Parameter(torch.empty(out_features, decoder_rank, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The nn.Linear default for E; D starts at zero so that the adapted model equals the base.
+        nn.init.kaiming_uniform_(self.encoder, a=math.sqrt(5))
+        nn.init.zeros_(self.decoder)
+
+    @property
+    def encoder_rank(self) -> int:
+        return self.encoder.shape[0]
+
+    @property
+    def decoder_rank(self) -> int:
+        return self.decoder.shape[1]
+
+
+class DenseLoRALayer(nn.Module):
+    """``y = base(x) + s * act(D_g @ M_l @ act(E_g @ x))``.
+
+    The shared module is held by reference outside the module tree (it is registered once, on the
+    model), so ``parameters()`` and ``state_dict()`` see each shared tensor exactly once.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        shared: DenseLoRAShared,
+        group: str,
+        *,
+        scaling: float,
+        activation: str,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.group = group
+        self.scaling = scaling
+        self.activation = activation
+        self.dropout = dropout
+        self._shared_ref = (shared,)  # a tuple keeps nn.Module from registering it here
+        weight = base_layer.weight
+        self.m = nn.Parameter(
+            torch.empty(shared.decoder_rank, shared.encoder_rank, device=weight.device, dtype=torch.float32)
+        )
+        nn.init.kaiming_uniform_(self.m, a=math.sqrt(5))
+        self.disabled = False
+        self.merged = False
+
+    @property
+    def shared(self) -> DenseLoRAShared:
+        return self._shared_ref[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Code that inspects ``layer.weight`` (dtype checks, tied weights) sees the base weight.
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    def _factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """E, M, D on ``device``. Shared factors live on one device; layers elsewhere (a model split
+        across devices) get a differentiable copy, so gradients still reach the one parameter."""
+        shared = self.shared
+        encoder, decoder, m = shared.encoder, shared.decoder, self.m
+        if encoder.device != device:
+            encoder, decoder = encoder.to(device), decoder.to(device)
+        if m.device != device:
+            m = m.to(device)
+        return encoder, m, decoder
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution for input ``x`` in float32 (the adapter's dtype) or the
+        autocast dtype."""
+        encoder, m, decoder = self._factors(x.device)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(encoder.dtype)
+        return dense_branch(
+            x,
+            encoder,
+            m,
+            decoder,
+            scale=self.scaling,
+            activation=self.activation,
+            dropout=self.dropout,
+            training=self.training,
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return result
+        return result + self.branch(x).to(result.dtype)
+
+    # -- merging (linear branch only) ---------------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * D @ M @ E`` as (out x in) in float32; defined only for the identity activation."""
+        if self.activation != "identity":
+            raise NotMergeableError(
+                f"cannot merge a DenseLoRA layer with activation {self.activation!r}: only 'identity' "
+                "is linear and so expressible as a weight update"
+            )
+        encoder, m, decoder = self._factors(self.base_layer.weight.device)
+        return self.scaling * (decoder @ (m @ encoder))
+
+    def _apply_delta(self, sign: float) -> None:
+        delta = self.delta_weight()
+        weight = self.base_layer.weight
+        if is_conv1d(self.base_layer):
+            delta = delta.T
+        with torch.no_grad():
+            weight.copy_((weight.float() + sign * delta).to(weight.dtype))
+
+    def merge(self) -> None:
+        if not self.merged:
+            self._apply_delta(+1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._apply_delta(-1.0)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"group={self.group!r}, scaling={self.scaling:g}, activation={self.activation!r}, dropout={self.dropout:g}"

@@ -1,0 +1,391 @@
+"""Injection of DenseLoRA into any PyTorch / transformers model, and the `DenseLoRAModel` wrapper
+with PEFT's verbs: trainable-parameter counts, save/load, disabling, merging and LoRA export."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections import OrderedDict, defaultdict
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from . import io as adapter_io
+from .config import DenseLoRAConfig
+from .errors import ConfigError, IncompatibleAdapterError, NotMergeableError
+from .layer import DenseLoRALayer, DenseLoRAShared, is_adaptable, is_conv1d, linear_dims
+
+SHARED_ATTR = "denselora_shared"
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+# -- choosing modules and groups --------------------------------------------------------------
+
+
+def _matches_target(path: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def _layer_index(path: str) -> Optional[int]:
+    found = _LAYER_INDEX.search(path)
+    return int(found.group(1)) if found else None
+
+
+def find_target_modules(model: nn.Module, config: DenseLoRAConfig) -> list[str]:
+    """Paths of the linear modules ``config`` selects, in model order."""
+    paths = []
+    for path, module in model.named_modules():
+        if not path or isinstance(module, DenseLoRALayer) or ".base_layer" in path:
+            continue
+        if not is_adaptable(module) or not _matches_target(path, config.target_modules):
+            continue
+        if config.layers_to_transform is not None and _layer_index(path) not in config.layers_to_transform:
+            continue
+        paths.append(path)
+    if not paths:
+        raise ConfigError(
+            f"target_modules={config.target_modules!r} (layers_to_transform={config.layers_to_transform}) "
+            f"matches no nn.Linear or Conv1D in {type(model).__name__}"
+        )
+    return paths
+
+
+def assign_groups(model: nn.Module, paths: list[str]) -> dict[str, str]:
+    """Module path -> group: one group per module name, split by shape when a name has several."""
+    shapes: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
+    for path in paths:
+        shapes[path.rsplit(".", 1)[-1]][path] = linear_dims(model.get_submodule(path))
+    groups = {}
+    for name, by_path in shapes.items():
+        distinct = set(by_path.values())
+        for path, (fan_in, fan_out) in by_path.items():
+            groups[path] = name if len(distinct) == 1 else f"{name}_{fan_in}x{fan_out}"
+    return {p: groups[p] for p in paths}
+
+
+# -- the wrapper -------------------------------------------------------------------------------
+
+
+class DenseLoRAModel(nn.Module):
+    """A base model with DenseLoRA layers injected. Calls, ``generate`` and unknown attributes go to
+    the base model. ``state_dict()`` holds only the adapter's tensors, so generic checkpointing
+    (transformers' ``Trainer``, Accelerate) saves the adapter, not the base model."""
+
+    def __init__(self, model: nn.Module, config: DenseLoRAConfig, groups: Mapping[str, str]) -> None:
+        super().__init__()
+        self.base_model = model
+        self.denselora_config = config
+        self.groups: dict[str, str] = dict(groups)
+        self.register_state_dict_post_hook(_keep_adapter_entries)
+        self.register_load_state_dict_post_hook(_ignore_missing_base_entries)
+
+    # -- delegation --
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- adapter structure --
+    @property
+    def shared_modules(self) -> nn.ModuleDict:
+        return getattr(self.base_model, SHARED_ATTR)
+
+    def adapter_layers(self) -> Iterator[tuple[str, DenseLoRALayer]]:
+        for path in self.groups:
+            yield path, self.base_model.get_submodule(path)
+
+    def adapter_state(self) -> "OrderedDict[str, torch.Tensor]":
+        """The adapter's tensors under their file names (``shared.<g>.encoder`` ...)."""
+        state: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for group, shared in self.shared_modules.items():
+            state[f"shared.{group}.encoder"] = shared.encoder
+            state[f"shared.{group}.decoder"] = shared.decoder
+        for path, layer in self.adapter_layers():
+            state[f"{path}.m"] = layer.m
+        return state
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; shared tensors count once."""
+        trainable = total = 0
+        for param in self.parameters():  # parameters() yields each tensor once
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- saving and loading --
+    def adapter_config_dict(self) -> dict[str, Any]:
+        config = self.denselora_config.to_dict()
+        if config.get("base_model_name_or_path") is None:
+            config["base_model_name_or_path"] = _base_model_name(self.base_model)
+        config["groups"] = dict(self.groups)
+        return config
+
+    def save_pretrained(self, save_directory: adapter_io.PathLike, **_: Any) -> None:
+        """Write the adapter directory: ``adapter_config.json`` and ``adapter.safetensors``."""
+        adapter_io.save_adapter(save_directory, self.adapter_config_dict(), self.adapter_state())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        source: adapter_io.PathLike,
+        adapter_name: Optional[str] = None,
+        *,
+        is_trainable: bool = False,
+    ) -> "DenseLoRAModel":
+        """Attach a saved adapter (a directory, ``bundle.dl`` with ``adapter_name``, or
+        ``"bundle.dl:name"``) to ``model``. Every module and tensor must match exactly."""
+        raw_config, tensors = adapter_io.load_adapter(source, adapter_name)
+        where = os.fspath(source) if adapter_name is None else f"{os.fspath(source)}:{adapter_name}"
+        groups = raw_config.get("groups")
+        if not isinstance(groups, dict) or not groups:
+            raise IncompatibleAdapterError(f"{where}: config has no 'groups'")
+        config = DenseLoRAConfig.from_dict(raw_config)
+        wrapped = inject(model, config, groups=groups, tensors=tensors, source=where)
+        wrapped.requires_grad_adapter(is_trainable)
+        if not is_trainable:
+            wrapped.eval()
+        return wrapped
+
+    def requires_grad_adapter(self, flag: bool = True) -> None:
+        for tensor in self.adapter_state().values():
+            tensor.requires_grad_(flag)
+
+    # -- switching --
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block."""
+        layers = [layer for _, layer in self.adapter_layers()]
+        previous = [layer.disabled for layer in layers]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, flag in zip(layers, previous):
+                layer.disabled = flag
+
+    def merge_adapter(self) -> None:
+        """Fold the branch into the base weights (``identity`` activation only)."""
+        self._require_linear("merge")
+        for _, layer in self.adapter_layers():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        """Undo `merge_adapter` (up to the rounding of the base weights' dtype)."""
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the adapter into the base weights and return the plain base model."""
+        self.merge_adapter()
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Remove the adapter (unmerged layers lose their branch) and return the base model."""
+        for path, layer in list(self.adapter_layers()):
+            parent_path, _, child = path.rpartition(".")
+            parent = self.base_model.get_submodule(parent_path) if parent_path else self.base_model
+            setattr(parent, child, layer.base_layer)
+        if hasattr(self.base_model, SHARED_ATTR):
+            delattr(self.base_model, SHARED_ATTR)
+        self.groups = {}
+        return self.base_model
+
+    def _require_linear(self, what: str) -> None:
+        if self.denselora_config.activation != "identity":
+            raise NotMergeableError(
+                f"cannot {what}: activation is {self.denselora_config.activation!r}, but only an "
+                "'identity' branch is linear (configure activation='identity' to train a mergeable adapter)"
+            )
+
+    def export_lora(self, save_directory: adapter_io.PathLike) -> None:
+        """Write a PEFT LoRA (``adapter_config.json`` + ``adapter_model.safetensors``) equal to this
+        ``identity`` adapter: ``A = E_g``, ``B = D_g @ M_l``, and ``lora_alpha / r = alpha / r``."""
+        self._require_linear("export as LoRA")
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        fan_in_fan_out = False
+        for path, layer in self.adapter_layers():
+            shared = layer.shared
+            prefix = f"base_model.model.{path}"
+            tensors[f"{prefix}.lora_A.weight"] = shared.encoder.detach().float().cpu()
+            tensors[f"{prefix}.lora_B.weight"] = (shared.decoder.detach().float().cpu() @ layer.m.detach().float().cpu())
+            ranks[path] = shared.encoder_rank
+            fan_in_fan_out |= is_conv1d(layer.base_layer)
+        scaling = self.denselora_config.scaling
+        rank = max(set(ranks.values()), key=list(ranks.values()).count)
+        config = {
+            "peft_type": "LORA",
+            "r": rank,
+            "lora_alpha": scaling * rank,
+            "rank_pattern": {p: r for p, r in ranks.items() if r != rank},
+            "alpha_pattern": {p: scaling * r for p, r in ranks.items() if r != rank},
+            "target_modules": sorted({p.rsplit(".", 1)[-1] for p in ranks}),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": fan_in_fan_out,
+            "base_model_name_or_path": self.adapter_config_dict().get("base_model_name_or_path"),
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": False,
+        }
+        adapter_io.save_peft_lora(save_directory, config, tensors)
+
+
+def _keep_adapter_entries(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    keep = {prefix + "base_model." + k for k in _adapter_param_names(module)}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
+        del state_dict[key]
+
+
+def _ignore_missing_base_entries(module: nn.Module, incompatible_keys: Any) -> None:
+    adapter = {"base_model." + k for k in _adapter_param_names(module)}
+    missing = incompatible_keys.missing_keys
+    still_missing = [k for k in missing if any(k.endswith(a) for a in adapter)]
+    missing[:] = still_missing
+
+
+def _adapter_param_names(module: "DenseLoRAModel") -> set[str]:
+    """Parameter names (relative to the base model) of the adapter's tensors."""
+    ids = {id(t) for t in module.adapter_state().values()}
+    return {name for name, param in module.base_model.named_parameters() if id(param) in ids}
+
+
+def _base_model_name(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return name or None
+
+
+def _fingerprint(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """A hash of the adapter's initial values (None on the meta device, where there are none)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.device.type == "meta":
+            return None
+        digest.update(name.encode())
+        digest.update(adapter_io.tensor_to_numpy(tensor.float()).tobytes())
+    return digest.hexdigest()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return module.weight.device
+
+
+def inject(
+    model: nn.Module,
+    config: DenseLoRAConfig,
+    *,
+    groups: Optional[Mapping[str, str]] = None,
+    tensors: Optional[Mapping[str, torch.Tensor]] = None,
+    source: str = "adapter",
+) -> DenseLoRAModel:
+    """Freeze ``model`` and wrap its targeted linear layers. With ``groups`` (module path ->
+    group, from a saved adapter) exactly those modules are adapted; with ``tensors`` their values
+    are loaded, strictly: every module must exist with matching shapes."""
+    if hasattr(model, SHARED_ATTR):
+        raise ConfigError(f"{type(model).__name__} already carries a DenseLoRA adapter; unload it first")
+    if groups is None:
+        groups = assign_groups(model, find_target_modules(model, config))
+    ranks = _ranks_from_tensors(tensors, source) if tensors is not None else {}
+    modules: dict[str, nn.Module] = {}
+    for path in groups:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise IncompatibleAdapterError(f"{source}: module {path} is not in {type(model).__name__}") from None
+        if not is_adaptable(module):
+            raise IncompatibleAdapterError(f"{source}: module {path} is a {type(module).__name__}, not a linear layer")
+        modules[path] = module
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+    # One shared module per group, placed explicitly on the device of the group's first layer.
+    shared = nn.ModuleDict()
+    for path, group in groups.items():
+        if group in shared:
+            continue
+        fan_in, fan_out = linear_dims(modules[path])
+        enc_rank, dec_rank = ranks.get(group, (config.r, config.r))
+        shared[group] = DenseLoRAShared(fan_in, fan_out, enc_rank, decoder_rank=dec_rank, device=_device_of(modules[path]))
+    for path, group in groups.items():
+        if linear_dims(modules[path]) != (shared[group].in_features, shared[group].out_features):
+            raise IncompatibleAdapterError(
+                f"{source}: module {path} is {linear_dims(modules[path])} (in, out), but group {group!r} "
+                f"is ({shared[group].in_features}, {shared[group].out_features})"
+            )
+    setattr(model, SHARED_ATTR, shared)
+    for path, group in groups.items():
+        layer = DenseLoRALayer(
+            modules[path], shared[group], group, scaling=config.scaling, activation=config.activation, dropout=config.dropout
+        )
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, layer)
+
+    wrapped = DenseLoRAModel(model, config, groups)
+    if tensors is not None:
+        _load_tensors(wrapped, tensors, source)
+    elif config.init_fingerprint is None:
+        wrapped.denselora_config = dataclasses.replace(config, init_fingerprint=_fingerprint(wrapped.adapter_state()))
+    return wrapped
+
+
+def _ranks_from_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, tuple[int, int]]:
+    ranks: dict[str, tuple[int, int]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("shared.") and name.endswith(".encoder"):
+            group = name[len("shared.") : -len(".encoder")]
+            decoder = tensors.get(f"shared.{group}.decoder")
+            if decoder is None:
+                raise IncompatibleAdapterError(f"{source}: tensor shared.{group}.decoder is missing")
+            ranks[group] = (tensor.shape[0], decoder.shape[1])
+    return ranks
+
+
+def _load_tensors(wrapped: DenseLoRAModel, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    expected = wrapped.adapter_state()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise IncompatibleAdapterError(f"{source}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+    with torch.no_grad():
+        for name, param in expected.items():
+            value = tensors[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise IncompatibleAdapterError(
+                    f"{source}: tensor {name} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}"
+                )
+            if param.device.type == "meta":
+                continue
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
+def get_denselora_model(model: nn.Module, config: Optional[DenseLoRAConfig] = None) -> DenseLoRAModel:
+    """Freeze ``model``, inject DenseLoRA layers as ``config`` says, and return the wrapper."""
+    return inject(model, config or DenseLoRAConfig())

@@ -1,0 +1,339 @@
+//! The adapter directory: `adapter_config.json` plus `adapter.safetensors`.
+//!
+//! Tensor names are `shared.<group>.encoder` (r_e x in), `shared.<group>.decoder` (out x r_d) and
+//! `<module path>.m` (r_d x r_e). Every shared tensor is stored once. The config's `groups` object
+//! maps each adapted module path to its group; reading checks that tensors and config agree exactly.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::atomic::write_atomically;
+use crate::error::{Error, Result};
+use crate::safetensors_io::{load_safetensors, save_safetensors};
+use crate::tensor::{Tensor, TensorRef};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const TENSORS_FILE: &str = "adapter.safetensors";
+/// Version of the adapter directory layout written by this library.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// An adapter config: the JSON object of `adapter_config.json`. The core reads only the keys it
+/// needs (`groups`, `format_version`, and what the algebra consults); the rest passes through.
+pub type ConfigMap = Map<String, Value>;
+
+pub fn encoder_key(group: &str) -> String {
+    format!("shared.{group}.encoder")
+}
+
+pub fn decoder_key(group: &str) -> String {
+    format!("shared.{group}.decoder")
+}
+
+pub fn m_key(module: &str) -> String {
+    format!("{module}.m")
+}
+
+/// An adapter held in memory: its config object and its tensors by name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adapter {
+    pub config: Map<String, Value>,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// The shape of one group as derived from an adapter's tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLayout {
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// Rows of the encoder (latent width after the encoder).
+    pub encoder_rank: usize,
+    /// Columns of the decoder (latent width before the decoder).
+    pub decoder_rank: usize,
+    /// Adapted module paths of this group, sorted.
+    pub modules: Vec<String>,
+}
+
+/// `groups` of a config: module path -> group name.
+pub fn config_groups(config: &Map<String, Value>, context: &str) -> Result<BTreeMap<String, String>> {
+    let groups = config
+        .get("groups")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::incompatible(context, "config has no \"groups\" object (module path -> group)"))?;
+    let mut out = BTreeMap::new();
+    for (module, group) in groups {
+        let group = group.as_str().ok_or_else(|| {
+            Error::incompatible(context, format!("group of module {module:?} is not a string"))
+        })?;
+        out.insert(module.clone(), group.to_string());
+    }
+    if out.is_empty() {
+        return Err(Error::incompatible(context, "config adapts no module (\"groups\" is empty)"));
+    }
+    Ok(out)
+}
+
+fn matrix_shape(tensors: &BTreeMap<String, TensorRef<'_>>, key: &str, context: &str) -> Result<(usize, usize)> {
+    let t = tensors
+        .get(key)
+        .ok_or_else(|| Error::incompatible(context, format!("tensor {key:?} is missing")))?;
+    match t.shape {
+        [rows, cols] if *rows > 0 && *cols > 0 => Ok((*rows, *cols)),
+        shape => Err(Error::incompatible(context, format!("tensor {key:?} has shape {shape:?}; expected a non-empty matrix"))),
+    }
+}
+
+/// Check that `tensors` are exactly what `config` promises and return each group's layout.
+/// `context` names the adapter (its path or bundle entry) in errors.
+pub fn validate_layout(
+    config: &Map<String, Value>,
+    tensors: &BTreeMap<String, TensorRef<'_>>,
+    context: &str,
+) -> Result<Vec<GroupLayout>> {
+    let groups = config_groups(config, context)?;
+    let mut by_group: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (module, group) in &groups {
+        by_group.entry(group.as_str()).or_default().push(module.clone());
+    }
+    let mut expected: BTreeSet<String> = BTreeSet::new();
+    let mut layouts = Vec::with_capacity(by_group.len());
+    for (group, modules) in by_group {
+        let (enc_rank, in_features) = matrix_shape(tensors, &encoder_key(group), context)?;
+        let (out_features, dec_rank) = matrix_shape(tensors, &decoder_key(group), context)?;
+        expected.insert(encoder_key(group));
+        expected.insert(decoder_key(group));
+        for module in &modules {
+            let key = m_key(module);
+            let shape = matrix_shape(tensors, &key, context)?;
+            if shape != (dec_rank, enc_rank) {
+                return Err(Error::incompatible(
+                    format!("{context}: module {module}"),
+                    format!(
+                        "tensor {key:?} has shape {:?}, but group {group:?} needs [{dec_rank}, {enc_rank}] \
+                         (decoder columns x encoder rows)",
+                        [shape.0, shape.1]
+                    ),
+                ));
+            }
+            expected.insert(key);
+        }
+        layouts.push(GroupLayout {
+            name: group.to_string(),
+            in_features,
+            out_features,
+            encoder_rank: enc_rank,
+            decoder_rank: dec_rank,
+            modules,
+        });
+    }
+    if let Some(extra) = tensors.keys().find(|k| !expected.contains(*k)) {
+        return Err(Error::incompatible(
+            context,
+            format!("tensor {extra:?} belongs to no module or group named in the config"),
+        ));
+    }
+    Ok(layouts)
+}
+
+fn check_format_version(config: &Map<String, Value>, path: &Path) -> Result<()> {
+    match config.get("format_version").and_then(Value::as_u64) {
+        Some(v) if v <= FORMAT_VERSION => Ok(()),
+        Some(v) => Err(Error::format(
+            path,
+            format!("format_version {v} is newer than this library reads ({FORMAT_VERSION}); upgrade denselora"),
+        )),
+        None => Err(Error::format(path, "missing or non-integer \"format_version\"")),
+    }
+}
+
+/// Parse JSON text that must be an object (named `path` in errors), without version checks.
+pub fn parse_config_object(text: &str, path: &Path) -> Result<ConfigMap> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+    match value {
+        Value::Object(config) => Ok(config),
+        _ => Err(Error::format(path, "the config must be a JSON object")),
+    }
+}
+
+/// Parse the text of a stored `adapter_config.json` (named `path` in errors).
+pub fn parse_config(text: &str, path: &Path) -> Result<ConfigMap> {
+    let config = parse_config_object(text, path)?;
+    check_format_version(&config, path)?;
+    Ok(config)
+}
+
+/// A config as pretty JSON text with a trailing newline.
+pub fn config_to_string(config: &ConfigMap) -> String {
+    let mut text = serde_json::to_string_pretty(config).expect("JSON map");
+    text.push('\n');
+    text
+}
+
+/// Read and validate an adapter directory.
+pub fn read_adapter_dir(dir: &Path) -> Result<Adapter> {
+    if !dir.is_dir() {
+        let kind = if dir.exists() { std::io::ErrorKind::NotADirectory } else { std::io::ErrorKind::NotFound };
+        return Err(Error::io(dir, std::io::Error::new(kind, "not an adapter directory")));
+    }
+    let config_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let config = parse_config(&text, &config_path)?;
+    let tensors_path = dir.join(TENSORS_FILE);
+    let contents = load_safetensors(&tensors_path)?;
+    let views: BTreeMap<String, TensorRef<'_>> =
+        contents.tensors.iter().map(|(k, t)| (k.clone(), t.view())).collect();
+    validate_layout(&config, &views, &dir.display().to_string())?;
+    Ok(Adapter { config, tensors: contents.tensors })
+}
+
+/// Write an adapter directory (created if needed). The layout is validated first, so an
+/// inconsistent adapter is never written; each file is replaced atomically, tensors first.
+pub fn write_adapter_dir(dir: &Path, config: &Map<String, Value>, tensors: &BTreeMap<String, TensorRef<'_>>) -> Result<()> {
+    let mut config = config.clone();
+    config.insert("format_version".into(), Value::from(FORMAT_VERSION));
+    validate_layout(&config, tensors, &dir.display().to_string())?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let named: Vec<(&str, TensorRef<'_>)> = tensors.iter().map(|(k, t)| (k.as_str(), *t)).collect();
+    let metadata = BTreeMap::from([
+        ("format".to_string(), "denselora".to_string()),
+        ("format_version".to_string(), FORMAT_VERSION.to_string()),
+    ]);
+    save_safetensors(&dir.join(TENSORS_FILE), &named, &metadata)?;
+    let config_path = dir.join(CONFIG_FILE);
+    let text = config_to_string(&config);
+    write_atomically(&config_path, |w| {
+        std::io::Write::write_all(w, text.as_bytes()).map_err(|e| Error::io(&config_path, e))
+    })
+}
+
+impl Adapter {
+    pub fn views(&self) -> BTreeMap<String, TensorRef<'_>> {
+        self.tensors.iter().map(|(k, t)| (k.clone(), t.view())).collect()
+    }
+
+    pub fn layout(&self, context: &str) -> Result<Vec<GroupLayout>> {
+        validate_layout(&self.config, &self.views(), context)
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        write_adapter_dir(dir, &self.config, &self.views())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::dtype::DType;
+
+    /// A two-group adapter: q (8 -> 8, two layers) and up (8 -> 12, one layer), rank 4.
+    pub fn sample_adapter() -> Adapter {
+        let mut tensors = BTreeMap::new();
+        let fill = |n: usize, seed: f32| (0..n).map(|i| ((i as f32 + seed) * 0.37).sin()).collect::<Vec<_>>();
+        tensors.insert(encoder_key("q_proj"), Tensor::from_f32(DType::F32, vec![4, 8], &fill(32, 1.0)));
+        tensors.insert(decoder_key("q_proj"), Tensor::from_f32(DType::F32, vec![8, 4], &fill(32, 2.0)));
+        tensors.insert(encoder_key("up_proj"), Tensor::from_f32(DType::F32, vec![4, 8], &fill(32, 3.0)));
+        tensors.insert(decoder_key("up_proj"), Tensor::from_f32(DType::F32, vec![12, 4], &fill(48, 4.0)));
+        let mut groups = Map::new();
+        for (i, (module, group)) in [
+            ("model.layers.0.self_attn.q_proj", "q_proj"),
+            ("model.layers.1.self_attn.q_proj", "q_proj"),
+            ("model.layers.0.mlp.up_proj", "up_proj"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            tensors.insert(m_key(module), Tensor::from_f32(DType::F32, vec![4, 4], &fill(16, 5.0 + i as f32)));
+            groups.insert(module.into(), Value::from(group));
+        }
+        let mut config = Map::new();
+        config.insert("r".into(), Value::from(4));
+        config.insert("activation".into(), Value::from("gelu"));
+        config.insert("groups".into(), Value::Object(groups));
+        config.insert("format_version".into(), Value::from(FORMAT_VERSION));
+        Adapter { config, tensors }
+    }
+
+    #[test]
+    fn write_then_read_is_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let adapter = sample_adapter();
+        adapter.write(dir.path()).unwrap();
+        let back = read_adapter_dir(dir.path()).unwrap();
+        assert_eq!(back, adapter);
+        let layout = back.layout("x").unwrap();
+        assert_eq!(layout.len(), 2);
+        assert_eq!(layout[1].out_features, 12);
+        assert_eq!(layout[0].modules.len(), 2);
+    }
+
+    #[test]
+    fn file_size_is_parameters_times_bytes_plus_small_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let adapter = sample_adapter();
+        adapter.write(dir.path()).unwrap();
+        let params: usize = adapter.tensors.values().map(|t| t.shape.iter().product::<usize>()).sum();
+        let size = std::fs::metadata(dir.path().join(TENSORS_FILE)).unwrap().len() as usize;
+        assert!(size >= params * 4 && size < params * 4 + 2048, "{size} vs {params} params");
+    }
+
+    #[test]
+    fn missing_module_tensor_is_named() {
+        let mut adapter = sample_adapter();
+        adapter.tensors.remove(&m_key("model.layers.1.self_attn.q_proj"));
+        let err = adapter.layout("adapter-x").unwrap_err();
+        assert!(matches!(err, Error::Incompatible { .. }));
+        assert!(err.to_string().contains("model.layers.1.self_attn.q_proj.m"), "{err}");
+    }
+
+    #[test]
+    fn extra_tensor_is_named() {
+        let mut adapter = sample_adapter();
+        adapter.tensors.insert("stray".into(), Tensor::from_f32(DType::F32, vec![1, 1], &[0.0]));
+        let err = adapter.layout("adapter-x").unwrap_err();
+        assert!(err.to_string().contains("stray"), "{err}");
+    }
+
+    #[test]
+    fn wrong_m_shape_is_named() {
+        let mut adapter = sample_adapter();
+        adapter.tensors.insert(
+            m_key("model.layers.0.mlp.up_proj"),
+            Tensor::from_f32(DType::F32, vec![3, 4], &[0.0; 12]),
+        );
+        let err = adapter.layout("adapter-x").unwrap_err();
+        assert!(err.to_string().contains("model.layers.0.mlp.up_proj"), "{err}");
+    }
+
+    #[test]
+    fn invalid_adapter_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut adapter = sample_adapter();
+        adapter.tensors.remove(&decoder_key("q_proj"));
+        assert!(adapter.write(dir.path()).is_err());
+        assert!(!dir.path().join(TENSORS_FILE).exists());
+    }
+
+    #[test]
+    fn newer_format_version_and_bad_json_are_format_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        sample_adapter().write(dir.path()).unwrap();
+        let cfg = dir.path().join(CONFIG_FILE);
+        std::fs::write(&cfg, r#"{"format_version": 99, "groups": {}}"#).unwrap();
+        assert!(matches!(read_adapter_dir(dir.path()), Err(Error::Format { .. })));
+        std::fs::write(&cfg, "{not json").unwrap();
+        let err = read_adapter_dir(dir.path()).unwrap_err();
+        assert!(err.to_string().contains(CONFIG_FILE), "{err}");
+    }
+
+    #[test]
+    fn missing_directory_is_io_not_found() {
+        let err = read_adapter_dir(Path::new("/nonexistent/adapter")).unwrap_err();
+        match err {
+            Error::Io { source, .. } => assert_eq!(source.kind(), std::io::ErrorKind::NotFound),
+            other => panic!("{other}"),
+        }
+    }
+}

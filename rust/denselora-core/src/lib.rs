@@ -1,0 +1,14 @@
+//! The denselora engine, free of Python: adapter files, bundles, adapter algebra and the fused
+//! CPU kernel of the DenseLoRA branch. The PyO3 crate `denselora-py` only converts and delegates.
+
+pub mod adapter;
+pub mod atomic;
+pub mod dtype;
+pub mod error;
+pub mod safetensors_io;
+pub mod tensor;
+
+pub use adapter::{read_adapter_dir, write_adapter_dir, Adapter, GroupLayout};
+pub use dtype::DType;
+pub use error::{ArgumentKind, Error, Result};
+pub use tensor::{Tensor, TensorRef};

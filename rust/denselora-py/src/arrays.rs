@@ -1,0 +1,61 @@
+//! Conversion between numpy arrays and core tensors. Inputs are borrowed (no copy); bfloat16,
+//! which numpy lacks, travels as uint16 bit patterns with its dtype named beside it.
+
+use denselora_core::{ArgumentKind, DType, Error, Tensor};
+use numpy::{PyArray1, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+/// A borrowed view of a C-contiguous numpy array's bytes. The returned slice is valid while
+/// `array` is alive and unmodified; callers hold the array for that long.
+pub fn array_bytes<'py>(array: &Bound<'py, PyUntypedArray>, name: &str, dtype: DType) -> Result<&'py [u8], Error> {
+    if !array.is_c_contiguous() {
+        return Err(Error::argument(name, ArgumentKind::Layout, "array must be C-contiguous"));
+    }
+    let len = array.len() * dtype.size();
+    // SAFETY: a C-contiguous array owns `len` readable bytes at `data`; numpy keeps them alive
+    // as long as the array object, which outlives the borrow through `'py`.
+    let ptr = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
+    Ok(if len == 0 { &[] } else { unsafe { std::slice::from_raw_parts(ptr, len) } })
+}
+
+/// The storage dtype of a numpy array: float32, float16, or uint16 standing for bfloat16 when
+/// `bf16_bits` says so.
+pub fn array_dtype(array: &Bound<'_, PyUntypedArray>, name: &str, bf16_bits: bool) -> Result<DType, Error> {
+    let py = array.py();
+    let dtype = array.dtype();
+    if dtype.is_equiv_to(&numpy::dtype::<f32>(py)) {
+        Ok(DType::F32)
+    } else if dtype.is_equiv_to(&numpy::dtype::<half::f16>(py)) {
+        Ok(DType::F16)
+    } else if bf16_bits && dtype.is_equiv_to(&numpy::dtype::<u16>(py)) {
+        Ok(DType::BF16)
+    } else {
+        Err(Error::argument(
+            name,
+            ArgumentKind::DType,
+            format!("unsupported numpy dtype {dtype} (expected float32, float16, or uint16 bits of bfloat16)"),
+        ))
+    }
+}
+
+/// A core tensor as `(dtype name, numpy array)`; bfloat16 comes back as uint16 bits.
+pub fn tensor_to_py<'py>(py: Python<'py>, tensor: Tensor) -> PyResult<Bound<'py, PyTuple>> {
+    let shape = tensor.shape.clone();
+    let array = match tensor.dtype {
+        DType::F32 => {
+            let v: Vec<f32> = tensor.to_f32();
+            PyArray1::from_vec(py, v).reshape(shape)?.into_any()
+        }
+        DType::F16 => {
+            let v: Vec<half::f16> =
+                tensor.data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
+            PyArray1::from_vec(py, v).reshape(shape)?.into_any()
+        }
+        DType::BF16 => {
+            let v: Vec<u16> = tensor.data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+            PyArray1::from_vec(py, v).reshape(shape)?.into_any()
+        }
+    };
+    PyTuple::new(py, [tensor.dtype.name().into_pyobject(py)?.into_any(), array])
+}
