@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -85,6 +86,12 @@ class DenseLoRAModel(nn.Module):
         self.groups: dict[str, str] = dict(groups)
         self.register_state_dict_post_hook(_keep_adapter_entries)
         self.register_load_state_dict_post_hook(_ignore_missing_base_entries)
+        # Tools that inspect forward's signature (Trainer drops dataset columns it does not name)
+        # see the base model's arguments.
+        self.forward = functools.update_wrapper(functools.partial(DenseLoRAModel.forward, self), model.forward)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
 
     # -- delegation --
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -292,6 +299,14 @@ def _fingerprint(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
     return digest.hexdigest()
 
 
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def _device_of(module: nn.Module) -> torch.device:
     return module.weight.device
 
@@ -313,14 +328,18 @@ def inject(
         groups = assign_groups(model, find_target_modules(model, config))
     ranks = _ranks_from_tensors(tensors, source) if tensors is not None else {}
     modules: dict[str, nn.Module] = {}
+    absent = [path for path in groups if not _has_submodule(model, path)]
+    if absent:
+        listed = ", ".join(absent[:4]) + (f" and {len(absent) - 4} more" if len(absent) > 4 else "")
+        raise IncompatibleAdapterError(f"{source}: {len(absent)} adapted modules are not in {type(model).__name__}: {listed}")
     for path in groups:
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            raise IncompatibleAdapterError(f"{source}: module {path} is not in {type(model).__name__}") from None
+        module = model.get_submodule(path)
         if not is_adaptable(module):
             raise IncompatibleAdapterError(f"{source}: module {path} is a {type(module).__name__}, not a linear layer")
         modules[path] = module
+
+    if tensors is not None:
+        _check_tensors_fit(modules, groups, tensors, source)  # before touching the user's model
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -344,13 +363,15 @@ def inject(
         layer = DenseLoRALayer(
             modules[path], shared[group], group, scaling=config.scaling, activation=config.activation, dropout=config.dropout
         )
+        layer.train(modules[path].training)  # a new module starts in training mode; keep the model's
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, child, layer)
 
     wrapped = DenseLoRAModel(model, config, groups)
+    wrapped.train(model.training)
     if tensors is not None:
-        _load_tensors(wrapped, tensors, source)
+        _load_tensors(wrapped, tensors)
     elif config.init_fingerprint is None:
         wrapped.denselora_config = dataclasses.replace(config, init_fingerprint=_fingerprint(wrapped.adapter_state()))
     return wrapped
@@ -368,22 +389,36 @@ def _ranks_from_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> dic
     return ranks
 
 
-def _load_tensors(wrapped: DenseLoRAModel, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    expected = wrapped.adapter_state()
+def _check_tensors_fit(
+    modules: Mapping[str, nn.Module], groups: Mapping[str, str], tensors: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """Every tensor the adapter needs is present, no other, and each fits the model's layers."""
+    expected: dict[str, tuple[int, ...]] = {}
+    ranks = _ranks_from_tensors(tensors, source)
+    for path, group in groups.items():
+        fan_in, fan_out = linear_dims(modules[path])
+        if group not in ranks:
+            raise IncompatibleAdapterError(f"{source}: tensor shared.{group}.encoder is missing")
+        enc_rank, dec_rank = ranks[group]
+        expected[f"shared.{group}.encoder"] = (enc_rank, fan_in)
+        expected[f"shared.{group}.decoder"] = (fan_out, dec_rank)
+        expected[f"{path}.m"] = (dec_rank, enc_rank)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise IncompatibleAdapterError(f"{source}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise IncompatibleAdapterError(
+                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, the model needs {shape}"
+            )
+
+
+def _load_tensors(wrapped: DenseLoRAModel, tensors: Mapping[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for name, param in expected.items():
-            value = tensors[name]
-            if tuple(value.shape) != tuple(param.shape):
-                raise IncompatibleAdapterError(
-                    f"{source}: tensor {name} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}"
-                )
-            if param.device.type == "meta":
-                continue
-            param.copy_(value.to(device=param.device, dtype=param.dtype))
+        for name, param in wrapped.adapter_state().items():
+            if param.device.type != "meta":
+                param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
 
 
 def get_denselora_model(model: nn.Module, config: Optional[DenseLoRAConfig] = None) -> DenseLoRAModel:

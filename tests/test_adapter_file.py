@@ -1,0 +1,164 @@
+"""The adapter directory written and read by the Rust core: standard safetensors, strict loading,
+typed errors that name what is wrong, and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import denselora as dl
+from denselora import _core
+
+from conftest import randomize_adapter, tiny_llama
+
+
+@pytest.fixture
+def saved(tmp_path, tokens):
+    model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4))
+    randomize_adapter(model)
+    with torch.no_grad():
+        expected = model(tokens).logits
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", model, expected
+
+
+def test_file_is_plain_safetensors_with_documented_names(saved):
+    directory, model, _ = saved
+    tensors = load_file(directory / "adapter.safetensors")
+    state = model.adapter_state()
+    assert set(tensors) == set(state)
+    for name, value in state.items():
+        np.testing.assert_array_equal(tensors[name], value.detach().numpy())
+    assert tensors["shared.q_proj.encoder"].shape == (4, 32)
+    assert tensors["shared.k_proj.decoder"].shape == (16, 4)
+    assert tensors["model.layers.1.mlp.down_proj.m"].shape == (4, 4)
+    trainable, _ = model.get_nb_trainable_parameters()
+    size = os.path.getsize(directory / "adapter.safetensors")
+    assert trainable * 4 <= size <= trainable * 4 + 4096  # each shared tensor stored once
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["format_version"] == _core.ADAPTER_FORMAT_VERSION
+    assert config["groups"]["model.layers.0.self_attn.q_proj"] == "q_proj"
+    assert config["r"] == 4 and config["activation"] == "gelu"
+    assert config["init_fingerprint"]
+
+
+def test_save_then_load_gives_identical_outputs(saved, tokens):
+    directory, _, expected = saved
+    loaded = dl.DenseLoRAModel.from_pretrained(tiny_llama(), directory)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, expected, rtol=0, atol=0)
+    assert not any(t.requires_grad for t in loaded.adapter_state().values())
+    trainable = dl.DenseLoRAModel.from_pretrained(tiny_llama(), directory, is_trainable=True)
+    assert all(t.requires_grad for t in trainable.adapter_state().values())
+
+
+def test_load_adapter_returns_config_and_tensors(saved):
+    directory, model, _ = saved
+    config, tensors = dl.load_adapter(directory)
+    assert config["groups"] == model.groups
+    for name, value in model.adapter_state().items():
+        torch.testing.assert_close(tensors[name], value.detach(), rtol=0, atol=0)
+
+
+def test_module_missing_from_the_model_is_named(saved):
+    directory, _, _ = saved
+    with pytest.raises(dl.IncompatibleAdapterError, match=r"5 adapted modules are not in LlamaForCausalLM: model\.layers\.1\."):
+        dl.DenseLoRAModel.from_pretrained(tiny_llama(layers=1), directory)
+
+
+def test_shape_mismatch_is_named(saved):
+    transformers = pytest.importorskip("transformers")
+    directory, _, _ = saved
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(config)
+    with pytest.raises(dl.IncompatibleAdapterError, match=r"tensor shared\.(up|down)_proj\.(en|de)coder has shape"):
+        dl.DenseLoRAModel.from_pretrained(base, directory)
+    # A refused adapter leaves the user's model as it was.
+    assert not hasattr(base, "denselora_shared") and all(p.requires_grad for p in base.parameters())
+
+
+def _rewrite_tensors(directory, edit):
+    tensors = load_file(directory / "adapter.safetensors")
+    edit(tensors)
+    save_file(tensors, directory / "adapter.safetensors")
+
+
+def test_extra_or_missing_tensor_is_named(saved):
+    directory, _, _ = saved
+    _rewrite_tensors(directory, lambda t: t.update({"model.layers.0.self_attn.o_proj.m": np.zeros((4, 4), np.float32)}))
+    with pytest.raises(dl.IncompatibleAdapterError, match="o_proj"):
+        dl.load_adapter(directory)
+    _rewrite_tensors(directory, lambda t: (t.pop("model.layers.0.self_attn.o_proj.m"), t.pop("shared.v_proj.decoder")))
+    with pytest.raises(dl.IncompatibleAdapterError, match=r"shared\.v_proj\.decoder"):
+        dl.load_adapter(directory)
+
+
+def test_wrong_dtype_and_wrong_m_shape_are_named(saved):
+    directory, _, _ = saved
+    _rewrite_tensors(directory, lambda t: t.update({"shared.q_proj.encoder": t["shared.q_proj.encoder"].astype(np.int32)}))
+    with pytest.raises(dl.FormatError, match=r"shared\.q_proj\.encoder"):
+        dl.load_adapter(directory)
+    _rewrite_tensors(directory, lambda t: t.update({"shared.q_proj.encoder": np.zeros((4, 32), np.float32), "model.layers.0.mlp.up_proj.m": np.zeros((3, 4), np.float32)}))
+    with pytest.raises(dl.IncompatibleAdapterError, match=r"model\.layers\.0\.mlp\.up_proj"):
+        dl.load_adapter(directory)
+
+
+def test_truncated_or_garbage_files_raise_format_errors_naming_the_file(saved):
+    directory, _, _ = saved
+    path = directory / "adapter.safetensors"
+    data = path.read_bytes()
+    for cut in (0, 7, 8, 100, len(data) // 2, len(data) - 1):
+        path.write_bytes(data[:cut])
+        with pytest.raises(dl.FormatError, match="adapter.safetensors"):
+            dl.load_adapter(directory)
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(dl.FormatError, match="adapter.safetensors"):
+        dl.load_adapter(directory)
+
+
+def test_bad_configs_raise_format_errors_naming_the_file(saved):
+    directory, _, _ = saved
+    config_path = directory / "adapter_config.json"
+    good = json.loads(config_path.read_text())
+    for text in ["{", "[]", json.dumps({**good, "format_version": 999}), json.dumps({k: v for k, v in good.items() if k != "format_version"})]:
+        config_path.write_text(text)
+        with pytest.raises(dl.FormatError, match="adapter_config.json"):
+            dl.load_adapter(directory)
+    config_path.write_text(json.dumps({**good, "groups": {}}))
+    with pytest.raises(dl.IncompatibleAdapterError, match="groups"):
+        dl.load_adapter(directory)
+
+
+def test_missing_files_raise_file_not_found(tmp_path, saved):
+    directory, _, _ = saved
+    with pytest.raises(FileNotFoundError):
+        dl.load_adapter(tmp_path / "nowhere")
+    (directory / "adapter.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter.safetensors"):
+        dl.load_adapter(directory)
+
+
+def test_failed_save_leaves_the_previous_adapter_intact(saved):
+    directory, model, _ = saved
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    bad_config = {**model.adapter_config_dict(), "groups": {"model.layers.0.self_attn.q_proj": "q_proj", "model.layers.9.nowhere": "q_proj"}}
+    with pytest.raises(dl.IncompatibleAdapterError, match="model.layers.9.nowhere"):
+        dl.save_adapter(directory, bad_config, model.adapter_state())
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+def test_non_contiguous_and_integer_arrays_are_refused_by_the_core(tmp_path):
+    config = json.dumps({"groups": {"a": "g"}})
+    base = {"shared.g.encoder": np.zeros((2, 3), np.float32), "shared.g.decoder": np.zeros((3, 2), np.float32), "a.m": np.zeros((2, 2), np.float32)}
+    with pytest.raises(dl.errors.LayoutError, match="shared.g.decoder"):
+        _core.save_adapter(str(tmp_path / "x"), config, {**base, "shared.g.decoder": np.zeros((2, 3), np.float32).T})
+    with pytest.raises(dl.errors.DTypeError, match="a.m"):
+        _core.save_adapter(str(tmp_path / "x"), config, {**base, "a.m": np.zeros((2, 2), np.int64)})
+    _core.save_adapter(str(tmp_path / "x"), config, base)
+    assert sorted(os.listdir(tmp_path / "x")) == ["adapter.safetensors", "adapter_config.json"]
