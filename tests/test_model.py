@@ -29,16 +29,20 @@ def reference_layer_output(layer: DenseLoRALayer, x: torch.Tensor) -> np.ndarray
     e = layer.shared.encoder.detach().double().numpy()
     d = layer.shared.decoder.detach().double().numpy()
     m = layer.m.detach().double().numpy()
-    act = numpy_gelu if layer.activation == "gelu" else (lambda v: v)
-    branch = act(act(xs @ e.T) @ m.T @ d.T) * layer.scaling
+    numpy_act = {"gelu": numpy_gelu, "identity": lambda v: v, "silu": lambda v: v / (1.0 + np.exp(-v))}
+    act_e, act_d = numpy_act[layer.encoder_activation], numpy_act[layer.decoder_activation]
+    branch = act_d(act_e(xs @ e.T) @ m.T @ d.T) * layer.scaling
     return xs @ weight.T + bias + branch
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2, tiny_bert])
-@pytest.mark.parametrize("activation", ["gelu", "identity"])
+@pytest.mark.parametrize("activation", ["gelu", "identity", "silu", ("gelu", "identity")])
 def test_every_adapted_layer_computes_the_formula(factory, activation):
     targets = {tiny_llama: None, tiny_gpt2: ["c_attn", "c_proj", "c_fc"], tiny_bert: ["query", "key", "value", "dense"]}
-    config = dl.DenseLoRAConfig(r=4, alpha=8, activation=activation)
+    if isinstance(activation, tuple):
+        config = dl.DenseLoRAConfig(r=4, alpha=8, encoder_activation=activation[0], decoder_activation=activation[1])
+    else:
+        config = dl.DenseLoRAConfig(r=4, alpha=8, activation=activation)
     if targets[factory]:
         config.target_modules = targets[factory]
     model = dl.get_denselora_model(factory(), config)

@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 from .errors import ConfigError
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-ACTIVATIONS = ("gelu", "identity")
+ACTIVATIONS = ("gelu", "identity", "silu")
 
 
 @dataclass
@@ -29,8 +29,11 @@ class DenseLoRAConfig:
             (training only).
         target_modules: module names (matched against the last component of a module's path, or a
             dotted suffix of it) or one regular expression matched against the full path.
-        activation: ``"gelu"`` (exact, as in the paper's code) or ``"identity"`` (a linear branch that
-            can be merged into the base weights and exported as a LoRA).
+        activation: ``"gelu"`` (exact, as in the paper's code), ``"identity"`` (a linear branch that
+            can be merged into the base weights and exported as a LoRA) or ``"silu"``; applied after
+            the encoder and after the decoder unless one side is set on its own.
+        encoder_activation: overrides ``activation`` after the encoder (``act(E x)``).
+        decoder_activation: overrides ``activation`` after the decoder (on the branch output).
         layers_to_transform: adapt only modules whose path holds one of these layer indices.
         base_model_name_or_path: recorded on save when known; checked when adapters are combined.
         init_fingerprint: a hash of the adapter's initial values, recorded at creation so that runs
@@ -42,6 +45,8 @@ class DenseLoRAConfig:
     dropout: float = 0.05
     target_modules: Union[list[str], str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     activation: str = "gelu"
+    encoder_activation: Optional[str] = None
+    decoder_activation: Optional[str] = None
     layers_to_transform: Optional[list[int]] = None
     base_model_name_or_path: Optional[str] = None
     init_fingerprint: Optional[str] = None
@@ -60,8 +65,10 @@ class DenseLoRAConfig:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for name in ("activation", "encoder_activation", "decoder_activation"):
+            value = getattr(self, name)
+            if (value is not None or name == "activation") and value not in ACTIVATIONS:
+                raise ConfigError(f"{name} must be one of {ACTIVATIONS}, got {value!r}")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
@@ -73,6 +80,16 @@ class DenseLoRAConfig:
             isinstance(i, int) and i >= 0 for i in self.layers_to_transform
         ):
             raise ConfigError(f"layers_to_transform must be non-negative integers, got {self.layers_to_transform!r}")
+
+    @property
+    def activations(self) -> tuple[str, str]:
+        """(after the encoder, after the decoder), with per-side overrides applied."""
+        return (self.encoder_activation or self.activation, self.decoder_activation or self.activation)
+
+    @property
+    def is_linear(self) -> bool:
+        """True when the branch is linear, so it can be merged and exported as a LoRA."""
+        return self.activations == ("identity", "identity")
 
     @property
     def scaling(self) -> float:

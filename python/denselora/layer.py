@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .errors import NotMergeableError
-from .functional import dense_branch
+from .functional import dense_branch, split_activations
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -82,14 +82,15 @@ class DenseLoRALayer(nn.Module):
         group: str,
         *,
         scaling: float,
-        activation: str,
+        activation: "str | tuple[str, str]",
         dropout: float,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.group = group
         self.scaling = scaling
-        self.activation = activation
+        # (after the encoder, after the decoder); one name means the same on both sides.
+        self.encoder_activation, self.decoder_activation = split_activations(activation)
         self.dropout = dropout
         self._shared_ref = (shared,)  # a tuple keeps nn.Module from registering it here
         weight = base_layer.weight
@@ -103,6 +104,14 @@ class DenseLoRALayer(nn.Module):
     @property
     def shared(self) -> DenseLoRAShared:
         return self._shared_ref[0]
+
+    @property
+    def activation(self) -> tuple[str, str]:
+        return (self.encoder_activation, self.decoder_activation)
+
+    @property
+    def is_linear(self) -> bool:
+        return self.activation == ("identity", "identity")
 
     @property
     def weight(self) -> torch.Tensor:
@@ -151,9 +160,9 @@ class DenseLoRALayer(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``s * D @ M @ E`` as (out x in) in float32; defined only for the identity activation."""
-        if self.activation != "identity":
+        if not self.is_linear:
             raise NotMergeableError(
-                f"cannot merge a DenseLoRA layer with activation {self.activation!r}: only 'identity' "
+                f"cannot merge a DenseLoRA layer with activations {self.activation!r}: only 'identity' "
                 "is linear and so expressible as a weight update"
             )
         encoder, m, decoder = self._factors(self.base_layer.weight.device)
@@ -178,4 +187,4 @@ class DenseLoRALayer(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"group={self.group!r}, scaling={self.scaling:g}, activation={self.activation!r}, dropout={self.dropout:g}"
+        return f"group={self.group!r}, scaling={self.scaling:g}, activation={self.encoder_activation}/{self.decoder_activation}, dropout={self.dropout:g}"

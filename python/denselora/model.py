@@ -221,9 +221,9 @@ class DenseLoRAModel(nn.Module):
         return self.base_model
 
     def _require_linear(self, what: str) -> None:
-        if self.denselora_config.activation != "identity":
+        if not self.denselora_config.is_linear:
             raise NotMergeableError(
-                f"cannot {what}: activation is {self.denselora_config.activation!r}, but only an "
+                f"cannot {what}: activations are {self.denselora_config.activations!r}, but only an "
                 "'identity' branch is linear (configure activation='identity' to train a mergeable adapter)"
             )
 
@@ -361,7 +361,7 @@ def inject(
     setattr(model, SHARED_ATTR, shared)
     for path, group in groups.items():
         layer = DenseLoRALayer(
-            modules[path], shared[group], group, scaling=config.scaling, activation=config.activation, dropout=config.dropout
+            modules[path], shared[group], group, scaling=config.scaling, activation=config.activations, dropout=config.dropout
         )
         layer.train(modules[path].training)  # a new module starts in training mode; keep the model's
         parent_path, _, child = path.rpartition(".")
