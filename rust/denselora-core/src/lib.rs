@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod atomic;
+pub mod bundle;
 pub mod dtype;
 pub mod error;
 pub mod safetensors_io;
