@@ -2,6 +2,7 @@
 small dense matrix per layer, ``y = W0 x + s * act(D_g @ M_l @ act(E_g @ x))``."""
 
 from . import errors
+from .bundle import Bundle
 from ._core import __version__
 from .config import DEFAULT_TARGET_MODULES, DenseLoRAConfig
 from .errors import (
@@ -12,11 +13,12 @@ from .errors import (
     IncompatibleAdapterError,
     NotMergeableError,
 )
-from .io import load_adapter, save_adapter
+from .io import load_adapter, save_adapter, save_adapter_to
 from .layer import DenseLoRALayer, DenseLoRAShared
 from .model import DenseLoRAModel, get_denselora_model
 
 __all__ = [
+    "Bundle",
     "DEFAULT_TARGET_MODULES",
     "ChecksumError",
     "ConfigError",
@@ -33,4 +35,5 @@ __all__ = [
     "get_denselora_model",
     "load_adapter",
     "save_adapter",
+    "save_adapter_to",
 ]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import _core
-from .errors import ArgumentError, FormatError
+from .errors import ArgumentError
 
 PathLike = Union[str, "os.PathLike[str]"]
 CONFIG_FILE = "adapter_config.json"
@@ -83,4 +83,42 @@ def load_adapter(source: PathLike, adapter_name: Optional[str] = None) -> tuple[
 
 
 def _load_bundle_entry(path: Path, entry: Optional[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    raise FormatError(f"{path}: not an adapter directory (bundles are not supported by this build)")
+    from .bundle import Bundle
+
+    with Bundle(path) as bundle:
+        if entry is None:
+            names = bundle.names()
+            if len(names) != 1:
+                shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                raise ArgumentError(
+                    f"{path}: the bundle holds {len(names)} adapters ({shown}); name one with "
+                    f"adapter_name=... or '{path}:NAME'"
+                )
+            entry = names[0]
+        # Copies: the caller gets ordinary writable tensors, independent of the memory map.
+        return bundle.config(entry), bundle.torch_tensors(entry)
+
+
+def save_adapter_to(
+    target: PathLike,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    adapter_name: Optional[str] = None,
+) -> None:
+    """Write an adapter to a directory, or add/replace the entry of a ``.dl`` bundle.
+
+    ``target`` is an adapter directory, ``"bundle.dl:name"``, or a bundle path with
+    ``adapter_name``. A bundle is rewritten atomically with its other adapters kept (created when
+    missing); on failure the existing file is untouched.
+    """
+    path, entry = split_source(target, adapter_name)
+    if entry is None:
+        if path.suffix == BUNDLE_SUFFIX and not path.is_dir():
+            raise ArgumentError(f"{path}: writing to a bundle needs an adapter name ('{path}:NAME' or adapter_name=...)")
+        save_adapter(path, config, tensors)
+        return
+    if path.is_dir():
+        raise ArgumentError(f"{path} is a directory; adapter_name={entry!r} applies only to bundles")
+    from .bundle import pack
+
+    pack(path, {entry: (config, tensors)}, keep_existing=True)
