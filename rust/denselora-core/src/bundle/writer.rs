@@ -271,8 +271,8 @@ pub struct PackEntry<'a> {
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PackOptions {
-    /// Convert the packed adapters' tensors to this dtype (adapters kept from an existing
-    /// bundle are converted too).
+    /// Convert the packed adapters' tensors to this dtype. Adapters kept from an existing
+    /// bundle are copied as stored: adding an adapter never re-rounds the others.
     pub dtype: Option<DType>,
     /// When the destination is an existing bundle, keep its adapters (entries of the same name
     /// are replaced in place, new ones appended). Otherwise the destination is replaced.
@@ -341,7 +341,7 @@ pub fn pack(
                         add_entry(&mut writer, entry, options.dtype)?;
                         done.insert(name);
                     }
-                    None => writer.copy_from(base, name, options.dtype)?,
+                    None => writer.copy_from(base, name, None)?,
                 }
                 progress(name)?;
             }
