@@ -62,18 +62,46 @@ def bundle_path(adapter_dirs, tmp_path_factory) -> Path:
     return path
 
 
-def _catalog(data: bytes) -> tuple[int, dict]:
+def _index(data: bytes) -> tuple[int, dict]:
+    """The catalog: the index of adapter records at the end of the file."""
     offset, length, _, magic = FOOTER.unpack(data[-32:])
     assert magic == b"DLBNDEND"
     return offset, json.loads(data[offset : offset + length])
 
 
-def _with_catalog(data: bytes, edit) -> bytes:
-    """Rewrite the catalog with `edit` and a correct checksum, so only the lie remains."""
-    offset, catalog = _catalog(data)
-    edit(catalog)
+def _records(data: bytes) -> list[dict]:
+    """Every adapter's record (config and tensor table)."""
+    _, index = _index(data)
+    return [json.loads(data[a["offset"] : a["offset"] + a["length"]]) for a in index["adapters"]]
+
+
+def _reframe(data: bytes, catalog: dict) -> bytes:
     text = json.dumps(catalog).encode()
-    return data[:offset] + text + FOOTER.pack(offset, len(text), xxhash.xxh3_64_intdigest(text), b"DLBNDEND")
+    return data + text + FOOTER.pack(len(data), len(text), xxhash.xxh3_64_intdigest(text), b"DLBNDEND")
+
+
+def _with_index(data: bytes, edit) -> bytes:
+    """Rewrite the catalog with `edit` and a correct checksum, so only the lie remains."""
+    offset, index = _index(data)
+    edit(index)
+    return _reframe(data[:offset], index)
+
+
+def _with_record(data: bytes, i: int, edit) -> bytes:
+    """Rewrite adapter i's record with `edit`: appended to the data section, with the index
+    pointing at it under a correct checksum, so only the lie remains."""
+    offset, index = _index(data)
+    record = _records(data)[i]
+    edit(record)
+    text = json.dumps(record).encode()
+    index["adapters"][i].update(offset=offset, length=len(text), xxh3=f"{xxhash.xxh3_64_intdigest(text):016x}")
+    return _reframe(data[:offset] + text, index)
+
+
+def _open_all(path: Path) -> None:
+    bundle = dl.Bundle(path)
+    for name in bundle.names():
+        bundle.tensors(name)
 
 
 # ---- round trips -------------------------------------------------------------------------------
@@ -96,11 +124,14 @@ def test_round_trip_is_bit_exact_against_the_safetensors_package(adapter_dirs, b
 
 def test_catalog_checksums_match_an_independent_xxh3(bundle_path):
     data = bundle_path.read_bytes()
-    offset, catalog = _catalog(data)
+    offset, index = _index(data)
     assert FOOTER.unpack(data[-32:])[2] == xxhash.xxh3_64_intdigest(data[offset:-32])
     assert data[:8] == b"DLBUNDLE" and struct.unpack("<I", data[8:12])[0] == 1
-    for adapter in catalog["adapters"]:
-        for t in adapter["tensors"]:
+    for entry in index["adapters"]:
+        record = data[entry["offset"] : entry["offset"] + entry["length"]]
+        assert f"{xxhash.xxh3_64_intdigest(record):016x}" == entry["xxh3"]
+    for record in _records(data):
+        for t in record["tensors"]:
             assert t["offset"] % 64 == 0
             blob = data[t["offset"] : t["offset"] + t["length"]]
             assert f"{xxhash.xxh3_64_intdigest(blob):016x}" == t["xxh3"]
@@ -213,9 +244,8 @@ def test_opening_does_not_read_tensor_data(bundle_path, tmp_path):
     # Zero every blob: the catalog still validates (nothing checks tensor bytes at open),
     # but fetching a tensor or verifying notices.
     data = bytearray(bundle_path.read_bytes())
-    _, catalog = _catalog(bytes(data))
-    for adapter in catalog["adapters"]:
-        for t in adapter["tensors"]:
+    for record in _records(bytes(data)):
+        for t in record["tensors"]:
             data[t["offset"] : t["offset"] + t["length"]] = bytes(t["length"])
     path = tmp_path / "zeroed.dl"
     path.write_bytes(bytes(data))
@@ -296,8 +326,8 @@ def test_non_bundle_files_are_refused(adapter_dirs, tmp_path):
 
 def test_flipped_bytes_are_caught(bundle_path, tmp_path):
     data = bundle_path.read_bytes()
-    offset, catalog = _catalog(data)
-    t = catalog["adapters"][1]["tensors"][0]
+    offset, _ = _index(data)
+    t = _records(data)[1]["tensors"][0]
     path = tmp_path / "flip.dl"
     # In a blob: open succeeds, fetch and verify name the tensor.
     damaged = bytearray(data)
@@ -305,6 +335,17 @@ def test_flipped_bytes_are_caught(bundle_path, tmp_path):
     path.write_bytes(bytes(damaged))
     with pytest.raises(ChecksumError, match=t["name"]):
         dl.Bundle(path).verify()
+    # In a record: open succeeds, using that adapter fails.
+    entry = _index(data)[1]["adapters"][2]
+    damaged = bytearray(data)
+    damaged[entry["offset"] + 5] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    bundle = dl.Bundle(path)
+    bundle.tensors("shared")
+    with pytest.raises(ChecksumError, match="record of adapter"):
+        bundle.config("task1")
+    with pytest.raises(ChecksumError):
+        bundle.verify()
     # In the catalog, the preamble and the footer: refused at open.
     for where in [offset + 10, 3, 9, 20, len(data) - 20, len(data) - 5]:
         damaged = bytearray(data)
@@ -314,35 +355,40 @@ def test_flipped_bytes_are_caught(bundle_path, tmp_path):
             dl.Bundle(path)
 
 
-def _first(catalog):
-    return catalog["adapters"][0]["tensors"][0]
+def _first(record):
+    return record["tensors"][0]
 
 
-LIES = {
-    "out of range": (lambda c: _first(c).update(offset=1 << 40), "past the data section"),
-    "unaligned": (lambda c: _first(c).update(offset=_first(c)["offset"] + 4), "aligned"),
-    "overlapping": (
-        lambda c: _first(c).update(offset=c["adapters"][0]["tensors"][1]["offset"] + 64),
-        "overlaps",
-    ),
-    "absurd shape": (lambda c: _first(c).update(shape=[2**62, 2**62]), "larger than the file"),
-    "size mismatch": (lambda c: _first(c).update(length=_first(c)["length"] + 4), "does not match shape"),
-    "unknown dtype": (lambda c: _first(c).update(dtype="I8"), "unknown dtype"),
-    "duplicate adapter": (lambda c: c["adapters"][1].update(name=c["adapters"][0]["name"]), "twice"),
-    "duplicate tensor": (lambda c: c["adapters"][0]["tensors"].append(dict(_first(c))), "named twice"),
-    "path in name": (lambda c: c["adapters"][0].update(name="../x"), "must not contain"),
-    "missing tensor": (lambda c: c["adapters"][0]["tensors"].pop(), "missing"),
-    "newer version": (lambda c: c.update(format_version=2), "format_version"),
+def _second_offset(record):
+    return record["tensors"][1]["offset"]
+
+
+LIES = {  # (record edit or None, index edit or None, message)
+    "out of range": (lambda r: _first(r).update(offset=1 << 40), None, "past the data section"),
+    "unaligned": (lambda r: _first(r).update(offset=_first(r)["offset"] + 4), None, "aligned"),
+    "overlapping": (lambda r: _first(r).update(offset=_second_offset(r) + 64), None, "overlaps"),
+    "absurd shape": (lambda r: _first(r).update(shape=[2**62, 2**62]), None, "larger than the file"),
+    "size mismatch": (lambda r: _first(r).update(length=_first(r)["length"] + 4), None, "does not match shape"),
+    "unknown dtype": (lambda r: _first(r).update(dtype="I8"), None, "unknown dtype"),
+    "duplicate tensor": (lambda r: r["tensors"].append(dict(_first(r))), None, "named twice"),
+    "missing tensor": (lambda r: r["tensors"].pop(), None, "missing"),
+    "duplicate adapter": (None, lambda c: c["adapters"][1].update(name=c["adapters"][0]["name"]), "twice"),
+    "path in name": (None, lambda c: c["adapters"][0].update(name="../x"), "must not contain"),
+    "record out of range": (None, lambda c: c["adapters"][0].update(offset=1 << 50), "outside the data section"),
+    "records overlap": (None, lambda c: c["adapters"][0].update(offset=c["adapters"][1]["offset"]), "overlap"),
+    "newer version": (None, lambda c: c.update(format_version=2), "format_version"),
 }
 
 
 @pytest.mark.parametrize("lie", sorted(LIES))
 def test_a_lying_catalog_is_a_format_error(bundle_path, tmp_path, lie):
-    edit, message = LIES[lie]
+    record_edit, index_edit, message = LIES[lie]
+    data = bundle_path.read_bytes()
+    data = _with_record(data, 0, record_edit) if record_edit else _with_index(data, index_edit)
     path = tmp_path / "lie.dl"
-    path.write_bytes(_with_catalog(bundle_path.read_bytes(), edit))
+    path.write_bytes(data)
     with pytest.raises(FormatError, match=message) as info:
-        dl.Bundle(path)
+        _open_all(path)
     assert "lie.dl" in str(info.value)
 
 
@@ -393,7 +439,7 @@ def test_mutated_bundle_corpus_never_crashes(tmp_path):
         except FormatError:
             outcomes["refused"] += 1
             continue
-        with pytest.raises(ChecksumError):
+        with pytest.raises(FormatError):  # ChecksumError is a FormatError
             bundle.verify()
         outcomes["verify failed"] += 1
     assert outcomes["refused"] > 0 and outcomes["verify failed"] > 0, outcomes
@@ -479,8 +525,7 @@ def test_cli_errors_are_one_line_and_non_zero(adapter_dirs, bundle_path, tmp_pat
     assert "adapter_config.json" in err and err.count("\n") == 1
 
     damaged = bytearray(bundle_path.read_bytes())
-    _, catalog = _catalog(bytes(damaged))
-    t = catalog["adapters"][2]["tensors"][3]
+    t = _records(bytes(damaged))[2]["tensors"][3]
     damaged[t["offset"]] ^= 0xFF
     bad = tmp_path / "bad.dl"
     bad.write_bytes(bytes(damaged))

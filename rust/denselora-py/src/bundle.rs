@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use denselora_core::bundle::{self, Bundle, PackEntry, PackOptions, PackSource, PackStats, TensorEntry};
+use denselora_core::bundle::{
+    self, Bundle, PackEntry, PackOptions, PackSource, PackStats, TensorEntry,
+};
 use denselora_core::{adapter, ArgumentKind, DType, Error};
 use numpy::ndarray::{ArrayView, IxDyn};
 use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
@@ -29,9 +31,17 @@ pub struct PyBundle {
 }
 
 /// A read-only numpy view of one tensor's bytes inside the map, owned by `owner`.
-fn view<'py, T: Element>(owner: &Bound<'py, MappedBundle>, bundle: &Bundle, t: &TensorEntry) -> Bound<'py, PyAny> {
+fn view<'py, T: Element>(
+    owner: &Bound<'py, MappedBundle>,
+    bundle: &Bundle,
+    t: &TensorEntry,
+) -> Bound<'py, PyAny> {
     let ptr = bundle.bytes()[t.offset..t.offset + t.length].as_ptr() as *const T;
-    debug_assert_eq!(ptr as usize % std::mem::align_of::<T>(), 0, "blobs are 64-byte aligned in a page-aligned map");
+    debug_assert_eq!(
+        ptr as usize % std::mem::align_of::<T>(),
+        0,
+        "blobs are 64-byte aligned in a page-aligned map"
+    );
     // SAFETY: the catalog was validated: `length == product(shape) * size_of::<T>()` bytes lie
     // inside the map at a 64-byte aligned offset. The map lives as long as `owner`, which numpy
     // keeps as the array's base object; the array is made read-only because the map is.
@@ -59,17 +69,25 @@ fn stats_dict<'py>(py: Python<'py>, s: &PackStats) -> PyResult<Bound<'py, PyDict
 fn with_progress<T: Send>(
     py: Python<'_>,
     progress: Option<Py<PyAny>>,
-    work: impl FnOnce(&mut dyn FnMut(&dyn Fn(Python<'_>) -> PyResult<Py<PyTuple>>) -> Result<(), Error>) -> Result<T, Error> + Send,
+    work: impl FnOnce(
+            &mut dyn FnMut(&dyn Fn(Python<'_>) -> PyResult<Py<PyTuple>>) -> Result<(), Error>,
+        ) -> Result<T, Error>
+        + Send,
 ) -> BindingResult<T> {
     let mut raised: Option<PyErr> = None;
     let result = py.detach(|| {
         let mut call = |args: &dyn Fn(Python<'_>) -> PyResult<Py<PyTuple>>| -> Result<(), Error> {
             let Some(cb) = &progress else { return Ok(()) };
             Python::attach(|py| {
-                let outcome = args(py).and_then(|a| cb.bind(py).call1(a.bind(py).clone()).map(|_| ()));
+                let outcome =
+                    args(py).and_then(|a| cb.bind(py).call1(a.bind(py).clone()).map(|_| ()));
                 outcome.map_err(|e| {
                     raised = Some(e);
-                    Error::argument("progress", ArgumentKind::Value, "the progress callback raised")
+                    Error::argument(
+                        "progress",
+                        ArgumentKind::Value,
+                        "the progress callback raised",
+                    )
                 })
             })
         };
@@ -87,7 +105,9 @@ impl PyBundle {
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> BindingResult<Self> {
         let bundle = py.detach(|| Bundle::open(&path))?;
-        Ok(PyBundle { bundle: Arc::new(bundle) })
+        Ok(PyBundle {
+            bundle: Arc::new(bundle),
+        })
     }
 
     #[getter]
@@ -109,16 +129,32 @@ impl PyBundle {
 
     /// The adapter's config as JSON text.
     fn config_json(&self, name: &str) -> BindingResult<String> {
-        Ok(adapter::config_to_string(&self.bundle.adapter(name)?.config))
+        Ok(adapter::config_to_string(
+            &self.bundle.adapter(name)?.config,
+        ))
     }
 
     /// `{tensor name: (dtype, read-only ndarray viewing the map)}`; bfloat16 comes as uint16 bits.
     /// With `verify`, blob checksums are checked the first time each blob is handed out.
     #[pyo3(signature = (name, verify = true))]
-    fn tensors<'py>(&self, py: Python<'py>, name: &str, verify: bool) -> BindingResult<Bound<'py, PyDict>> {
+    fn tensors<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        verify: bool,
+    ) -> BindingResult<Bound<'py, PyDict>> {
         let bundle = &self.bundle;
-        let entries = py.detach(|| bundle.tensors(name, verify).map(|ts| ts.into_iter().map(|(t, _)| t.clone()).collect::<Vec<_>>()))?;
-        let owner = Bound::new(py, MappedBundle { _bundle: Arc::clone(bundle) })?;
+        let entries = py.detach(|| {
+            bundle
+                .tensors(name, verify)
+                .map(|ts| ts.into_iter().map(|(t, _)| t.clone()).collect::<Vec<_>>())
+        })?;
+        let owner = Bound::new(
+            py,
+            MappedBundle {
+                _bundle: Arc::clone(bundle),
+            },
+        )?;
         let dict = PyDict::new(py);
         for t in &entries {
             let array = match t.dtype {
@@ -126,34 +162,71 @@ impl PyBundle {
                 DType::F16 => view::<half::f16>(&owner, bundle, t),
                 DType::BF16 => view::<u16>(&owner, bundle, t),
             };
-            dict.set_item(&t.name, PyTuple::new(py, [PyString::new(py, t.dtype.name()).into_any(), array])?)?;
+            dict.set_item(
+                &t.name,
+                PyTuple::new(py, [PyString::new(py, t.dtype.name()).into_any(), array])?,
+            )?;
         }
         Ok(dict)
     }
 
     /// Per tensor: `(name, dtype, shape, offset, length, converted_from or None)`.
-    fn tensor_info(&self, name: &str) -> BindingResult<Vec<(String, &'static str, Vec<usize>, usize, usize, Option<&'static str>)>> {
+    fn tensor_info(
+        &self,
+        name: &str,
+    ) -> BindingResult<
+        Vec<(
+            String,
+            &'static str,
+            Vec<usize>,
+            usize,
+            usize,
+            Option<&'static str>,
+        )>,
+    > {
         let entry = self.bundle.adapter(name)?;
         Ok(entry
             .tensors
             .iter()
-            .map(|t| (t.name.clone(), t.dtype.name(), t.shape.clone(), t.offset, t.length, t.converted_from.map(DType::name)))
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.dtype.name(),
+                    t.shape.clone(),
+                    t.offset,
+                    t.length,
+                    t.converted_from.map(DType::name),
+                )
+            })
             .collect())
     }
 
     /// Per group: `(group, in_features, out_features, encoder_rank, decoder_rank, modules)`.
-    fn groups(&self, name: &str) -> BindingResult<Vec<(String, usize, usize, usize, usize, usize)>> {
+    fn groups(
+        &self,
+        name: &str,
+    ) -> BindingResult<Vec<(String, usize, usize, usize, usize, usize)>> {
         let entry = self.bundle.adapter(name)?;
         Ok(entry
             .groups
             .iter()
-            .map(|g| (g.name.clone(), g.in_features, g.out_features, g.encoder_rank, g.decoder_rank, g.modules.len()))
+            .map(|g| {
+                (
+                    g.name.clone(),
+                    g.in_features,
+                    g.out_features,
+                    g.encoder_rank,
+                    g.decoder_rank,
+                    g.modules.len(),
+                )
+            })
             .collect())
     }
 
     /// Sizes: adapters, tensors, blobs, logical_bytes, stored_bytes, file_bytes.
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.bundle.stats();
+    fn stats<'py>(&self, py: Python<'py>) -> BindingResult<Bound<'py, PyDict>> {
+        let bundle = &self.bundle;
+        let s = py.detach(|| bundle.stats())?;
         let d = PyDict::new(py);
         d.set_item("adapters", s.adapters)?;
         d.set_item("tensors", s.tensors)?;
@@ -169,21 +242,35 @@ impl PyBundle {
     fn verify(&self, py: Python<'_>, progress: Option<Py<PyAny>>) -> BindingResult<()> {
         let bundle = Arc::clone(&self.bundle);
         with_progress(py, progress, move |call| {
-            bundle.verify_with(&mut |done, total| call(&|py| Ok(PyTuple::new(py, [done, total])?.unbind())))
+            bundle.verify_with(&mut |done, total| {
+                call(&|py| Ok(PyTuple::new(py, [done, total])?.unbind()))
+            })
         })
     }
 
     /// Write adapters as directories `out/<name>` (all when `names` is empty); returns the paths.
     #[pyo3(signature = (out, names = Vec::new(), progress = None))]
-    fn unpack(&self, py: Python<'_>, out: PathBuf, names: Vec<String>, progress: Option<Py<PyAny>>) -> BindingResult<Vec<PathBuf>> {
+    fn unpack(
+        &self,
+        py: Python<'_>,
+        out: PathBuf,
+        names: Vec<String>,
+        progress: Option<Py<PyAny>>,
+    ) -> BindingResult<Vec<PathBuf>> {
         let bundle = Arc::clone(&self.bundle);
         with_progress(py, progress, move |call| {
-            bundle::unpack(&bundle, &out, &names, &mut |name| call(&|py| Ok(PyTuple::new(py, [name])?.unbind())))
+            bundle::unpack(&bundle, &out, &names, &mut |name| {
+                call(&|py| Ok(PyTuple::new(py, [name])?.unbind()))
+            })
         })
     }
 
     fn __repr__(&self) -> String {
-        format!("<denselora._core.Bundle {} ({} adapters)>", self.bundle.path().display(), self.bundle.len())
+        format!(
+            "<denselora._core.Bundle {} ({} adapters)>",
+            self.bundle.path().display(),
+            self.bundle.len()
+        )
     }
 }
 
@@ -207,12 +294,16 @@ pub fn pack_bundle<'py>(
     progress: Option<Py<PyAny>>,
 ) -> BindingResult<Bound<'py, PyDict>> {
     let dtype = dtype
-        .map(|d| d.parse::<DType>().map_err(|m| Error::argument("dtype", ArgumentKind::DType, m)))
+        .map(|d| {
+            d.parse::<DType>()
+                .map_err(|m| Error::argument("dtype", ArgumentKind::DType, m))
+        })
         .transpose()?;
     let mut owned: Vec<(String, OwnedSource<'py>)> = Vec::with_capacity(entries.len());
     for item in entries.iter() {
-        let (name, source): (String, Bound<'py, PyAny>) =
-            item.extract().map_err(|_| PyTypeError::new_err("each entry must be a (name, source) tuple"))?;
+        let (name, source): (String, Bound<'py, PyAny>) = item
+            .extract()
+            .map_err(|_| PyTypeError::new_err("each entry must be a (name, source) tuple"))?;
         if let Ok(path) = source.extract::<PathBuf>() {
             owned.push((name, OwnedSource::Dir(path)));
             continue;
@@ -224,9 +315,15 @@ pub fn pack_bundle<'py>(
         })?;
         let context = PathBuf::from(format!("config of adapter {name:?}"));
         let config = adapter::parse_config_object(&config_json, &context)?;
-        owned.push((name, OwnedSource::Memory(config, BorrowedTensors::from_dict(&tensors, false)?)));
+        owned.push((
+            name,
+            OwnedSource::Memory(config, BorrowedTensors::from_dict(&tensors, false)?),
+        ));
     }
-    let options = PackOptions { dtype, keep_existing };
+    let options = PackOptions {
+        dtype,
+        keep_existing,
+    };
     let stats = with_progress(py, progress, move |call| {
         let entries: Vec<PackEntry<'_>> = owned
             .iter()
@@ -234,13 +331,16 @@ pub fn pack_bundle<'py>(
                 name: name.clone(),
                 source: match source {
                     OwnedSource::Dir(p) => PackSource::Dir(p.clone()),
-                    OwnedSource::Memory(config, tensors) => {
-                        PackSource::Memory { config: config.clone(), tensors: tensors.views() }
-                    }
+                    OwnedSource::Memory(config, tensors) => PackSource::Memory {
+                        config: config.clone(),
+                        tensors: tensors.views(),
+                    },
                 },
             })
             .collect();
-        bundle::pack(&dest, &entries, &options, &mut |name| call(&|py| Ok(PyTuple::new(py, [name])?.unbind())))
+        bundle::pack(&dest, &entries, &options, &mut |name| {
+            call(&|py| Ok(PyTuple::new(py, [name])?.unbind()))
+        })
     })?;
     Ok(stats_dict(py, &stats)?)
 }

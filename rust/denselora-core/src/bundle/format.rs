@@ -2,14 +2,17 @@
 //!
 //! ```text
 //! [preamble, 64 bytes]  magic "DLBUNDLE", u32 LE format version, 52 zero bytes
-//! [blobs]               tensor data, each blob starting at a multiple of 64, zero padding between
-//! [catalog]             UTF-8 JSON: every adapter, its config and its tensors
+//! [data]                per adapter: its tensor blobs (each at a multiple of 64, zero padding
+//!                       between) followed by its record (JSON: config and tensor table)
+//! [catalog]             UTF-8 JSON index: every adapter's name and where its record lies
 //! [footer, 32 bytes]    u64 LE catalog offset, u64 LE catalog length, u64 LE xxh3-64 of the
 //!                       catalog, magic "DLBNDEND"
 //! ```
 //!
-//! The catalog sits at the end so that a writer can stream blobs without knowing their number in
-//! advance; the fixed-size footer tells a reader where it is.
+//! The catalog sits at the end so that a writer can stream adapters without knowing their number
+//! in advance; the fixed-size footer tells a reader where it is. The catalog holds only names and
+//! record locations, so opening a bundle of thousands of adapters parses a few bytes per adapter;
+//! each adapter's record is checked and parsed the first time that adapter is used.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -30,6 +33,8 @@ pub const PREAMBLE_LEN: u64 = 64;
 pub const FOOTER_LEN: u64 = 32;
 /// The largest catalog a reader accepts, checked before anything is allocated for it.
 pub const MAX_CATALOG_LEN: u64 = 256 << 20;
+/// The largest adapter record a reader accepts.
+pub const MAX_RECORD_LEN: u64 = 256 << 20;
 /// The most dimensions a stored tensor may have.
 pub const MAX_NDIM: usize = 8;
 /// The longest adapter or tensor name accepted, in bytes.
@@ -75,17 +80,28 @@ impl Footer {
     }
 }
 
-/// The catalog as stored: JSON, parsed with serde (no code runs on load).
+/// The catalog (index) as stored: JSON, parsed with serde (no code runs on load).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Catalog {
     pub format: String,
     pub format_version: u32,
-    pub adapters: Vec<CatalogAdapter>,
+    pub adapters: Vec<IndexEntry>,
 }
 
+/// Where one adapter's record lies.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CatalogAdapter {
+pub struct IndexEntry {
     pub name: String,
+    /// Absolute byte offset of the adapter's record.
+    pub offset: u64,
+    pub length: u64,
+    /// xxh3-64 of the record bytes, 16 lower-case hex digits.
+    pub xxh3: String,
+}
+
+/// One adapter's record: its config and its tensor table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AdapterRecord {
     /// The adapter's config object, as in `adapter_config.json`.
     pub config: Map<String, Value>,
     pub tensors: Vec<CatalogTensor>,

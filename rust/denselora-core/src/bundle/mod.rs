@@ -9,5 +9,5 @@ pub mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use reader::{AdapterEntry, Blob, Bundle, BundleStats, TensorEntry};
+pub use reader::{AdapterEntry, Bundle, BundleStats, TensorEntry};
 pub use writer::{pack, unpack, BundleWriter, PackEntry, PackOptions, PackSource, PackStats};

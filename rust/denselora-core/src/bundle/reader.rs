@@ -1,15 +1,17 @@
-//! Opening a bundle: memory-map the file, read the footer and the catalog, and validate every
-//! promise the catalog makes before any tensor is handed out. Opening reads only the preamble,
-//! the footer and the catalog; tensor bytes are touched when a tensor is fetched or verified.
+//! Opening a bundle: memory-map the file, read the footer and the catalog (the index of adapter
+//! records), and validate every promise they make before anything is handed out. Opening reads
+//! only the preamble, the footer and the catalog; each adapter's record is checksummed, parsed and
+//! validated the first time that adapter is used, and its tensor bytes are touched only when its
+//! tensors are fetched or verified.
 //!
 //! Fetching an adapter's tensors checks their blobs' checksums the first time each blob is handed
 //! out (xxh3 runs at memory speed, and the caller is about to read those bytes anyway); `verify`
-//! checks every blob and every padding byte at once.
+//! checks every record, every blob and every padding byte at once.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use memmap2::Mmap;
 use serde_json::Value;
@@ -19,7 +21,7 @@ use crate::adapter::{
     validate_layout, ConfigMap, GroupLayout, FORMAT_VERSION as ADAPTER_FORMAT_VERSION,
 };
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::{ArgumentKind, Error, Result};
 use crate::tensor::TensorRef;
 
 /// A validated tensor record.
@@ -32,8 +34,6 @@ pub struct TensorEntry {
     pub length: usize,
     pub xxh3: u64,
     pub converted_from: Option<DType>,
-    /// Index of the (possibly shared) blob in `Bundle::blobs`.
-    pub blob: usize,
 }
 
 /// A validated adapter record; tensors are sorted by name.
@@ -52,12 +52,13 @@ impl AdapterEntry {
     }
 }
 
-/// One distinct stored blob (several tensors may share it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Blob {
-    pub offset: usize,
-    pub length: usize,
-    pub xxh3: u64,
+/// Where one adapter's record lies (validated at open).
+#[derive(Debug, Clone)]
+struct RecordLocation {
+    name: String,
+    offset: usize,
+    length: usize,
+    xxh3: u64,
 }
 
 enum Storage {
@@ -74,19 +75,17 @@ impl Storage {
     }
 }
 
-const UNCHECKED: u8 = 0;
-const GOOD: u8 = 1;
-const BAD: u8 = 2;
-
-/// An open bundle. Cheap to share between threads; tensor views borrow from it.
+/// An open bundle. Shareable between threads; tensor views borrow from it.
 pub struct Bundle {
     path: PathBuf,
     storage: Storage,
-    adapters: Vec<AdapterEntry>,
+    records: Vec<RecordLocation>,
     index: HashMap<String, usize>,
-    blobs: Vec<Blob>,
-    /// Per blob: unchecked, verified good, or found bad.
-    blob_state: Vec<AtomicU8>,
+    /// Record byte ranges sorted by offset, for checking that no blob overlaps a record.
+    record_ranges: Vec<(usize, usize)>,
+    loaded: Vec<OnceLock<AdapterEntry>>,
+    /// Blob offset -> checksum matched; filled as blobs are checked.
+    checked: Mutex<HashMap<usize, bool>>,
     catalog_offset: usize,
 }
 
@@ -107,7 +106,7 @@ impl std::fmt::Debug for Bundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bundle")
             .field("path", &self.path)
-            .field("adapters", &self.adapters.len())
+            .field("adapters", &self.records.len())
             .finish()
     }
 }
@@ -201,20 +200,74 @@ impl Bundle {
         }
         let catalog: Catalog = serde_json::from_slice(catalog_bytes)
             .map_err(|e| fail(format!("invalid catalog JSON: {e}")))?;
-        let (adapters, blobs) = validate_catalog(path, catalog, catalog_offset, bytes)?;
-        let index = adapters
+        if catalog.format != FORMAT_NAME {
+            return Err(fail(format!(
+                "catalog format is {:?}, expected {FORMAT_NAME:?}",
+                catalog.format
+            )));
+        }
+        if catalog.format_version != FORMAT_VERSION {
+            return Err(fail(format!(
+                "catalog format_version {} disagrees with the preamble's {FORMAT_VERSION}",
+                catalog.format_version
+            )));
+        }
+        let mut records = Vec::with_capacity(catalog.adapters.len());
+        let mut index = HashMap::with_capacity(catalog.adapters.len());
+        for entry in catalog.adapters {
+            let name = entry.name;
+            check_adapter_name(&name).map_err(|m| fail(format!("catalog: {m}")))?;
+            if index.contains_key(&name) {
+                return Err(fail(format!("catalog names adapter {name:?} twice")));
+            }
+            let end = entry.offset.checked_add(entry.length);
+            if entry.offset < PREAMBLE_LEN
+                || entry.length == 0
+                || entry.length > MAX_RECORD_LEN
+                || end.map_or(true, |e| e > catalog_offset as u64)
+            {
+                return Err(fail(format!(
+                    "adapter {name:?}: record at {}..+{} lies outside the data section (64..{catalog_offset}) or exceeds {MAX_RECORD_LEN} bytes",
+                    entry.offset, entry.length
+                )));
+            }
+            let xxh3 = parse_hash(&entry.xxh3).ok_or_else(|| {
+                fail(format!(
+                    "adapter {name:?}: record checksum {:?} is not 16 hex digits",
+                    entry.xxh3
+                ))
+            })?;
+            index.insert(name.clone(), records.len());
+            records.push(RecordLocation {
+                name,
+                offset: entry.offset as usize,
+                length: entry.length as usize,
+                xxh3,
+            });
+        }
+        let mut record_ranges: Vec<(usize, usize, usize)> = records
             .iter()
             .enumerate()
-            .map(|(i, a)| (a.name.clone(), i))
+            .map(|(i, r)| (r.offset, r.offset + r.length, i))
             .collect();
-        let blob_state = (0..blobs.len()).map(|_| AtomicU8::new(UNCHECKED)).collect();
+        record_ranges.sort_unstable();
+        for pair in record_ranges.windows(2) {
+            if pair[1].0 < pair[0].1 {
+                return Err(fail(format!(
+                    "the records of adapters {:?} and {:?} overlap",
+                    records[pair[0].2].name, records[pair[1].2].name
+                )));
+            }
+        }
+        let loaded = (0..records.len()).map(|_| OnceLock::new()).collect();
         Ok(Bundle {
             path: path.to_path_buf(),
             storage,
-            adapters,
+            records,
             index,
-            blobs,
-            blob_state,
+            record_ranges: record_ranges.into_iter().map(|(s, e, _)| (s, e)).collect(),
+            loaded,
+            checked: Mutex::new(HashMap::new()),
             catalog_offset,
         })
     }
@@ -225,44 +278,152 @@ impl Bundle {
 
     /// Adapter names in stored order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.adapters.iter().map(|a| a.name.as_str())
-    }
-
-    pub fn adapters(&self) -> &[AdapterEntry] {
-        &self.adapters
+        self.records.iter().map(|r| r.name.as_str())
     }
 
     pub fn len(&self) -> usize {
-        self.adapters.len()
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.adapters.is_empty()
+        self.records.is_empty()
     }
 
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
 
+    /// The validated record of adapter `name` (checked and parsed on first use).
     pub fn adapter(&self, name: &str) -> Result<&AdapterEntry> {
-        self.index
-            .get(name)
-            .map(|&i| &self.adapters[i])
-            .ok_or_else(|| {
-                let mut known: Vec<&str> = self.names().take(5).collect();
-                if self.adapters.len() > 5 {
-                    known.push("...");
+        let &i = self.index.get(name).ok_or_else(|| {
+            let mut known: Vec<&str> = self.names().take(5).collect();
+            if self.records.len() > 5 {
+                known.push("...");
+            }
+            Error::argument(
+                "adapter_name",
+                ArgumentKind::Value,
+                format!(
+                    "{}: no adapter {name:?} in this bundle (it holds {})",
+                    self.path.display(),
+                    known.join(", ")
+                ),
+            )
+        })?;
+        self.adapter_at(i)
+    }
+
+    fn adapter_at(&self, i: usize) -> Result<&AdapterEntry> {
+        if let Some(entry) = self.loaded[i].get() {
+            return Ok(entry);
+        }
+        let entry = self.load_record(&self.records[i])?;
+        // Another thread may have won the race with an identical entry; either is fine.
+        let _ = self.loaded[i].set(entry);
+        Ok(self.loaded[i].get().expect("just set"))
+    }
+
+    /// Every adapter, validated (parses all records).
+    pub fn adapters(&self) -> Result<Vec<&AdapterEntry>> {
+        (0..self.records.len())
+            .map(|i| self.adapter_at(i))
+            .collect()
+    }
+
+    fn overlaps_record(&self, start: usize, end: usize) -> bool {
+        // The last record starting before `end` is the only one that can overlap [start, end).
+        let k = self.record_ranges.partition_point(|&(s, _)| s < end);
+        k > 0 && self.record_ranges[k - 1].1 > start
+    }
+
+    fn load_record(&self, loc: &RecordLocation) -> Result<AdapterEntry> {
+        let path = &self.path;
+        let name = &loc.name;
+        let bytes = self.storage.bytes();
+        let record_bytes = &bytes[loc.offset..loc.offset + loc.length];
+        if checksum(record_bytes) != loc.xxh3 {
+            return Err(Error::Checksum {
+                path: path.clone(),
+                what: format!("the record of adapter {name:?}"),
+            });
+        }
+        let fail = |m: String| Error::format(path, format!("adapter {name:?}: {m}"));
+        let record: AdapterRecord = serde_json::from_slice(record_bytes)
+            .map_err(|e| fail(format!("invalid record JSON: {e}")))?;
+        match record.config.get("format_version").and_then(Value::as_u64) {
+            Some(v) if v <= ADAPTER_FORMAT_VERSION => {}
+            Some(v) => {
+                return Err(fail(format!(
+                    "adapter format_version {v} is newer than this library reads"
+                )))
+            }
+            None => return Err(fail("config has no integer \"format_version\"".into())),
+        }
+        let mut tensor_names = HashSet::new();
+        let mut by_offset: BTreeMap<usize, (usize, u64, &str)> = BTreeMap::new();
+        let mut tensors = Vec::with_capacity(record.tensors.len());
+        for t in &record.tensors {
+            let tail = validate_tensor(t, self.catalog_offset, bytes.len() as u64)
+                .map_err(|m| fail(format!("tensor {:?}: {m}", t.name)))?;
+            if !tensor_names.insert(t.name.as_str()) {
+                return Err(fail(format!("tensor {:?} is named twice", t.name)));
+            }
+            if self.overlaps_record(tail.offset, tail.offset + tail.length) {
+                return Err(fail(format!(
+                    "tensor {:?}: its bytes overlap an adapter record",
+                    t.name
+                )));
+            }
+            match by_offset.get(&tail.offset) {
+                Some(&(len, h, owner)) if (len, h) != (tail.length, tail.xxh3) => {
+                    return Err(fail(format!(
+                        "tensor {:?} overlaps tensor {owner:?} at offset {} with a different length or checksum",
+                        t.name, tail.offset
+                    )));
                 }
-                Error::argument(
-                    "adapter_name",
-                    crate::error::ArgumentKind::Value,
-                    format!(
-                        "{}: no adapter {name:?} in this bundle (it holds {})",
-                        self.path.display(),
-                        known.join(", ")
-                    ),
+                Some(_) => {}
+                None => {
+                    by_offset.insert(tail.offset, (tail.length, tail.xxh3, t.name.as_str()));
+                }
+            }
+            tensors.push(tail);
+        }
+        let mut prev: Option<(usize, &str)> = None;
+        for (&offset, &(length, _, owner)) in &by_offset {
+            if let Some((p_end, p_owner)) = prev {
+                if offset < p_end {
+                    return Err(fail(format!("tensor {owner:?} at {offset} overlaps tensor {p_owner:?} (ends at {p_end})")));
+                }
+            }
+            prev = Some((offset + length, owner));
+        }
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        let views: BTreeMap<String, TensorRef<'_>> = tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    TensorRef {
+                        dtype: t.dtype,
+                        shape: &t.shape,
+                        data: &bytes[t.offset..t.offset + t.length],
+                    },
                 )
             })
+            .collect();
+        let groups = validate_layout(&record.config, &views, &format!("adapter {name:?}"))
+            .map_err(|e| match e {
+                Error::Incompatible { context, message } => {
+                    Error::format(path, format!("{context}: {message}"))
+                }
+                other => other,
+            })?;
+        Ok(AdapterEntry {
+            name: name.clone(),
+            config: record.config,
+            tensors,
+            groups,
+        })
     }
 
     /// The bytes of a tensor, without checking them.
@@ -270,44 +431,34 @@ impl Bundle {
         &self.storage.bytes()[t.offset..t.offset + t.length]
     }
 
-    /// A pointer to the start of the file's bytes (for the binding's zero-copy views).
+    /// The whole file's bytes (the binding builds zero-copy views from them).
     pub fn bytes(&self) -> &[u8] {
         self.storage.bytes()
     }
 
-    fn check_blob(&self, blob: usize, who: impl FnOnce() -> String) -> Result<()> {
-        match self.blob_state[blob].load(Ordering::Acquire) {
-            GOOD => Ok(()),
-            BAD => Err(Error::Checksum {
-                path: self.path.clone(),
-                what: who(),
-            }),
-            _ => {
-                let b = self.blobs[blob];
-                let ok = checksum(&self.storage.bytes()[b.offset..b.offset + b.length]) == b.xxh3;
-                self.blob_state[blob].store(if ok { GOOD } else { BAD }, Ordering::Release);
-                if ok {
-                    Ok(())
-                } else {
-                    Err(Error::Checksum {
-                        path: self.path.clone(),
-                        what: who(),
-                    })
-                }
-            }
+    fn blob_ok(&self, t: &TensorEntry) -> bool {
+        if let Some(&ok) = self.checked.lock().expect("checksum cache").get(&t.offset) {
+            return ok;
         }
+        let ok = checksum(self.raw_bytes(t)) == t.xxh3;
+        self.checked
+            .lock()
+            .expect("checksum cache")
+            .insert(t.offset, ok);
+        ok
     }
 
     /// An adapter's tensors as views of the file. With `verify`, each blob's checksum is checked
-    /// the first time it is handed out by this `Bundle`.
+    /// the first time this `Bundle` hands it out.
     pub fn tensors(&self, name: &str, verify: bool) -> Result<Vec<(&TensorEntry, TensorRef<'_>)>> {
         let adapter = self.adapter(name)?;
         let mut out = Vec::with_capacity(adapter.tensors.len());
         for t in &adapter.tensors {
-            if verify {
-                self.check_blob(t.blob, || {
-                    format!("adapter {:?}, tensor {:?}", adapter.name, t.name)
-                })?;
+            if verify && !self.blob_ok(t) {
+                return Err(Error::Checksum {
+                    path: self.path.clone(),
+                    what: format!("adapter {:?}, tensor {:?}", adapter.name, t.name),
+                });
             }
             out.push((
                 t,
@@ -330,8 +481,46 @@ impl Bundle {
             .collect())
     }
 
-    /// Check every blob's checksum and that every byte between blobs is zero padding. The error
-    /// names every damaged tensor (up to a few dozen).
+    /// Distinct blobs of all adapters: offset -> (length, xxh3, "adapter/tensor"), after checking
+    /// that blobs of different adapters either coincide or do not overlap.
+    fn all_blobs(&self) -> Result<BTreeMap<usize, (usize, u64, String)>> {
+        let mut blobs: BTreeMap<usize, (usize, u64, String)> = BTreeMap::new();
+        for a in self.adapters()? {
+            for t in &a.tensors {
+                match blobs.get(&t.offset) {
+                    Some((len, h, owner)) if (*len, *h) != (t.length, t.xxh3) => {
+                        return Err(Error::format(
+                            &self.path,
+                            format!("tensor {}/{} overlaps tensor {owner} with a different length or checksum", a.name, t.name),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        blobs.insert(
+                            t.offset,
+                            (t.length, t.xxh3, format!("{}/{}", a.name, t.name)),
+                        );
+                    }
+                }
+            }
+        }
+        let mut prev: Option<(usize, &String)> = None;
+        for (&offset, (length, _, owner)) in &blobs {
+            if let Some((p_end, p_owner)) = prev {
+                if offset < p_end {
+                    return Err(Error::format(
+                        &self.path,
+                        format!("tensor {owner} overlaps tensor {p_owner}"),
+                    ));
+                }
+            }
+            prev = Some((offset + length, owner));
+        }
+        Ok(blobs)
+    }
+
+    /// Check every record, every blob's checksum, and that every byte outside them is zero
+    /// padding. The error names every damaged tensor (up to a few dozen).
     pub fn verify(&self) -> Result<()> {
         self.verify_with(&mut |_, _| Ok(()))
     }
@@ -339,26 +528,30 @@ impl Bundle {
     /// `verify`, calling `progress(bytes_done, bytes_total)` as blobs are checked.
     pub fn verify_with(&self, progress: &mut dyn FnMut(u64, u64) -> Result<()>) -> Result<()> {
         let bytes = self.storage.bytes();
-        let total: u64 = self.blobs.iter().map(|b| b.length as u64).sum();
+        let blobs = self.all_blobs()?;
+        let total: u64 = blobs.values().map(|b| b.0 as u64).sum();
         let mut done = 0u64;
-        let mut bad_blobs = HashSet::new();
         let mut last_report = 0u64;
-        for (i, b) in self.blobs.iter().enumerate() {
-            let ok = checksum(&bytes[b.offset..b.offset + b.length]) == b.xxh3;
-            self.blob_state[i].store(if ok { GOOD } else { BAD }, Ordering::Release);
+        let mut bad: HashSet<usize> = HashSet::new();
+        for (i, (&offset, (length, hash, _))) in blobs.iter().enumerate() {
+            let ok = checksum(&bytes[offset..offset + length]) == *hash;
+            self.checked
+                .lock()
+                .expect("checksum cache")
+                .insert(offset, ok);
             if !ok {
-                bad_blobs.insert(i);
+                bad.insert(offset);
             }
-            done += b.length as u64;
-            if done - last_report >= 1 << 24 || i + 1 == self.blobs.len() {
+            done += *length as u64;
+            if done - last_report >= 1 << 24 || i + 1 == blobs.len() {
                 progress(done, total)?;
                 last_report = done;
             }
         }
-        if !bad_blobs.is_empty() {
+        if !bad.is_empty() {
             let mut what: Vec<String> = Vec::new();
-            for a in &self.adapters {
-                for t in a.tensors.iter().filter(|t| bad_blobs.contains(&t.blob)) {
+            for a in self.adapters()? {
+                for t in a.tensors.iter().filter(|t| bad.contains(&t.offset)) {
                     what.push(format!("{}/{}", a.name, t.name));
                 }
             }
@@ -374,35 +567,39 @@ impl Bundle {
                 what: format!("{count} tensor(s): {}{more}", what.join(", ")),
             });
         }
-        // Padding: everything between the preamble, the blobs and the catalog must be zero.
+        // Padding: everything outside the preamble, blobs, records and catalog must be zero.
+        let mut used: Vec<(usize, usize)> =
+            blobs.iter().map(|(&o, (l, _, _))| (o, o + l)).collect();
+        used.extend(self.record_ranges.iter().copied());
+        used.push((self.catalog_offset, self.catalog_offset));
+        used.sort_unstable();
         let mut pos = PREAMBLE_LEN as usize;
-        for b in self
-            .blobs
-            .iter()
-            .map(|b| (b.offset, b.offset + b.length))
-            .chain([(self.catalog_offset, self.catalog_offset)])
-        {
-            if let Some(at) = bytes[pos..b.0].iter().position(|&x| x != 0) {
-                return Err(Error::Checksum {
-                    path: self.path.clone(),
-                    what: format!("padding (non-zero byte at offset {})", pos + at),
-                });
+        for (start, end) in used {
+            if start > pos {
+                if let Some(at) = bytes[pos..start].iter().position(|&x| x != 0) {
+                    return Err(Error::Checksum {
+                        path: self.path.clone(),
+                        what: format!("padding (non-zero byte at offset {})", pos + at),
+                    });
+                }
             }
-            pos = b.1;
+            pos = pos.max(end);
         }
         Ok(())
     }
 
-    pub fn stats(&self) -> BundleStats {
-        let logical_bytes = self.adapters.iter().map(AdapterEntry::logical_bytes).sum();
-        BundleStats {
-            adapters: self.adapters.len(),
-            tensors: self.adapters.iter().map(|a| a.tensors.len()).sum(),
-            blobs: self.blobs.len(),
-            logical_bytes,
-            stored_bytes: self.blobs.iter().map(|b| b.length as u64).sum(),
+    /// Sizes (parses every record).
+    pub fn stats(&self) -> Result<BundleStats> {
+        let adapters = self.adapters()?;
+        let blobs = self.all_blobs()?;
+        Ok(BundleStats {
+            adapters: adapters.len(),
+            tensors: adapters.iter().map(|a| a.tensors.len()).sum(),
+            blobs: blobs.len(),
+            logical_bytes: adapters.iter().map(|a| a.logical_bytes()).sum(),
+            stored_bytes: blobs.values().map(|b| b.0 as u64).sum(),
             file_bytes: self.storage.bytes().len() as u64,
-        }
+        })
     }
 }
 
@@ -416,187 +613,71 @@ fn parse_dtype(text: &str) -> Option<DType> {
     }
 }
 
-/// Check every catalog promise against the file; returns the adapters and the distinct blobs.
-fn validate_catalog(
-    path: &Path,
-    catalog: Catalog,
-    catalog_offset: usize,
-    bytes: &[u8],
-) -> Result<(Vec<AdapterEntry>, Vec<Blob>)> {
-    let fail = |m: String| Error::format(path, m);
-    if catalog.format != FORMAT_NAME {
-        return Err(fail(format!(
-            "catalog format is {:?}, expected {FORMAT_NAME:?}",
-            catalog.format
-        )));
+/// Check one tensor record against the data section `[64, data_end)` of a file of `file_len` bytes.
+fn validate_tensor(
+    t: &CatalogTensor,
+    data_end: usize,
+    file_len: u64,
+) -> std::result::Result<TensorEntry, String> {
+    if t.name.is_empty() || t.name.len() > MAX_NAME_LEN {
+        return Err("tensor name is empty or too long".into());
     }
-    if catalog.format_version != FORMAT_VERSION {
-        return Err(fail(format!(
-            "catalog format_version {} disagrees with the preamble's {FORMAT_VERSION}",
-            catalog.format_version
-        )));
+    let dtype = parse_dtype(&t.dtype).ok_or_else(|| format!("unknown dtype {:?}", t.dtype))?;
+    let converted_from = match &t.converted_from {
+        None => None,
+        Some(d) => {
+            Some(parse_dtype(d).ok_or_else(|| format!("unknown converted_from dtype {d:?}"))?)
+        }
+    };
+    if t.shape.is_empty() || t.shape.len() > MAX_NDIM {
+        return Err(format!(
+            "shape {:?} must have 1 to {MAX_NDIM} dimensions",
+            t.shape
+        ));
     }
-    let mut names = HashSet::new();
-    // offset -> (length, hash, blob index)
-    let mut by_offset: BTreeMap<usize, (usize, u64, String)> = BTreeMap::new();
-    let mut pending: Vec<AdapterEntry> = Vec::with_capacity(catalog.adapters.len());
-    for adapter in catalog.adapters {
-        let name = adapter.name;
-        check_adapter_name(&name).map_err(|m| fail(format!("catalog: {m}")))?;
-        if !names.insert(name.clone()) {
-            return Err(fail(format!("catalog names adapter {name:?} twice")));
+    let mut numel: u64 = 1;
+    let mut shape = Vec::with_capacity(t.shape.len());
+    for &d in &t.shape {
+        if d == 0 {
+            return Err(format!("shape {:?} has a zero dimension", t.shape));
         }
-        let ctx = |m: String| fail(format!("adapter {name:?}: {m}"));
-        match adapter.config.get("format_version").and_then(Value::as_u64) {
-            Some(v) if v <= ADAPTER_FORMAT_VERSION => {}
-            Some(v) => {
-                return Err(ctx(format!(
-                    "adapter format_version {v} is newer than this library reads"
-                )))
-            }
-            None => return Err(ctx("config has no integer \"format_version\"".into())),
-        }
-        let mut tensor_names = HashSet::new();
-        let mut tensors = Vec::with_capacity(adapter.tensors.len());
-        for t in adapter.tensors {
-            let tctx = |m: String| fail(format!("adapter {name:?}, tensor {:?}: {m}", t.name));
-            if t.name.is_empty() || t.name.len() > MAX_NAME_LEN {
-                return Err(tctx("tensor name is empty or too long".into()));
-            }
-            if !tensor_names.insert(t.name.clone()) {
-                return Err(tctx("named twice".into()));
-            }
-            let dtype = parse_dtype(&t.dtype)
-                .ok_or_else(|| tctx(format!("unknown dtype {:?}", t.dtype)))?;
-            let converted_from = match &t.converted_from {
-                None => None,
-                Some(d) => Some(
-                    parse_dtype(d)
-                        .ok_or_else(|| tctx(format!("unknown converted_from dtype {d:?}")))?,
-                ),
-            };
-            if t.shape.is_empty() || t.shape.len() > MAX_NDIM {
-                return Err(tctx(format!(
-                    "shape {:?} must have 1 to {MAX_NDIM} dimensions",
-                    t.shape
-                )));
-            }
-            let mut numel: u64 = 1;
-            let mut shape = Vec::with_capacity(t.shape.len());
-            for &d in &t.shape {
-                if d == 0 {
-                    return Err(tctx(format!("shape {:?} has a zero dimension", t.shape)));
-                }
-                numel = numel
-                    .checked_mul(d)
-                    .filter(|&n| n <= bytes.len() as u64)
-                    .ok_or_else(|| tctx(format!("shape {:?} is larger than the file", t.shape)))?;
-                shape.push(usize::try_from(d).map_err(|_| tctx("dimension overflows".into()))?);
-            }
-            let expected = numel * dtype.size() as u64;
-            if t.length != expected {
-                return Err(tctx(format!(
-                    "length {} does not match shape {:?} of {dtype} ({expected} bytes)",
-                    t.length, t.shape
-                )));
-            }
-            if t.offset % ALIGN != 0 || t.offset < PREAMBLE_LEN {
-                return Err(tctx(format!(
-                    "offset {} is not a 64-byte aligned position after the preamble",
-                    t.offset
-                )));
-            }
-            let end = t
-                .offset
-                .checked_add(t.length)
-                .filter(|&e| e <= catalog_offset as u64)
-                .ok_or_else(|| {
-                    tctx(format!(
-                        "bytes {}..+{} run past the data section (ends at {catalog_offset})",
-                        t.offset, t.length
-                    ))
-                })?;
-            let _ = end;
-            let hash = parse_hash(&t.xxh3)
-                .ok_or_else(|| tctx(format!("checksum {:?} is not 16 hex digits", t.xxh3)))?;
-            let (offset, length) = (t.offset as usize, t.length as usize);
-            match by_offset.get(&offset) {
-                Some((len, h, owner)) if (*len, *h) != (length, hash) => {
-                    return Err(tctx(format!("overlaps tensor {owner} at offset {offset} with a different length or checksum")));
-                }
-                Some(_) => {}
-                None => {
-                    by_offset.insert(offset, (length, hash, format!("{name}/{}", t.name)));
-                }
-            }
-            tensors.push(TensorEntry {
-                name: t.name,
-                dtype,
-                shape,
-                offset,
-                length,
-                xxh3: hash,
-                converted_from,
-                blob: 0,
-            });
-        }
-        tensors.sort_by(|a, b| a.name.cmp(&b.name));
-        pending.push(AdapterEntry {
-            name,
-            config: adapter.config,
-            tensors,
-            groups: Vec::new(),
-        });
+        numel = numel
+            .checked_mul(d)
+            .filter(|&n| n <= file_len)
+            .ok_or_else(|| format!("shape {:?} is larger than the file", t.shape))?;
+        shape.push(usize::try_from(d).map_err(|_| "dimension overflows".to_string())?);
     }
-    // Distinct blobs must not overlap.
-    let mut blobs = Vec::with_capacity(by_offset.len());
-    let mut blob_of = HashMap::with_capacity(by_offset.len());
-    let mut prev: Option<(usize, usize, &String)> = None;
-    for (&offset, (length, hash, owner)) in &by_offset {
-        if let Some((p_off, p_end, p_owner)) = prev {
-            if offset < p_end {
-                return Err(fail(format!(
-                    "tensor {owner} at {offset} overlaps tensor {p_owner} at {p_off}..{p_end}"
-                )));
-            }
-        }
-        prev = Some((offset, offset + length, owner));
-        blob_of.insert(offset, blobs.len());
-        blobs.push(Blob {
-            offset,
-            length: *length,
-            xxh3: *hash,
-        });
+    let expected = numel * dtype.size() as u64;
+    if t.length != expected {
+        return Err(format!(
+            "length {} does not match shape {:?} of {dtype} ({expected} bytes)",
+            t.length, t.shape
+        ));
     }
-    for adapter in &mut pending {
-        for t in &mut adapter.tensors {
-            t.blob = blob_of[&t.offset];
-        }
-        let views: BTreeMap<String, TensorRef<'_>> = adapter
-            .tensors
-            .iter()
-            .map(|t| {
-                (
-                    t.name.clone(),
-                    TensorRef {
-                        dtype: t.dtype,
-                        shape: &t.shape,
-                        data: &bytes[t.offset..t.offset + t.length],
-                    },
-                )
-            })
-            .collect();
-        adapter.groups = validate_layout(
-            &adapter.config,
-            &views,
-            &format!("adapter {:?}", adapter.name),
-        )
-        .map_err(|e| match e {
-            Error::Incompatible { context, message } => {
-                Error::format(path, format!("{context}: {message}"))
-            }
-            other => other,
-        })?;
+    if t.offset % ALIGN != 0 || t.offset < PREAMBLE_LEN {
+        return Err(format!(
+            "offset {} is not a 64-byte aligned position after the preamble",
+            t.offset
+        ));
     }
-    Ok((pending, blobs))
+    if t.offset
+        .checked_add(t.length)
+        .map_or(true, |e| e > data_end as u64)
+    {
+        return Err(format!(
+            "bytes {}..+{} run past the data section (ends at {data_end})",
+            t.offset, t.length
+        ));
+    }
+    let xxh3 =
+        parse_hash(&t.xxh3).ok_or_else(|| format!("checksum {:?} is not 16 hex digits", t.xxh3))?;
+    Ok(TensorEntry {
+        name: t.name.clone(),
+        dtype,
+        shape,
+        offset: t.offset as usize,
+        length: t.length as usize,
+        xxh3,
+        converted_from,
+    })
 }

@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
@@ -79,7 +79,7 @@ fn round_trip_is_bit_exact_and_aligned() {
     for (name, adapter) in &adapters {
         assert_same(&bundle, name, adapter);
     }
-    for a in bundle.adapters() {
+    for a in bundle.adapters().unwrap() {
         for t in &a.tensors {
             assert_eq!(t.offset % 64, 0);
             assert_eq!(
@@ -97,7 +97,7 @@ fn identical_tensors_are_stored_once() {
     let dir = tempfile::tempdir().unwrap();
     let (path, adapters) = sample_bundle(dir.path());
     let bundle = Bundle::open(&path).unwrap();
-    let stats = bundle.stats();
+    let stats = bundle.stats().unwrap();
     let a_bytes: u64 = adapters[0]
         .1
         .tensors
@@ -320,30 +320,62 @@ fn footer_of(bytes: &[u8]) -> Footer {
     Footer::from_bytes(bytes[bytes.len() - 32..].try_into().unwrap()).unwrap()
 }
 
-/// Rewrite the catalog with `edit` and fix up the footer, so that only the lie remains.
-fn with_catalog(bytes: &[u8], edit: impl FnOnce(&mut Value)) -> Vec<u8> {
+/// Rewrite the catalog (index) with `edit` and fix up the footer, so that only the lie remains.
+fn with_index(bytes: &[u8], edit: impl FnOnce(&mut Value)) -> Vec<u8> {
     let footer = footer_of(bytes);
     let start = footer.catalog_offset as usize;
     let mut catalog: Value = serde_json::from_slice(&bytes[start..bytes.len() - 32]).unwrap();
     edit(&mut catalog);
-    let text = serde_json::to_vec(&catalog).unwrap();
-    let mut out = bytes[..start].to_vec();
-    out.extend_from_slice(&text);
+    reframe(&bytes[..start], &serde_json::to_vec(&catalog).unwrap())
+}
+
+fn reframe(data: &[u8], catalog: &[u8]) -> Vec<u8> {
+    let mut out = data.to_vec();
+    out.extend_from_slice(catalog);
     let f = Footer {
-        catalog_offset: start as u64,
-        catalog_len: text.len() as u64,
-        catalog_xxh3: checksum(&text),
+        catalog_offset: data.len() as u64,
+        catalog_len: catalog.len() as u64,
+        catalog_xxh3: checksum(catalog),
     };
     out.extend_from_slice(&f.to_bytes());
     out
+}
+
+/// Rewrite adapter `i`'s record with `edit`: the new record is appended to the data section and
+/// the index points to it with a correct checksum, so that only the lie remains.
+fn with_record(bytes: &[u8], i: usize, edit: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let footer = footer_of(bytes);
+    let start = footer.catalog_offset as usize;
+    let mut catalog: Value = serde_json::from_slice(&bytes[start..bytes.len() - 32]).unwrap();
+    let entry = &mut catalog["adapters"][i];
+    let (off, len) = (
+        entry["offset"].as_u64().unwrap() as usize,
+        entry["length"].as_u64().unwrap() as usize,
+    );
+    let mut record: Value = serde_json::from_slice(&bytes[off..off + len]).unwrap();
+    edit(&mut record);
+    let text = serde_json::to_vec(&record).unwrap();
+    entry["offset"] = Value::from(start as u64);
+    entry["length"] = Value::from(text.len() as u64);
+    entry["xxh3"] = Value::from(hash_hex(checksum(&text)));
+    let mut data = bytes[..start].to_vec();
+    data.extend_from_slice(&text);
+    reframe(&data, &serde_json::to_vec(&catalog).unwrap())
 }
 
 fn open_bytes(bytes: Vec<u8>) -> crate::Result<Bundle> {
     Bundle::from_bytes(Path::new("t.dl"), bytes)
 }
 
+/// Open and validate every adapter record.
+fn open_all(bytes: Vec<u8>) -> crate::Result<Bundle> {
+    let bundle = open_bytes(bytes)?;
+    bundle.adapters()?;
+    Ok(bundle)
+}
+
 fn format_error(bytes: Vec<u8>, needle: &str) {
-    match open_bytes(bytes) {
+    match open_all(bytes) {
         Err(Error::Format { message, .. }) => {
             assert!(message.contains(needle), "{message:?} lacks {needle:?}")
         }
@@ -353,7 +385,7 @@ fn format_error(bytes: Vec<u8>, needle: &str) {
 }
 
 fn first_tensor(c: &mut Value) -> &mut Value {
-    &mut c["adapters"][0]["tensors"][0]
+    &mut c["tensors"][0]
 }
 
 #[test]
@@ -385,104 +417,104 @@ fn lying_catalogs_are_refused() {
     let bytes = sample_bytes();
     let len = bytes.len() as u64;
     format_error(
-        with_catalog(&bytes, |c| {
+        with_record(&bytes, 0, |c| {
             first_tensor(c)["offset"] = Value::from((len * 2 / 64 + 1) * 64)
         }),
         "past the data section",
     );
     format_error(
-        with_catalog(&bytes, |c| {
+        with_record(&bytes, 0, |c| {
             first_tensor(c)["offset"] = Value::from(u64::MAX - 63)
         }),
         "past the data section",
     );
     format_error(
-        with_catalog(&bytes, |c| first_tensor(c)["offset"] = Value::from(65)),
+        with_record(&bytes, 0, |c| first_tensor(c)["offset"] = Value::from(65)),
         "aligned",
     );
     format_error(
-        with_catalog(&bytes, |c| first_tensor(c)["offset"] = Value::from(0)),
+        with_record(&bytes, 0, |c| first_tensor(c)["offset"] = Value::from(0)),
         "aligned",
     );
     format_error(
-        with_catalog(&bytes, |c| {
-            let second = c["adapters"][0]["tensors"][1]["offset"].as_u64().unwrap();
+        with_record(&bytes, 0, |c| {
+            let second = c["tensors"][1]["offset"].as_u64().unwrap();
             first_tensor(c)["offset"] = Value::from(second + 64);
         }),
         "overlaps",
     );
     format_error(
-        with_catalog(&bytes, |c| {
+        with_record(&bytes, 0, |c| {
             first_tensor(c)["shape"] = serde_json::json!([u64::MAX, u64::MAX])
         }),
         "larger than the file",
     );
     format_error(
-        with_catalog(&bytes, |c| {
+        with_record(&bytes, 0, |c| {
             first_tensor(c)["shape"] = serde_json::json!([1u64 << 40, 1u64 << 40])
         }),
         "larger than the file",
     );
     format_error(
-        with_catalog(&bytes, |c| {
+        with_record(&bytes, 0, |c| {
             first_tensor(c)["shape"] = serde_json::json!([0, 4])
         }),
         "zero dimension",
     );
     format_error(
-        with_catalog(&bytes, |c| {
+        with_record(&bytes, 0, |c| {
             first_tensor(c)["shape"] = serde_json::json!([1, 1, 1, 1, 1, 1, 1, 1, 1])
         }),
         "dimensions",
     );
     format_error(
-        with_catalog(&bytes, |c| first_tensor(c)["length"] = Value::from(4)),
+        with_record(&bytes, 0, |c| first_tensor(c)["length"] = Value::from(4)),
         "does not match shape",
     );
     format_error(
-        with_catalog(&bytes, |c| first_tensor(c)["dtype"] = Value::from("I64")),
+        with_record(&bytes, 0, |c| first_tensor(c)["dtype"] = Value::from("I64")),
         "unknown dtype",
     );
     format_error(
-        with_catalog(&bytes, |c| first_tensor(c)["xxh3"] = Value::from("xyz")),
+        with_record(&bytes, 0, |c| first_tensor(c)["xxh3"] = Value::from("xyz")),
         "16 hex digits",
     );
     format_error(
-        with_catalog(&bytes, |c| {
+        with_index(&bytes, |c| {
             let first = c["adapters"][0].clone();
             c["adapters"][1]["name"] = first["name"].clone();
         }),
         "twice",
     );
     format_error(
-        with_catalog(&bytes, |c| {
+        with_record(&bytes, 0, |c| {
             let t = first_tensor(c).clone();
-            c["adapters"][0]["tensors"].as_array_mut().unwrap().push(t);
+            c["tensors"].as_array_mut().unwrap().push(t);
         }),
         "named twice",
     );
     format_error(
-        with_catalog(&bytes, |c| {
+        with_index(&bytes, |c| {
             c["adapters"][0]["name"] = Value::from("../evil")
         }),
         "'/'",
     );
     format_error(
-        with_catalog(&bytes, |c| c["format_version"] = Value::from(7)),
+        with_index(&bytes, |c| c["format_version"] = Value::from(7)),
         "format_version",
     );
     format_error(
-        with_catalog(&bytes, |c| c["format"] = Value::from("other")),
+        with_index(&bytes, |c| c["format"] = Value::from("other")),
         "catalog format",
     );
     format_error(
-        with_catalog(&bytes, |c| {
-            c["adapters"][0]["tensors"].as_array_mut().unwrap().pop();
+        with_record(&bytes, 0, |c| {
+            c["tensors"].as_array_mut().unwrap().pop();
         }),
         "missing",
     );
     format_error(
-        with_catalog(&bytes, |c| c["adapters"] = Value::from(3)),
+        with_index(&bytes, |c| c["adapters"] = Value::from(3)),
         "invalid catalog JSON",
     );
 }
@@ -501,7 +533,7 @@ fn catalog_size_cap_is_checked_before_reading() {
 fn flipped_blob_bytes_fail_verify_and_fetch_but_not_open() {
     let bytes = sample_bytes();
     let bundle = open_bytes(bytes.clone()).unwrap();
-    let t = &bundle.adapters()[0].tensors[0];
+    let t = &bundle.adapters().unwrap()[0].tensors[0];
     let (offset, tname) = (t.offset, t.name.clone());
     let mut bad = bytes.clone();
     bad[offset + 3] ^= 0x10;
@@ -521,16 +553,18 @@ fn flipped_blob_bytes_fail_verify_and_fetch_but_not_open() {
     let bytes = padded_bytes();
     let bundle = open_bytes(bytes.clone()).unwrap();
     let mut bad = bytes.clone();
-    let data_end = footer_of(&bytes).catalog_offset as usize;
-    let pad = (64..data_end)
-        .find(|&i| {
-            bundle.adapters().iter().all(|a| {
-                a.tensors
-                    .iter()
-                    .all(|t| i < t.offset || i >= t.offset + t.length)
-            })
-        })
-        .unwrap();
+    // A byte right after a blob whose next neighbour is another blob (not the record).
+    let adapters = bundle.adapters().unwrap();
+    let starts: HashSet<usize> = adapters
+        .iter()
+        .flat_map(|a| a.tensors.iter().map(|t| t.offset))
+        .collect();
+    let pad = adapters
+        .iter()
+        .flat_map(|a| a.tensors.iter())
+        .map(|t| t.offset + t.length)
+        .find(|&end| end % 64 != 0 && starts.contains(&(end / 64 * 64 + 64)))
+        .expect("the F16 sample has padding between blobs");
     bad[pad] = 1;
     let err = open_bytes(bad).unwrap().verify().unwrap_err();
     assert!(err.to_string().contains("padding"), "{err}");
@@ -596,7 +630,7 @@ proptest! {
         let bundle = Bundle::open(&path).unwrap();
         bundle.verify().unwrap();
         prop_assert_eq!(bundle.tensor_map("a").unwrap()[&key].data, &a.tensors[&key].data[..]);
-        let stats = bundle.stats();
+        let stats = bundle.stats().unwrap();
         if repeat {
             prop_assert_eq!(stats.stored_bytes * 2, stats.logical_bytes);
         }
@@ -614,7 +648,7 @@ fn open_does_not_need_tensor_bytes_to_be_valid() {
     let bytes = sample_bytes();
     let bundle = open_bytes(bytes.clone()).unwrap();
     let mut zeroed = bytes.clone();
-    for a in bundle.adapters() {
+    for a in bundle.adapters().unwrap() {
         for t in &a.tensors {
             zeroed[t.offset..t.offset + t.length].fill(0);
         }

@@ -60,7 +60,7 @@ pub struct BundleWriter<'w> {
     pos: u64,
     /// (dtype, shape, xxh3) -> offsets of blobs with that key; a byte comparison settles a match.
     seen: HashMap<(DType, Vec<usize>, u64), Vec<(u64, u64)>>,
-    adapters: Vec<CatalogAdapter>,
+    adapters: Vec<IndexEntry>,
     names: HashSet<String>,
     stats: PackStats,
 }
@@ -192,11 +192,31 @@ impl<'w> BundleWriter<'w> {
                 converted_from: from.filter(|f| *f != stored).map(|f| f.name().to_string()),
             });
         }
-        self.adapters.push(CatalogAdapter {
-            name: name.to_string(),
+        // The record follows the adapter's blobs; the catalog at the end points to it.
+        let record = AdapterRecord {
             config,
             tensors: records,
+        };
+        let text = serde_json::to_vec(&record)
+            .map_err(|e| Error::format(&self.path, format!("record: {e}")))?;
+        if text.len() as u64 > MAX_RECORD_LEN {
+            return Err(Error::argument(
+                format!("adapter {name:?}"),
+                ArgumentKind::Value,
+                format!(
+                    "its record would be {} bytes, over the limit of {MAX_RECORD_LEN}",
+                    text.len()
+                ),
+            ));
+        }
+        self.out.write_all(&text).map_err(|e| self.io(e))?;
+        self.adapters.push(IndexEntry {
+            name: name.to_string(),
+            offset: self.pos,
+            length: text.len() as u64,
+            xxh3: hash_hex(checksum(&text)),
         });
+        self.pos += text.len() as u64;
         self.stats.adapters += 1;
         Ok(())
     }
