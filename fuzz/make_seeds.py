@@ -1,6 +1,9 @@
 """Write seed corpora for the fuzz targets: small valid bundles (f32 and f16, with shared blobs)
-for `bundle_reader`, and the same bundles split as `[u32 data length][data][catalog]` for
-`bundle_catalog`. Usage: python fuzz/make_seeds.py  (needs denselora importable)."""
+for `bundle_reader`; the same bundles split as `[u32 data length][data][catalog]` for
+`bundle_catalog`, and as `[u32 data length][data][last adapter's record]` for `bundle_record`.
+Usage: python fuzz/make_seeds.py  (needs denselora importable)."""
+
+import json
 
 import struct
 import tempfile
@@ -31,9 +34,12 @@ with tempfile.TemporaryDirectory() as tmp:
         pack(path, adapters, dtype=dtype)
         data = path.read_bytes()
         offset, length = struct.unpack("<QQ", data[-32:-16])
+        last = json.loads(data[offset : offset + length])["adapters"][-1]
+        rec_at, rec_len = last["offset"], last["length"]
         for target, blob in [
             ("bundle_reader", data),
             ("bundle_catalog", struct.pack("<I", offset - 64) + data[64:offset] + data[offset : offset + length]),
+            ("bundle_record", struct.pack("<I", rec_at - 64) + data[64:rec_at] + data[rec_at : rec_at + rec_len]),
         ]:
             out = here / "seeds" / target
             out.mkdir(parents=True, exist_ok=True)
