@@ -18,6 +18,11 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use crate::errors::BindingResult;
 use crate::BorrowedTensors;
 
+/// `(name, dtype, shape, offset, length, converted_from)` of one tensor.
+type TensorInfo = (String, &'static str, Vec<usize>, usize, usize, Option<&'static str>);
+/// `(group, in_features, out_features, encoder_rank, decoder_rank, modules)` of one group.
+type GroupInfo = (String, usize, usize, usize, usize, usize);
+
 /// Keeps the memory map alive: the base object of every array handed out.
 #[pyclass(frozen, module = "denselora._core")]
 pub struct MappedBundle {
@@ -174,16 +179,7 @@ impl PyBundle {
     fn tensor_info(
         &self,
         name: &str,
-    ) -> BindingResult<
-        Vec<(
-            String,
-            &'static str,
-            Vec<usize>,
-            usize,
-            usize,
-            Option<&'static str>,
-        )>,
-    > {
+    ) -> BindingResult<Vec<TensorInfo>> {
         let entry = self.bundle.adapter(name)?;
         Ok(entry
             .tensors
@@ -205,7 +201,7 @@ impl PyBundle {
     fn groups(
         &self,
         name: &str,
-    ) -> BindingResult<Vec<(String, usize, usize, usize, usize, usize)>> {
+    ) -> BindingResult<Vec<GroupInfo>> {
         let entry = self.bundle.adapter(name)?;
         Ok(entry
             .groups

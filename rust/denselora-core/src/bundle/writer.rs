@@ -53,13 +53,16 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::R
     Ok(())
 }
 
+/// What identifies a candidate duplicate: dtype, shape and the xxh3 of the bytes.
+type BlobKey = (DType, Vec<usize>, u64);
+
 /// Streams a bundle into an open file (normally the temporary file of `write_atomically`).
 pub struct BundleWriter<'w> {
     out: &'w mut BufWriter<File>,
     path: PathBuf,
     pos: u64,
     /// (dtype, shape, xxh3) -> offsets of blobs with that key; a byte comparison settles a match.
-    seen: HashMap<(DType, Vec<usize>, u64), Vec<(u64, u64)>>,
+    seen: HashMap<BlobKey, Vec<(u64, u64)>>,
     adapters: Vec<IndexEntry>,
     names: HashSet<String>,
     stats: PackStats,
