@@ -3,6 +3,7 @@ small dense matrix per layer, ``y = W0 x + s * act(D_g @ M_l @ act(E_g @ x))``."
 
 from . import errors
 from ._core import __version__
+from .algebra import AverageReport, TruncateReport, average, truncate
 from .config import DEFAULT_TARGET_MODULES, DenseLoRAConfig
 from .errors import (
     ChecksumError,
@@ -28,9 +29,13 @@ __all__ = [
     "FormatError",
     "IncompatibleAdapterError",
     "NotMergeableError",
+    "AverageReport",
+    "TruncateReport",
     "__version__",
+    "average",
     "errors",
     "get_denselora_model",
     "load_adapter",
     "save_adapter",
+    "truncate",
 ]

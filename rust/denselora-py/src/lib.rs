@@ -1,6 +1,7 @@
 //! `denselora._core`: the Python face of `denselora-core`. Functions here convert arguments,
 //! release the GIL around real work, and map errors; the logic lives in the core crate.
 
+mod algebra;
 mod arrays;
 mod errors;
 
@@ -16,12 +17,12 @@ use crate::arrays::{array_bytes, array_dtype, tensor_to_py};
 use crate::errors::BindingResult;
 
 /// Borrowed arrays of a `{name: ndarray}` dict, ready to be viewed as core tensors.
-struct BorrowedTensors<'py> {
+pub(crate) struct BorrowedTensors<'py> {
     entries: Vec<(String, DType, Vec<usize>, &'py [u8])>,
 }
 
 impl<'py> BorrowedTensors<'py> {
-    fn from_dict(tensors: &Bound<'py, PyDict>, bf16_bits: bool) -> BindingResult<Self> {
+    pub(crate) fn from_dict(tensors: &Bound<'py, PyDict>, bf16_bits: bool) -> BindingResult<Self> {
         let mut entries = Vec::with_capacity(tensors.len());
         for (key, value) in tensors.iter() {
             let name: String = key
@@ -37,7 +38,7 @@ impl<'py> BorrowedTensors<'py> {
         Ok(BorrowedTensors { entries })
     }
 
-    fn views(&self) -> BTreeMap<String, TensorRef<'_>> {
+    pub(crate) fn views(&self) -> BTreeMap<String, TensorRef<'_>> {
         self.entries
             .iter()
             .map(|(n, d, s, b)| (n.clone(), TensorRef { dtype: *d, shape: s, data: b }))
@@ -105,5 +106,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(save_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(write_text_atomic, m)?)?;
+    m.add_function(wrap_pyfunction!(algebra::average_adapters, m)?)?;
+    m.add_function(wrap_pyfunction!(algebra::truncate_adapter, m)?)?;
+    m.add_function(wrap_pyfunction!(algebra::linear_assignment, m)?)?;
     Ok(())
 }

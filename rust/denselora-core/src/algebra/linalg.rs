@@ -58,26 +58,85 @@ pub fn vstack(blocks: &[Mat]) -> Mat {
     out
 }
 
-/// The `k` leading left singular vectors of `a` (rows x k, orthonormal) and all singular values in
-/// descending order. When `a` has fewer than `k` non-trivial directions the basis is completed with
-/// orthonormal columns (they carry nothing, so any completion is optimal).
+/// One-sided (Hestenes) Jacobi on the columns of `w`: rotates them, and `v` along, until they are
+/// mutually orthogonal. Then `w_in = w_out v^T` with orthogonal columns of norm sigma_i. Jacobi is
+/// accurate for every singular value, including exactly rank-deficient inputs.
+fn jacobi_columns(w: &mut Mat, v: &mut Mat) {
+    let n = w.ncols();
+    for _sweep in 0..60 {
+        let mut rotated = false;
+        for i in 0..n {
+            for j in (i + 1)..n {
+                let alpha = w.column(i).norm_squared();
+                let beta = w.column(j).norm_squared();
+                let gamma = w.column(i).dot(&w.column(j));
+                if gamma == 0.0 || gamma.abs() <= 1e-15 * (alpha * beta).sqrt() {
+                    continue;
+                }
+                rotated = true;
+                let zeta = (beta - alpha) / (2.0 * gamma);
+                let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
+                let c = 1.0 / (1.0 + t * t).sqrt();
+                let s = c * t;
+                for m in [&mut *w, &mut *v] {
+                    for r in 0..m.nrows() {
+                        let (a, b) = (m[(r, i)], m[(r, j)]);
+                        m[(r, i)] = c * a - s * b;
+                        m[(r, j)] = s * a + c * b;
+                    }
+                }
+            }
+        }
+        if !rotated {
+            break;
+        }
+    }
+}
+
+/// Singular values (descending) and left singular vectors of a square matrix `r`.
+fn square_left_singular(r: &Mat) -> (Mat, Vec<f64>) {
+    // r^T = W Sigma V^T by Jacobi on r^T's columns: r = V Sigma W^T, so V holds r's left vectors.
+    let n = r.nrows();
+    let mut w = r.transpose();
+    let mut v = Mat::identity(n, n);
+    jacobi_columns(&mut w, &mut v);
+    let sigma: Vec<f64> = (0..n).map(|i| w.column(i).norm()).collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| sigma[b].total_cmp(&sigma[a]));
+    let mut u = Mat::zeros(n, n);
+    for (c, &i) in order.iter().enumerate() {
+        u.set_column(c, &v.column(i));
+    }
+    (u, order.iter().map(|&i| sigma[i]).collect())
+}
+
+/// Singular values of `a`, descending.
+pub fn singular_values(a: &Mat) -> Vec<f64> {
+    left_singular(a, 0).1
+}
+
+/// The `k` leading left singular vectors of `a` (rows x k, orthonormal) and its singular values
+/// in descending order. A QR step first reduces `a` to a small square factor; when `a` has fewer
+/// than `k` directions the basis is completed with orthonormal columns (they carry nothing, so any
+/// completion is optimal).
 pub fn left_singular(a: &Mat, k: usize) -> (Mat, Vec<f64>) {
     let rows = a.nrows();
     assert!(k <= rows, "cannot take {k} directions in a {rows}-dimensional space");
     if a.ncols() == 0 || rows == 0 {
         return (complete_basis(&Mat::zeros(rows, 0), k), Vec::new());
     }
-    let svd = a.clone().svd(true, false);
-    let u = svd.u.expect("u requested");
-    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
-    order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
-    let sigma: Vec<f64> = order.iter().map(|&i| svd.singular_values[i]).collect();
-    let take = k.min(order.len());
-    let mut basis = Mat::zeros(rows, take);
-    for (c, &i) in order.iter().take(take).enumerate() {
-        basis.set_column(c, &u.column(i));
-    }
-    (complete_basis(&basis, k), sigma)
+    let (basis, sigma) = if a.ncols() >= rows {
+        // a^T = Q R, so a = R^T Q^T: a's left vectors are those of R^T (rows x rows).
+        let (_, r) = thin_qr(&a.transpose());
+        square_left_singular(&r.transpose())
+    } else {
+        // a = Q R with Q (rows x cols): a's left vectors are Q times R's.
+        let (q, r) = thin_qr(a);
+        let (u, sigma) = square_left_singular(&r);
+        (q * u, sigma)
+    };
+    let take = k.min(basis.ncols());
+    (complete_basis(&basis.columns(0, take).into_owned(), k), sigma)
 }
 
 /// Extend orthonormal columns `b` (rows x m) to `k >= m` orthonormal columns.
@@ -112,10 +171,29 @@ pub fn complete_basis(b: &Mat, k: usize) -> Mat {
 }
 
 /// The orthogonal `q` minimising `||a q - b||_F` (orthogonal Procrustes): `q = u v^T` for
-/// `a^T b = u s v^T`.
+/// `a^T b = u s v^T`. Directions with a zero singular value may be paired arbitrarily; any
+/// orthonormal completion is optimal.
 pub fn procrustes(a: &Mat, b: &Mat) -> Mat {
-    let svd = (a.transpose() * b).svd(true, true);
-    svd.u.expect("u") * svd.v_t.expect("v_t")
+    let m = a.transpose() * b;
+    let n = m.ncols();
+    let mut w = m.clone();
+    let mut v = Mat::identity(n, n);
+    jacobi_columns(&mut w, &mut v);
+    let sigma: Vec<f64> = (0..n).map(|i| w.column(i).norm()).collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&x, &y| sigma[y].total_cmp(&sigma[x]));
+    let top = sigma.iter().cloned().fold(0.0, f64::max);
+    let live: Vec<usize> = order.iter().copied().filter(|&i| sigma[i] > top * 1e-12 && sigma[i] > 0.0).collect();
+    let mut u = Mat::zeros(m.nrows(), live.len());
+    for (c, &i) in live.iter().enumerate() {
+        u.set_column(c, &(w.column(i) / sigma[i]));
+    }
+    let u = complete_basis(&u, n);
+    let mut v_sorted = Mat::zeros(n, n);
+    for (c, &i) in live.iter().chain(order.iter().filter(|i| !live.contains(i))).enumerate() {
+        v_sorted.set_column(c, &v.column(i));
+    }
+    u * v_sorted.transpose()
 }
 
 /// Sum of squares of all entries.
@@ -193,7 +271,7 @@ pub fn gauge_inverse(t: &Mat) -> Option<Mat> {
     if t.nrows() != t.ncols() || t.nrows() == 0 {
         return None;
     }
-    let sv = t.clone().singular_values();
+    let sv = singular_values(t);
     let max = sv.iter().cloned().fold(0.0, f64::max);
     let min = sv.iter().cloned().fold(f64::INFINITY, f64::min);
     if !(max > 0.0) || min < max * 1e-10 {
@@ -213,6 +291,23 @@ mod tests {
         assert_eq!(sigma.len(), 1);
         assert!((sigma[0] - 5.0).abs() < 1e-12);
         assert!((u.transpose() * &u - Mat::identity(3, 3)).norm() < 1e-12);
+    }
+
+    #[test]
+    fn left_singular_is_accurate_on_exactly_rank_deficient_input() {
+        use crate::algebra::testutil::Rng;
+        let mut rng = Rng::new(3);
+        for (p, n) in [(8, 8), (8, 20), (20, 8), (30, 90)] {
+            // Rank 4, plus rows that are tiny combinations of the others (as stacked cores are).
+            let base = rng.matrix(4, n);
+            let mix = Mat::from_fn(p, 4, |i, j| if i < 4 { if i == j { 1.0 } else { 0.0 } } else { 1e-8 * (i + j) as f64 });
+            let a = mix * base;
+            let (u, s) = left_singular(&a, 4);
+            let resid = (&a - &u * (u.transpose() * &a)).norm() / a.norm();
+            assert!(resid < 1e-13, "{p}x{n}: {resid:e}");
+            assert!(s[4] < 1e-14 * s[0], "{s:?}");
+            assert!((u.transpose() * &u - Mat::identity(4, 4)).norm() < 1e-13);
+        }
     }
 
     #[test]
