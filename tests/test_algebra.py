@@ -175,7 +175,9 @@ def test_auto_mode_uses_the_init_fingerprint(tmp_path):
     other = make_adapter(tmp_path / "c", init_seed=1, seed=3)
     fingerprints = [json.loads((p / "adapter_config.json").read_text())["init_fingerprint"] for p in (same_a, same_b, other)]
     assert fingerprints[0] == fingerprints[1] != fingerprints[2]
-    assert dl.average([same_a, same_b]).mode == "linear"
+    soup = dl.average([same_a, same_b])
+    assert soup.mode == "linear" and soup.config["init_fingerprint"] == fingerprints[0]
+    assert dl.average([same_a, other], mode="linear").config["init_fingerprint"] is None
     report = dl.average([same_a, other], tmp_path / "out")
     assert report.mode == "aligned" and "init_fingerprint" in report.reason
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["init_fingerprint"] is None

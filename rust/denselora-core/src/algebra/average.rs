@@ -327,7 +327,8 @@ impl Cores {
 }
 
 struct GroupResult {
-    factors: GroupFactors,
+    /// None in linear mode, where every tensor is averaged as it is.
+    factors: Option<GroupFactors>,
     report: GroupAlignment,
 }
 
@@ -341,13 +342,17 @@ fn average_group(
 ) -> GroupResult {
     let linear_encoder = encoder_activation.is_linear();
     let reference = &runs[0];
-    let matched: Vec<GroupFactors> = runs
-        .iter()
-        .map(|run| {
-            let (perm, sign) = match_rows(&reference.encoder, &run.encoder, encoder_activation.is_odd());
-            permute(run, &perm, &sign)
-        })
-        .collect();
+    // Linear mode needs no matching: its report compares the runs as stored.
+    let matched: Vec<GroupFactors> = if aligned {
+        runs.iter()
+            .map(|run| {
+                let (perm, sign) = match_rows(&reference.encoder, &run.encoder, encoder_activation.is_odd());
+                permute(run, &perm, &sign)
+            })
+            .collect()
+    } else {
+        runs.iter().map(GroupFactors::clone).collect()
+    };
     // One QR basis serves the residuals before and after: permutations do not touch D, and with a
     // linear encoder the products D M E do not change under them.
     let cores = Cores::new(if linear_encoder { &matched } else { runs }, linear_encoder);
@@ -370,7 +375,7 @@ fn average_group(
         refactor_error: None,
     };
     if !aligned {
-        return GroupResult { factors: plain_mean(runs, weights), report };
+        return GroupResult { factors: None, report };
     }
     report.encoder_residual_after = Some(enc_res(&matched));
     report.product_residual_after = Some(prod_res(&matched));
@@ -392,7 +397,7 @@ fn average_group(
         plain_mean(&rotated, weights)
     };
     if method == DecoderAlignment::Procrustes || !fits {
-        return GroupResult { factors: procrustes_mean(&matched), report };
+        return GroupResult { factors: Some(procrustes_mean(&matched)), report };
     }
 
     let layers = layout.modules.len();
@@ -402,7 +407,7 @@ fn average_group(
     if total == 0.0 {
         // Every product is zero (e.g. untrained decoders): nothing to refactor.
         report.refactor_error = Some(0.0);
-        return GroupResult { factors: procrustes_mean(&matched), report };
+        return GroupResult { factors: Some(procrustes_mean(&matched)), report };
     }
     let ref_d = cols(&cores.rd, 0, rank_d);
     let factors = match &cores.qe_re {
@@ -431,7 +436,7 @@ fn average_group(
             }
         }
     };
-    GroupResult { factors, report }
+    GroupResult { factors: Some(factors), report }
 }
 
 /// Average `inputs` (name, adapter), the first being the reference that others are aligned to.
@@ -451,13 +456,16 @@ pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Resul
     for layout in &layouts {
         let runs: Vec<GroupFactors> = inputs.iter().map(|(_, a)| group_factors(a, layout)).collect();
         let result = average_group(layout, &runs, &weights, encoder_activation, aligned, options.decoder);
-        if aligned {
-            put_group(&mut out, reference, layout, &result.factors);
+        if let Some(factors) = &result.factors {
+            put_group(&mut out, reference, layout, factors);
         }
         groups.push(result.report);
     }
-    if aligned {
-        // The result descends from several initial adapters.
+    let shared_init = inputs.iter().all(|(_, a)| {
+        string_key(a, "init_fingerprint").is_some() && string_key(a, "init_fingerprint") == string_key(reference, "init_fingerprint")
+    });
+    if aligned || !shared_init {
+        // The result descends from several initial adapters (or from ones not known to be one).
         out.config.insert("init_fingerprint".into(), Value::Null);
     }
     let report = AverageReport {

@@ -77,6 +77,7 @@ pub fn activations(config: &Map<String, Value>, context: &str) -> Result<(Activa
 }
 
 /// The factors of one group in f64: `E`, `D` and each layer's `M` in `layout.modules` order.
+#[derive(Clone)]
 pub(crate) struct GroupFactors {
     pub encoder: Mat,
     pub decoder: Mat,
