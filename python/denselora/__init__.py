@@ -4,6 +4,7 @@ small dense matrix per layer, ``y = W0 x + s * act(D_g @ M_l @ act(E_g @ x))``."
 from . import errors
 from .bundle import Bundle
 from ._core import __version__
+from .algebra import AverageReport, TruncateReport, average, truncate
 from .config import DEFAULT_TARGET_MODULES, DenseLoRAConfig
 from .errors import (
     ChecksumError,
@@ -30,10 +31,14 @@ __all__ = [
     "FormatError",
     "IncompatibleAdapterError",
     "NotMergeableError",
+    "AverageReport",
+    "TruncateReport",
     "__version__",
+    "average",
     "errors",
     "get_denselora_model",
     "load_adapter",
     "save_adapter",
     "save_adapter_to",
+    "truncate",
 ]

@@ -1,7 +1,7 @@
 # Type stubs for the compiled extension `denselora._core` (the Rust core's binding).
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -44,3 +44,18 @@ def pack_bundle(
     keep_existing: bool = False,
     progress: Optional[Callable[[str], Any]] = None,
 ) -> dict[str, int]: ...
+def average_adapters(
+    inputs: Sequence[tuple[str, str, Mapping[str, np.ndarray]]],
+    mode: str = "auto",
+    weights: Optional[Sequence[float]] = None,
+    ema: Optional[float] = None,
+    decoder_alignment: str = "product",
+) -> tuple[str, dict[str, tuple[str, np.ndarray]], str]: ...
+def truncate_adapter(
+    name: str,
+    config_json: str,
+    tensors: Mapping[str, np.ndarray],
+    rank: Optional[int] = None,
+    energy: Optional[float] = None,
+) -> tuple[str, dict[str, tuple[str, np.ndarray]], str]: ...
+def linear_assignment(cost: Sequence[Sequence[float]]) -> list[int]: ...

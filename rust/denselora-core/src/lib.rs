@@ -2,6 +2,7 @@
 //! CPU kernel of the DenseLoRA branch. The PyO3 crate `denselora-py` only converts and delegates.
 
 pub mod adapter;
+pub mod algebra;
 pub mod atomic;
 pub mod bundle;
 pub mod dtype;

@@ -1,6 +1,7 @@
 //! `denselora._core`: the Python face of `denselora-core`. Functions here convert arguments,
 //! release the GIL around real work, and map errors; the logic lives in the core crate.
 
+mod algebra;
 mod arrays;
 mod bundle;
 mod errors;
@@ -124,5 +125,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(save_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(write_text_atomic, m)?)?;
     bundle::register(m)?;
+    m.add_function(wrap_pyfunction!(algebra::average_adapters, m)?)?;
+    m.add_function(wrap_pyfunction!(algebra::truncate_adapter, m)?)?;
+    m.add_function(wrap_pyfunction!(algebra::linear_assignment, m)?)?;
     Ok(())
 }
