@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod atomic;
 pub mod dtype;
 pub mod error;
+pub mod kernel;
 pub mod safetensors_io;
 pub mod tensor;
 
