@@ -13,3 +13,17 @@ def save_adapter(path: _Path, config_json: str, tensors: Mapping[str, np.ndarray
 def load_adapter(path: _Path) -> tuple[str, dict[str, tuple[str, np.ndarray]]]: ...
 def save_safetensors(path: _Path, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None) -> None: ...
 def write_text_atomic(path: _Path, text: str) -> None: ...
+def dense_branch(
+    x: np.ndarray,
+    encoder: np.ndarray,
+    m: np.ndarray,
+    decoder: np.ndarray,
+    out: np.ndarray,
+    *,
+    scale: float,
+    encoder_activation: str,
+    decoder_activation: str,
+    num_threads: int,
+    check_finite: bool = False,
+) -> None: ...
+def kernel_isa() -> str: ...

@@ -3,6 +3,7 @@
 
 mod arrays;
 mod errors;
+mod kernel;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -105,5 +106,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(save_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(write_text_atomic, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel::dense_branch, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel::kernel_isa, m)?)?;
     Ok(())
 }

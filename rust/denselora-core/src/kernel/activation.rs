@@ -40,6 +40,7 @@ impl FromStr for Activation {
     }
 }
 
+#[allow(clippy::excessive_precision)]
 // erf(z) / z as a polynomial in z², for 0 <= z < 1.
 const ERF_SMALL: [f32; 6] = [
     1.128_379_147_0e0,
@@ -50,6 +51,7 @@ const ERF_SMALL: [f32; 6] = [
     -5.667_873_391_1e-4,
 ];
 
+#[allow(clippy::excessive_precision)]
 // erfc(z)·exp(z²) as a polynomial in t = 1/(1 + z/2), for z >= 1.
 const ERFC_LARGE: [f32; 9] = [
     -2.738_730_398_5e-6,

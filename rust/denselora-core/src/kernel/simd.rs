@@ -59,6 +59,7 @@ pub trait Simd: Copy + Send + Sync + 'static {
 pub trait Elem: Copy + Send + Sync + 'static {
     const ZERO: Self;
     fn to_f32(self) -> f32;
+    #[allow(dead_code)] // used by the tests
     fn from_f32(v: f32) -> Self;
     /// # Safety
     /// `p` must be valid for reading 8 elements.
