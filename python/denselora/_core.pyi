@@ -59,3 +59,17 @@ def truncate_adapter(
     energy: Optional[float] = None,
 ) -> tuple[str, dict[str, tuple[str, np.ndarray]], str]: ...
 def linear_assignment(cost: Sequence[Sequence[float]]) -> list[int]: ...
+def dense_branch(
+    x: np.ndarray,
+    encoder: np.ndarray,
+    m: np.ndarray,
+    decoder: np.ndarray,
+    out: np.ndarray,
+    *,
+    scale: float,
+    encoder_activation: str,
+    decoder_activation: str,
+    num_threads: int,
+    check_finite: bool = False,
+) -> None: ...
+def kernel_isa() -> str: ...

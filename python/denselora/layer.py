@@ -9,8 +9,18 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .errors import NotMergeableError
+from . import _core, kernels
+from .errors import ArgumentError, ConfigError, NotMergeableError
 from .functional import dense_branch, split_activations
+
+INFERENCE_BACKENDS = ("auto", "torch", "rust")
+
+# Activation dtypes the Rust kernel takes, and the integer dtype that carries bfloat16 bits.
+_KERNEL_VIEWS: dict[torch.dtype, Optional[torch.dtype]] = {
+    torch.float32: None,
+    torch.float16: None,
+    torch.bfloat16: torch.uint16,
+}
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -100,6 +110,22 @@ class DenseLoRALayer(nn.Module):
         nn.init.kaiming_uniform_(self.m, a=math.sqrt(5))
         self.disabled = False
         self.merged = False
+        self._inference_backend = "auto"
+        # ((data_ptr, _version) of M, E, D), (numpy views of E, M, D) or None when unusable.
+        self._kernel_cache: Optional[tuple[tuple[int, ...], Optional[tuple[Any, Any, Any]]]] = None
+
+    @property
+    def inference_backend(self) -> str:
+        """Who computes the branch at inference on CPU: ``"auto"`` (the Rust kernel when it can,
+        else PyTorch), ``"torch"``, or ``"rust"`` (the kernel, and an error when it cannot run).
+        Training, autograd and GPU tensors always use PyTorch."""
+        return self._inference_backend
+
+    @inference_backend.setter
+    def inference_backend(self, name: str) -> None:
+        if name not in INFERENCE_BACKENDS:
+            raise ConfigError(f"inference_backend: expected one of {list(INFERENCE_BACKENDS)}, got {name!r}")
+        self._inference_backend = name
 
     @property
     def shared(self) -> DenseLoRAShared:
@@ -154,7 +180,76 @@ class DenseLoRALayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged:
             return result
+        if (
+            self._inference_backend != "torch"
+            and not self.training
+            and x.is_cpu
+            and (not torch.is_grad_enabled() or not self._needs_autograd(x, result))
+            and self._add_branch_with_kernel(x, result)
+        ):
+            return result
         return result + self.branch(x).to(result.dtype)
+
+    # -- the Rust kernel (CPU inference) ------------------------------------------------------
+
+    def _needs_autograd(self, x: torch.Tensor, result: torch.Tensor) -> bool:
+        shared = self.shared
+        return (
+            x.requires_grad
+            or result.requires_grad
+            or self.m.requires_grad
+            or shared.encoder.requires_grad
+            or shared.decoder.requires_grad
+        )
+
+    def _kernel_weights(self) -> Optional[tuple[Any, Any, Any]]:
+        """numpy views of E, M, D, cached until a parameter is replaced or changed in place."""
+        m = self._parameters["m"]
+        shared_params = self._shared_ref[0]._parameters
+        encoder, decoder = shared_params["encoder"], shared_params["decoder"]
+        key = (m.data_ptr(), encoder.data_ptr(), decoder.data_ptr(), m._version, encoder._version, decoder._version)
+        cache = self._kernel_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        views = None
+        tensors = (encoder, m, decoder)
+        if all(t.is_cpu and t.dtype == encoder.dtype for t in tensors) and encoder.dtype in _KERNEL_VIEWS:
+            # Views share memory with the parameters (and keep their storage alive, so a new
+            # parameter cannot reuse the address the key remembers).
+            views = tuple(kernels.as_array(t.detach().contiguous(), name) for t, name in zip(tensors, ("encoder", "m", "decoder")))
+        self._kernel_cache = (key, views)
+        return views
+
+    def _add_branch_with_kernel(self, x: torch.Tensor, result: torch.Tensor) -> bool:
+        """Add the branch into ``result`` in place with the Rust kernel. False when this call
+        cannot use it (and the backend is "auto")."""
+        weights = self._kernel_weights()
+        bits = _KERNEL_VIEWS.get(x.dtype, torch.float64)
+        if weights is None or bits is torch.float64 or result.dtype != x.dtype or not result.is_contiguous():
+            if self._inference_backend == "rust":
+                raise ArgumentError(
+                    f"inference_backend 'rust': the kernel cannot run this call (input {x.dtype}, output "
+                    f"{result.dtype}, adapter {self.m.dtype} on {self.m.device}); use 'auto' or 'torch'"
+                )
+            return False
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if bits is None:
+            xa, ra = x.numpy(), result.numpy()
+        else:
+            xa, ra = x.view(bits).numpy(), result.view(bits).numpy()
+        _core.dense_branch(
+            xa,
+            weights[0],
+            weights[1],
+            weights[2],
+            ra,
+            scale=self.scaling,
+            encoder_activation=self.encoder_activation,
+            decoder_activation=self.decoder_activation,
+            num_threads=kernels.get_num_threads(),
+        )
+        return True
 
     # -- merging (linear branch only) ---------------------------------------------------------
 

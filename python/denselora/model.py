@@ -19,7 +19,7 @@ import torch.nn as nn
 from . import io as adapter_io
 from .config import DenseLoRAConfig
 from .errors import ConfigError, IncompatibleAdapterError, NotMergeableError
-from .layer import DenseLoRALayer, DenseLoRAShared, is_adaptable, is_conv1d, linear_dims
+from .layer import INFERENCE_BACKENDS, DenseLoRALayer, DenseLoRAShared, is_adaptable, is_conv1d, linear_dims
 
 SHARED_ATTR = "denselora_shared"
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -260,6 +260,16 @@ class DenseLoRAModel(nn.Module):
             "use_dora": False,
         }
         adapter_io.save_peft_lora(save_directory, config, tensors)
+
+    def set_inference_backend(self, backend: str) -> None:
+        """Choose who computes the branch at inference on CPU, for every adapted layer:
+        ``"auto"`` (default: the fused Rust kernel whenever it can run, PyTorch otherwise),
+        ``"torch"``, or ``"rust"`` (the kernel, raising `ArgumentError` when a CPU inference
+        call cannot use it). Training, autograd and GPU tensors always run in PyTorch."""
+        if backend not in INFERENCE_BACKENDS:
+            raise ConfigError(f"inference backend: expected one of {list(INFERENCE_BACKENDS)}, got {backend!r}")
+        for _, layer in self.adapter_layers():
+            layer.inference_backend = backend
 
 
 def _keep_adapter_entries(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -7,6 +7,7 @@ pub mod atomic;
 pub mod bundle;
 pub mod dtype;
 pub mod error;
+pub mod kernel;
 pub mod safetensors_io;
 pub mod tensor;
 

@@ -5,6 +5,7 @@ mod algebra;
 mod arrays;
 mod bundle;
 mod errors;
+mod kernel;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -128,5 +129,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(algebra::average_adapters, m)?)?;
     m.add_function(wrap_pyfunction!(algebra::truncate_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(algebra::linear_assignment, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel::dense_branch, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel::kernel_isa, m)?)?;
     Ok(())
 }

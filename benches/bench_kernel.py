@@ -1,0 +1,240 @@
+"""The fused Rust kernel against PyTorch eager for the same DenseLoRA branch, side by side.
+
+Micro: ``out += s * gelu(D @ M @ gelu(E @ x))`` at LLaMA-7B and SmolLM2-135M projection shapes,
+r in {16, 32, 64}, n in {1, 8, 128, 512} rows, float32 and bfloat16 (activations and weights in the
+dtype). Both sides run on the same number of threads (``--threads``, default 1). The machine's
+peak is the best single-precision matmul rate torch reaches on it; the table gives the share of
+it the kernel reaches at n = 512.
+
+End to end: tokens per second of greedy generation with SmolLM2-135M-Instruct: the base model
+alone, with a DenseLoRA adapter (r = 16, GELU, q/k/v/up/down) on the PyTorch path, and on the
+Rust path.
+
+    python benches/bench_kernel.py [--threads 1] [--quick]
+
+Prints a table and writes benches/results/kernel.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import denselora as dl
+from denselora import kernels
+from denselora.functional import dense_branch as torch_branch
+
+LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096)]
+SMOL = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
+RANKS = [16, 32, 64]
+ROWS = [1, 8, 128, 512]
+GOALS = {1: 3.0, 8: 1.5, 128: 1.0, 512: 1.0}
+
+
+def timeit(fn: Callable[[], object], budget: float) -> float:
+    """Median seconds per call over batches that each take about budget/5."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    reps = max(1, int(budget / 5 / once))
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        samples.append((time.perf_counter() - start) / reps)
+    return statistics.median(samples)
+
+
+def peak_gflops(budget: float) -> dict:
+    best, where = 0.0, None
+    for size in (512, 1024, 2048):
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        c = torch.empty(size, size)
+        t = timeit(lambda: torch.mm(a, b, out=c), budget)
+        rate = 2 * size**3 / t / 1e9
+        if rate > best:
+            best, where = rate, f"torch.mm {size}x{size}x{size} float32"
+    return {"gflops": best, "how": where}
+
+
+def numpy_view(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def micro(budget: float, shapes, ranks, rows, dtypes, peak: float) -> list[dict]:
+    results = []
+    gen = torch.Generator().manual_seed(0)
+    for dtype in dtypes:
+        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        for d_in, d_out in shapes:
+            for r in ranks:
+                e = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(tdtype)
+                m = (torch.randn(r, r, generator=gen) / r**0.5).to(tdtype)
+                d = (torch.randn(d_out, r, generator=gen) / r**0.5).to(tdtype)
+                en, mn, dn = numpy_view(e), numpy_view(m), numpy_view(d)
+                for n in rows:
+                    x = torch.randn(n, d_in, generator=gen).to(tdtype)
+                    out = torch.zeros(n, d_out, dtype=tdtype)
+                    xn, outn = numpy_view(x), numpy_view(out)
+
+                    def run_torch() -> None:
+                        out.add_(torch_branch(x, e, m, d, scale=2.0, activation="gelu"))
+
+                    def run_rust() -> None:
+                        kernels.dense_branch(xn, en, mn, dn, scale=2.0, activation="gelu", out=outn)
+
+                    with torch.no_grad():
+                        t_torch = timeit(run_torch, budget)
+                        t_rust = timeit(run_rust, budget)
+                    flops = 2 * n * (d_in * r + r * r + r * d_out)
+                    row = {
+                        "dtype": dtype,
+                        "in": d_in,
+                        "out": d_out,
+                        "r": r,
+                        "n": n,
+                        "torch_us": t_torch * 1e6,
+                        "rust_us": t_rust * 1e6,
+                        "speedup": t_torch / t_rust,
+                        "rust_gflops": flops / t_rust / 1e9,
+                        "torch_gflops": flops / t_torch / 1e9,
+                        "rust_peak_share": flops / t_rust / 1e9 / peak,
+                    }
+                    results.append(row)
+                    print(
+                        f"{dtype:8s} {d_in:5d}->{d_out:<5d} r={r:<2d} n={n:<3d} torch {t_torch*1e6:9.1f} us  "
+                        f"rust {t_rust*1e6:9.1f} us  x{t_torch/t_rust:5.2f}  ({flops/t_rust/1e9:6.1f} GFLOP/s)",
+                        flush=True,
+                    )
+    return results
+
+
+def end_to_end(new_tokens: int, repeats: int) -> dict:
+    from denselora.models import load_model
+
+    model = load_model()
+    model.eval()
+    prompt = torch.arange(100, 116).unsqueeze(0)  # 16 tokens
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+
+    def tokens_per_s(m) -> float:
+        with torch.no_grad():
+            m.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                m.generate(prompt, **kwargs)
+                best = min(best, time.perf_counter() - start)
+        return new_tokens / best
+
+    base = tokens_per_s(model)
+    wrapped = dl.get_denselora_model(model, dl.DenseLoRAConfig(r=16, alpha=32))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in wrapped.adapter_state().values():
+            t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
+    layers = sum(1 for _ in wrapped.adapter_layers())
+    wrapped.set_inference_backend("torch")
+    torch_path = tokens_per_s(wrapped)
+    wrapped.set_inference_backend("rust")
+    rust_path = tokens_per_s(wrapped)
+    # Once more for the base, through the wrapper's switch, to see the drift of a noisy machine.
+    with wrapped.disable_adapter():
+        base_again = tokens_per_s(wrapped)
+    return {
+        "model": "SmolLM2-135M-Instruct",
+        "adapted_layers": layers,
+        "prompt_tokens": int(prompt.shape[1]),
+        "new_tokens": new_tokens,
+        "base_tokens_per_s": base,
+        "base_disabled_adapter_tokens_per_s": base_again,
+        "torch_path_tokens_per_s": torch_path,
+        "rust_path_tokens_per_s": rust_path,
+        "torch_path_overhead": base / torch_path - 1,
+        "rust_path_overhead": base / rust_path - 1,
+    }
+
+
+def summary(results: list[dict]) -> list[dict]:
+    rows = []
+    for dtype in sorted({r["dtype"] for r in results}):
+        for n in sorted({r["n"] for r in results}):
+            sel = [r for r in results if r["dtype"] == dtype and r["n"] == n]
+            speed = [r["speedup"] for r in sel]
+            rows.append({
+                "dtype": dtype,
+                "n": n,
+                "min_speedup": min(speed),
+                "geomean_speedup": float(np.exp(np.mean(np.log(speed)))),
+                "max_speedup": max(speed),
+                "goal": GOALS.get(n),
+                "best_peak_share": max(r["rust_peak_share"] for r in sel),
+                "geomean_peak_share_llama": float(np.exp(np.mean(np.log([r["rust_peak_share"] for r in sel if r["in"] >= 4096] or [1])))),
+            })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
+    parser.add_argument("--budget", type=float, default=0.12, help="seconds per measurement and side")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "kernel.json"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    kernels.set_num_threads(args.threads)
+    shapes, ranks = (LLAMA + SMOL, RANKS)
+    budget = args.budget
+    if args.quick:
+        shapes, ranks, budget = [LLAMA[1], SMOL[0]], [16, 64], budget / 3
+    peak = peak_gflops(max(budget, 0.3))
+    print(f"peak: {peak['gflops']:.1f} GFLOP/s ({peak['how']}, {args.threads} thread(s)); kernel ISA: {kernels.isa()}")
+    results = micro(budget, shapes, ranks, ROWS, ["float32", "bfloat16"], peak["gflops"])
+    table = summary(results)
+    print()
+    print(f"{'dtype':9s} {'n':>4s} {'min x':>7s} {'geomean x':>10s} {'max x':>7s} {'goal':>5s} {'peak share (best)':>18s}")
+    for row in table:
+        print(
+            f"{row['dtype']:9s} {row['n']:4d} {row['min_speedup']:7.2f} {row['geomean_speedup']:10.2f} {row['max_speedup']:7.2f} "
+            f"{row['goal']:5.1f} {row['best_peak_share']*100:17.1f}%"
+        )
+    e2e = None
+    if not args.skip_e2e:
+        e2e = end_to_end(args.new_tokens, repeats=2 if args.quick else 3)
+        print()
+        print(
+            f"SmolLM2-135M greedy generation ({e2e['new_tokens']} new tokens, {e2e['adapted_layers']} adapted layers): "
+            f"base {e2e['base_tokens_per_s']:.1f} tok/s, torch path {e2e['torch_path_tokens_per_s']:.1f} tok/s "
+            f"(+{e2e['torch_path_overhead']*100:.1f}% time), rust path {e2e['rust_path_tokens_per_s']:.1f} tok/s "
+            f"(+{e2e['rust_path_overhead']*100:.1f}% time)"
+        )
+    record = {
+        "threads": args.threads,
+        "quick": args.quick,
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "kernel_isa": kernels.isa()},
+        "peak": peak,
+        "summary": table,
+        "micro": results,
+        "end_to_end": e2e,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

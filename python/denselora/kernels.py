@@ -1,0 +1,127 @@
+"""Fast CPU inference: the fused Rust kernel of the DenseLoRA branch.
+
+``dense_branch`` computes ``scale * act_d(decoder @ (m @ act_e(encoder @ x_i)))`` for every row
+``x_i`` of ``x`` in one call, with SIMD (AVX2 + FMA where the CPU has it) and f32 accumulation:
+
+- ``x`` and ``out``: float32, float16 or bfloat16 (the same dtype); ``encoder``, ``m``,
+  ``decoder``: float32, float16 or bfloat16 (one dtype for the three).
+- numpy arrays are read in place (bfloat16 travels as ``uint16`` bit patterns, numpy having no
+  bfloat16); CPU torch tensors are accepted too and viewed without a copy. Inputs must be
+  C-contiguous: anything else raises `LayoutError` naming the argument.
+- The GIL is released while the kernel runs; it uses `get_num_threads` threads (by default
+  ``torch.get_num_threads()``), and only splits work large enough to gain from it.
+- NaN policy: non-finite values propagate as in IEEE arithmetic (and as in PyTorch): a NaN in
+  row ``i`` of ``x`` makes row ``i`` of the branch NaN, a NaN weight reaches every row. With
+  ``check_finite=True`` any NaN or infinity in an input raises `NonFiniteError` naming the
+  argument, before anything is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from . import _core
+from .errors import ArgumentError, DTypeError, ShapeError
+from .functional import Activations, split_activations
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+_num_threads: Optional[int] = None
+
+# torch dtype -> (numpy view dtype, is bfloat16 bits)
+_TORCH_VIEWS = {
+    torch.float32: None,
+    torch.float16: None,
+    torch.bfloat16: torch.uint16,
+}
+
+
+def set_num_threads(num_threads: Optional[int]) -> None:
+    """Threads the kernel may use; ``None`` follows ``torch.get_num_threads()``."""
+    global _num_threads
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+            raise ArgumentError(f"num_threads: expected a positive int or None, got {num_threads!r}")
+    _num_threads = num_threads
+
+
+def get_num_threads() -> int:
+    """Threads the kernel uses: the `set_num_threads` value, else ``torch.get_num_threads()``."""
+    return _num_threads if _num_threads is not None else torch.get_num_threads()
+
+
+def isa() -> str:
+    """The kernel's vector backend on this CPU: ``"avx2"`` or ``"portable"``."""
+    return _core.kernel_isa()
+
+
+def as_array(value: ArrayLike, name: str) -> np.ndarray:
+    """A numpy view of ``value`` (no copy); torch bfloat16 becomes uint16 bits."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu":
+            raise ArgumentError(f"{name}: the kernel runs on CPU tensors, got one on {value.device}")
+        if value.dtype not in _TORCH_VIEWS:
+            raise DTypeError(f"{name}: unsupported dtype {value.dtype} (expected float32, float16 or bfloat16)")
+        view = _TORCH_VIEWS[value.dtype]
+        t = value.detach()
+        return (t.view(view) if view is not None else t).numpy()
+    raise DTypeError(f"{name}: expected a numpy array or a CPU torch tensor, got {type(value).__name__}")
+
+
+def dense_branch(
+    x: ArrayLike,
+    encoder: ArrayLike,
+    m: ArrayLike,
+    decoder: ArrayLike,
+    *,
+    scale: float,
+    activation: Activations,
+    out: Optional[ArrayLike] = None,
+    check_finite: bool = False,
+) -> Any:
+    """``scale * act_d(decoder @ (m @ act_e(encoder @ x_i)))`` for every row of ``x``.
+
+    ``x`` is (..., in), ``encoder`` (r_e, in), ``m`` (r_d, r_e), ``decoder`` (out, r_d);
+    ``activation`` is one of ``"gelu"`` (exact erf form), ``"identity"``, ``"silu"``, or an
+    (encoder side, decoder side) pair. Without ``out`` a new (..., out) array is returned (a
+    torch tensor when ``x`` is one); with ``out`` the branch is added into it in place and
+    ``out`` is returned.
+    """
+    act_e, act_d = split_activations(activation)
+    xa = as_array(x, "x")
+    if xa.ndim == 0:
+        raise ShapeError("x: expected at least 1 dimension, got a scalar")
+    ea, ma, da = as_array(encoder, "encoder"), as_array(m, "m"), as_array(decoder, "decoder")
+    if out is None:
+        if da.ndim != 2:
+            raise ShapeError(f"decoder: expected a 2-D array (out_features, r), got shape {da.shape}")
+        result: Any = np.zeros(xa.shape[:-1] + (da.shape[0],), dtype=xa.dtype)
+        oa = result
+        if isinstance(x, torch.Tensor):
+            result = torch.from_numpy(result)
+            if x.dtype == torch.bfloat16:
+                result = result.view(torch.bfloat16)
+    else:
+        result = out
+        oa = as_array(out, "out")
+    _core.dense_branch(
+        xa,
+        ea,
+        ma,
+        da,
+        oa,
+        scale=float(scale),
+        encoder_activation=act_e,
+        decoder_activation=act_d,
+        num_threads=get_num_threads(),
+        check_finite=check_finite,
+    )
+    return result
+
+
+__all__ = ["dense_branch", "get_num_threads", "isa", "set_num_threads"]

@@ -1,0 +1,338 @@
+//! The branch itself, generic over the vector backend and the element types.
+//!
+//! `h = act_e(X Eᵀ)` (n × r_e), `g = h Mᵀ` (n × r_d), `out += scale · act_d(g Dᵀ)` (n × out).
+//! Two shapes of work:
+//! - decode (few rows): dot products straight off the weights, so each weight is read once per
+//!   call; the decoder's outputs are reduced eight at a time into one vector for the epilogue;
+//! - prefill (many rows): the decoder is packed into 16-wide panels of `Dᵀ` once per call and a
+//!   6 × 16 register-blocked micro-kernel streams `g` against them, with the activation, scale
+//!   and accumulation into `out` fused into its epilogue.
+
+use std::ops::Range;
+
+use super::activation::{apply, Activation};
+use super::simd::{Elem, Simd, LANES};
+
+/// Rows of `x` from which the packed (prefill) path is used.
+pub const PREFILL_MIN_ROWS: usize = 32;
+/// Decoder panel width of the prefill micro-kernel.
+pub const PANEL: usize = 16;
+/// Rows per micro-kernel tile.
+const MR: usize = 6;
+/// Slice of the input dimension kept hot while the encoder is applied to a block of rows.
+const KC: usize = 512;
+
+/// One call's operands. `out` is a raw pointer because tasks write disjoint parts of it.
+pub struct Job<'a, X, W> {
+    pub x: &'a [X],
+    pub encoder: &'a [W],
+    pub m: &'a [W],
+    pub decoder: &'a [W],
+    pub out: *mut X,
+    pub n: usize,
+    pub d_in: usize,
+    pub r_e: usize,
+    pub r_d: usize,
+    pub d_out: usize,
+    pub scale: f32,
+    pub act_e: Activation,
+    pub act_d: Activation,
+}
+
+// SAFETY: `out` is only written through disjoint row or column ranges by concurrent tasks.
+unsafe impl<X: Sync, W: Sync> Sync for Job<'_, X, W> {}
+unsafe impl<X: Sync, W: Sync> Send for Job<'_, X, W> {}
+
+/// `[[dot(a[i], b[j]); B]; A]` over `len` elements, A × B accumulators in registers.
+#[inline(always)]
+unsafe fn dot_tile<S: Simd, P: Elem, Q: Elem, const A: usize, const B: usize>(
+    s: S,
+    a: [*const P; A],
+    b: [*const Q; B],
+    len: usize,
+) -> [[f32; B]; A] {
+    let mut acc = [[s.zero(); B]; A];
+    let mut k = 0;
+    while k + LANES <= len {
+        let mut bv = [s.zero(); B];
+        for j in 0..B {
+            bv[j] = Q::load(s, b[j].add(k));
+        }
+        for i in 0..A {
+            let av = P::load(s, a[i].add(k));
+            for j in 0..B {
+                acc[i][j] = s.fma(av, bv[j], acc[i][j]);
+            }
+        }
+        k += LANES;
+    }
+    if k < len {
+        let rem = len - k;
+        let mut bv = [s.zero(); B];
+        for j in 0..B {
+            bv[j] = Q::load_partial(s, b[j].add(k), rem);
+        }
+        for i in 0..A {
+            let av = P::load_partial(s, a[i].add(k), rem);
+            for j in 0..B {
+                acc[i][j] = s.fma(av, bv[j], acc[i][j]);
+            }
+        }
+    }
+    let mut out = [[0.0f32; B]; A];
+    for i in 0..A {
+        for j in 0..B {
+            out[i][j] = s.hsum(acc[i][j]);
+        }
+    }
+    out
+}
+
+/// `c[i*ldc + j] (+)= dot(a_i, b_j)` for rows `i` of `a` in `rows` and `j` of `b` in `cols`, over
+/// `len` elements starting at column `k0` of both (row strides `lda`, `ldb`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_block<S: Simd, P: Elem, Q: Elem>(
+    s: S,
+    a: *const P,
+    lda: usize,
+    rows: Range<usize>,
+    b: *const Q,
+    ldb: usize,
+    cols: Range<usize>,
+    k0: usize,
+    len: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    #[inline(always)]
+    unsafe fn put<const A: usize, const B: usize>(
+        r: [[f32; B]; A],
+        c: *mut f32,
+        ldc: usize,
+        i: usize,
+        j: usize,
+        accumulate: bool,
+    ) {
+        for (di, row) in r.iter().enumerate() {
+            for (dj, v) in row.iter().enumerate() {
+                let p = c.add((i + di) * ldc + j + dj);
+                *p = if accumulate { *p + v } else { *v };
+            }
+        }
+    }
+    macro_rules! tiles {
+        ($a:literal, $i:expr) => {{
+            let i = $i;
+            let ap: [*const P; $a] = core::array::from_fn(|t| a.add((i + t) * lda + k0));
+            let mut j = cols.start;
+            while j + 3 <= cols.end {
+                let bp = [b.add(j * ldb + k0), b.add((j + 1) * ldb + k0), b.add((j + 2) * ldb + k0)];
+                put::<$a, 3>(dot_tile::<S, P, Q, $a, 3>(s, ap, bp, len), c, ldc, i, j, accumulate);
+                j += 3;
+            }
+            while j < cols.end {
+                put::<$a, 1>(dot_tile::<S, P, Q, $a, 1>(s, ap, [b.add(j * ldb + k0)], len), c, ldc, i, j, accumulate);
+                j += 1;
+            }
+        }};
+    }
+    let mut i = rows.start;
+    while i + 4 <= rows.end {
+        tiles!(4, i);
+        i += 4;
+    }
+    if i + 2 <= rows.end {
+        tiles!(2, i);
+        i += 2;
+    }
+    if i < rows.end {
+        // One row: wider tiles over `b`, since nothing else reuses the loads.
+        let ap = [a.add(i * lda + k0)];
+        let mut j = cols.start;
+        while j + 6 <= cols.end {
+            let bp: [*const Q; 6] = core::array::from_fn(|t| b.add((j + t) * ldb + k0));
+            put::<1, 6>(dot_tile::<S, P, Q, 1, 6>(s, ap, bp, len), c, ldc, i, j, accumulate);
+            j += 6;
+        }
+        while j < cols.end {
+            put::<1, 1>(dot_tile::<S, P, Q, 1, 1>(s, ap, [b.add(j * ldb + k0)], len), c, ldc, i, j, accumulate);
+            j += 1;
+        }
+    }
+}
+
+/// `v = act(v)` over a contiguous f32 buffer.
+#[inline(always)]
+unsafe fn activate_in_place<S: Simd>(s: S, act: Activation, v: &mut [f32]) {
+    if act == Activation::Identity {
+        return;
+    }
+    let mut chunks = v.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        s.store(c.as_mut_ptr(), apply(s, act, s.load(c.as_ptr())));
+    }
+    let rest = chunks.into_remainder();
+    if !rest.is_empty() {
+        let y = apply(s, act, f32::load_partial(s, rest.as_ptr(), rest.len()));
+        f32::store_partial(s, rest.as_mut_ptr(), y, rest.len());
+    }
+}
+
+/// `out[..len] += scale · act(y)` for one run of up to eight outputs.
+#[inline(always)]
+unsafe fn epilogue<S: Simd, X: Elem>(s: S, act: Activation, scale: f32, y: S::V, out: *mut X, len: usize) {
+    let y = s.mul(apply(s, act, y), s.splat(scale));
+    if len == LANES {
+        X::store(s, out, s.add(X::load(s, out), y));
+    } else {
+        X::store_partial(s, out, s.add(X::load_partial(s, out, len), y), len);
+    }
+}
+
+/// Decode step 1: `h[:, ks] = X E[ks]ᵀ` (before the activation) for all rows.
+#[inline(always)]
+pub unsafe fn encode_cols<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, ks: Range<usize>, h: *mut f32) {
+    dot_block(s, job.x.as_ptr(), job.d_in, 0..job.n, job.encoder.as_ptr(), job.d_in, ks, 0, job.d_in, h, job.r_e, false);
+}
+
+/// Decode step 2: `h = act_e(h)`, `g = h Mᵀ`.
+#[inline(always)]
+pub unsafe fn middle<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, rows: usize, h: &mut [f32], g: &mut [f32]) {
+    activate_in_place(s, job.act_e, h);
+    dot_block(s, h.as_ptr(), job.r_e, 0..rows, job.m.as_ptr(), job.r_e, 0..job.r_d, 0, job.r_e, g.as_mut_ptr(), job.r_d, false);
+}
+
+/// Decode step 3: `out[:, os] += scale · act_d(g Dᵀ)` for outputs `os` (start a multiple of 8).
+#[inline(always)]
+pub unsafe fn decode_cols<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, os: Range<usize>, g: &[f32]) {
+    let rd = job.r_d;
+    let d = job.decoder.as_ptr();
+    let mut o = os.start;
+    while o < os.end {
+        let cnt = LANES.min(os.end - o);
+        // Past the end, repeat the last row; those lanes are never stored.
+        let rows: [*const W; LANES] = core::array::from_fn(|t| d.add((o + t.min(cnt - 1)) * rd));
+        for i in 0..job.n {
+            let gi = g.as_ptr().add(i * rd);
+            let mut acc = [s.zero(); LANES];
+            let mut k = 0;
+            while k + LANES <= rd {
+                let gv = s.load(gi.add(k));
+                for t in 0..LANES {
+                    acc[t] = s.fma(W::load(s, rows[t].add(k)), gv, acc[t]);
+                }
+                k += LANES;
+            }
+            if k < rd {
+                let rem = rd - k;
+                let gv = f32::load_partial(s, gi.add(k), rem);
+                for t in 0..LANES {
+                    acc[t] = s.fma(W::load_partial(s, rows[t].add(k), rem), gv, acc[t]);
+                }
+            }
+            epilogue(s, job.act_d, job.scale, s.hsum8(acc), job.out.add(i * job.d_out + o), cnt);
+        }
+        o += cnt;
+    }
+}
+
+/// Prefill: pack decoder panels `ps` as `Dᵀ` in 16-wide column panels, zero-padded, f32.
+#[inline(always)]
+pub unsafe fn pack_decoder<S: Simd, X: Elem, W: Elem>(_s: S, job: &Job<'_, X, W>, ps: Range<usize>, packed: *mut f32) {
+    let rd = job.r_d;
+    for p in ps {
+        let panel = packed.add(p * PANEL * rd);
+        for j in 0..PANEL {
+            let o = p * PANEL + j;
+            if o < job.d_out {
+                let row = &job.decoder[o * rd..(o + 1) * rd];
+                for (k, v) in row.iter().enumerate() {
+                    *panel.add(k * PANEL + j) = v.to_f32();
+                }
+            } else {
+                for k in 0..rd {
+                    *panel.add(k * PANEL + j) = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// `R` rows of `g` (stride `r_d`) against one packed panel, then the fused epilogue.
+#[inline(always)]
+unsafe fn micro<S: Simd, X: Elem, W: Elem, const R: usize>(
+    s: S,
+    job: &Job<'_, X, W>,
+    g: *const f32,
+    panel: *const f32,
+    row0: usize,
+    col0: usize,
+) {
+    let rd = job.r_d;
+    let mut acc = [[s.zero(); 2]; R];
+    for k in 0..rd {
+        let b0 = s.load(panel.add(k * PANEL));
+        let b1 = s.load(panel.add(k * PANEL + LANES));
+        for r in 0..R {
+            let a = s.splat(*g.add(r * rd + k));
+            acc[r][0] = s.fma(a, b0, acc[r][0]);
+            acc[r][1] = s.fma(a, b1, acc[r][1]);
+        }
+    }
+    for r in 0..R {
+        let out = job.out.add((row0 + r) * job.d_out);
+        for (half, v) in acc[r].iter().enumerate() {
+            let o = col0 + half * LANES;
+            if o < job.d_out {
+                epilogue(s, job.act_d, job.scale, *v, out.add(o), LANES.min(job.d_out - o));
+            }
+        }
+    }
+}
+
+/// Prefill for the rows `rows`: all three steps, with `h` and `g` scratch sized for them.
+#[inline(always)]
+pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem>(
+    s: S,
+    job: &Job<'_, X, W>,
+    rows: Range<usize>,
+    packed: &[f32],
+    h: &mut [f32],
+    g: &mut [f32],
+) {
+    let nb = rows.len();
+    let (re, rd) = (job.r_e, job.r_d);
+    let x = job.x.as_ptr().add(rows.start * job.d_in);
+    let mut k0 = 0;
+    while k0 < job.d_in || k0 == 0 {
+        let len = KC.min(job.d_in - k0);
+        dot_block(s, x, job.d_in, 0..nb, job.encoder.as_ptr(), job.d_in, 0..re, k0, len, h.as_mut_ptr(), re, k0 > 0);
+        k0 += KC;
+        if k0 >= job.d_in {
+            break;
+        }
+    }
+    activate_in_place(s, job.act_e, &mut h[..nb * re]);
+    dot_block(s, h.as_ptr(), re, 0..nb, job.m.as_ptr(), re, 0..rd, 0, re, g.as_mut_ptr(), rd, false);
+    let panels = job.d_out.div_ceil(PANEL);
+    for p in 0..panels {
+        let panel = packed.as_ptr().add(p * PANEL * rd);
+        let mut i = 0;
+        while i + MR <= nb {
+            micro::<S, X, W, MR>(s, job, g.as_ptr().add(i * rd), panel, rows.start + i, p * PANEL);
+            i += MR;
+        }
+        let gi = g.as_ptr().add(i * rd);
+        let (r0, c0) = (rows.start + i, p * PANEL);
+        match nb - i {
+            5 => micro::<S, X, W, 5>(s, job, gi, panel, r0, c0),
+            4 => micro::<S, X, W, 4>(s, job, gi, panel, r0, c0),
+            3 => micro::<S, X, W, 3>(s, job, gi, panel, r0, c0),
+            2 => micro::<S, X, W, 2>(s, job, gi, panel, r0, c0),
+            1 => micro::<S, X, W, 1>(s, job, gi, panel, r0, c0),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! The fused CPU kernel of the DenseLoRA branch:
+//! `out[i] += scale · act_d(D · M · act_e(E · x[i]))` for every row `i` of `x`.
+//!
+//! - Element types: `x` and `out` are f32, f16 or bf16 (the same type); `encoder`, `m` and
+//!   `decoder` are f32, f16 or bf16 (one type for the three). Arithmetic is f32.
+//! - SIMD: AVX2 + FMA + F16C when the CPU has them (detected at run time), portable code
+//!   otherwise.
+//! - Threads: `num_threads` workers from a pool kept per thread count; small calls run on the
+//!   calling thread with no synchronisation at all.
+//! - Non-finite values propagate as in IEEE arithmetic (a NaN in row `i` of `x` makes row `i` of
+//!   the branch NaN; a NaN weight reaches every row it touches). With `check_finite`, any NaN or
+//!   infinity in an input is reported as [`Error::NonFinite`] naming the argument, before any
+//!   output is written.
+
+mod activation;
+mod branch;
+mod simd;
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use half::{bf16, f16};
+
+pub use activation::Activation;
+use branch::Job;
+use simd::{Elem, Portable};
+
+use crate::dtype::DType;
+use crate::error::{ArgumentKind, Error, Result};
+
+/// A read-only operand: its dtype travels in the variant.
+#[derive(Clone, Copy, Debug)]
+pub enum Src<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+/// The output, added into in place.
+#[derive(Debug)]
+pub enum Dst<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    BF16(&'a mut [bf16]),
+}
+
+fn cast_bytes<'a, T>(bytes: &'a [u8], name: &str) -> Result<&'a [T]> {
+    // SAFETY: f32, f16 and bf16 accept every bit pattern; `align_to` only yields aligned middles.
+    let (head, body, tail) = unsafe { bytes.align_to::<T>() };
+    if !head.is_empty() || !tail.is_empty() {
+        return Err(Error::argument(name, ArgumentKind::Layout, "data is not aligned to its element size"));
+    }
+    Ok(body)
+}
+
+fn cast_bytes_mut<'a, T>(bytes: &'a mut [u8], name: &str) -> Result<&'a mut [T]> {
+    // SAFETY: as in `cast_bytes`.
+    let (head, body, tail) = unsafe { bytes.align_to_mut::<T>() };
+    if !head.is_empty() || !tail.is_empty() {
+        return Err(Error::argument(name, ArgumentKind::Layout, "data is not aligned to its element size"));
+    }
+    Ok(body)
+}
+
+impl<'a> Src<'a> {
+    /// View little-endian bytes of `dtype` in place (`name` is the argument errors speak of).
+    pub fn from_bytes(dtype: DType, bytes: &'a [u8], name: &str) -> Result<Self> {
+        Ok(match dtype {
+            DType::F32 => Src::F32(cast_bytes(bytes, name)?),
+            DType::F16 => Src::F16(cast_bytes(bytes, name)?),
+            DType::BF16 => Src::BF16(cast_bytes(bytes, name)?),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Src::F32(_) => DType::F32,
+            Src::F16(_) => DType::F16,
+            Src::BF16(_) => DType::BF16,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Src::F32(v) => v.len(),
+            Src::F16(v) => v.len(),
+            Src::BF16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn all_finite(&self) -> bool {
+        match self {
+            Src::F32(v) => v.iter().all(|x| x.is_finite()),
+            Src::F16(v) => v.iter().all(|x| x.is_finite()),
+            Src::BF16(v) => v.iter().all(|x| x.is_finite()),
+        }
+    }
+}
+
+impl<'a> Dst<'a> {
+    /// View little-endian bytes of `dtype` in place, for writing.
+    pub fn from_bytes(dtype: DType, bytes: &'a mut [u8], name: &str) -> Result<Self> {
+        Ok(match dtype {
+            DType::F32 => Dst::F32(cast_bytes_mut(bytes, name)?),
+            DType::F16 => Dst::F16(cast_bytes_mut(bytes, name)?),
+            DType::BF16 => Dst::BF16(cast_bytes_mut(bytes, name)?),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Dst::F32(_) => DType::F32,
+            Dst::F16(_) => DType::F16,
+            Dst::BF16(_) => DType::BF16,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Dst::F32(v) => v.len(),
+            Dst::F16(v) => v.len(),
+            Dst::BF16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An input with its shape.
+#[derive(Clone, Copy, Debug)]
+pub struct Operand<'a> {
+    pub shape: &'a [usize],
+    pub data: Src<'a>,
+}
+
+/// Everything but the arrays.
+#[derive(Clone, Copy, Debug)]
+pub struct BranchParams {
+    pub scale: f32,
+    pub encoder_activation: Activation,
+    pub decoder_activation: Activation,
+    /// Worker threads, at least 1.
+    pub num_threads: usize,
+    /// Reject NaN and infinity in the inputs instead of propagating them.
+    pub check_finite: bool,
+}
+
+fn shape_err(name: &str, message: String) -> Error {
+    Error::argument(name, ArgumentKind::Shape, message)
+}
+
+fn matrix(op: &Operand<'_>, name: &str, what: &str) -> Result<(usize, usize)> {
+    if op.shape.len() != 2 {
+        return Err(shape_err(name, format!("expected a 2-D array {what}, got shape {:?}", op.shape)));
+    }
+    let (rows, cols) = (op.shape[0], op.shape[1]);
+    if rows.checked_mul(cols) != Some(op.data.len()) {
+        return Err(shape_err(name, format!("shape {:?} does not match its {} elements", op.shape, op.data.len())));
+    }
+    Ok((rows, cols))
+}
+
+/// `out += scale · act_d(decoder · m · act_e(encoder · x[i]))` for every row of `x`.
+///
+/// Shapes: `x` (n, in), `encoder` (r_e, in), `m` (r_d, r_e), `decoder` (out, r_d), and `out`
+/// given as (n, out) by `out_shape`.
+pub fn dense_branch(
+    x: Operand<'_>,
+    encoder: Operand<'_>,
+    m: Operand<'_>,
+    decoder: Operand<'_>,
+    out: Dst<'_>,
+    out_shape: &[usize],
+    params: &BranchParams,
+) -> Result<()> {
+    let (n, d_in) = matrix(&x, "x", "(n, in_features)")?;
+    let (r_e, e_in) = matrix(&encoder, "encoder", "(r, in_features)")?;
+    let (r_d, m_re) = matrix(&m, "m", "(r_decoder, r_encoder)")?;
+    let (d_out, d_rd) = matrix(&decoder, "decoder", "(out_features, r)")?;
+    if e_in != d_in {
+        return Err(shape_err("encoder", format!("has {e_in} columns but x has {d_in} features")));
+    }
+    if m_re != r_e {
+        return Err(shape_err("m", format!("has {m_re} columns but the encoder has rank {r_e}")));
+    }
+    if d_rd != r_d {
+        return Err(shape_err("decoder", format!("has {d_rd} columns but m has {r_d} rows")));
+    }
+    if out_shape != [n, d_out] {
+        return Err(shape_err("out", format!("expected shape [{n}, {d_out}], got {out_shape:?}")));
+    }
+    if out.len() != n * d_out {
+        return Err(shape_err("out", format!("shape {out_shape:?} does not match its {} elements", out.len())));
+    }
+    let wtype = encoder.data.dtype();
+    for (name, op) in [("m", &m), ("decoder", &decoder)] {
+        if op.data.dtype() != wtype {
+            return Err(Error::argument(
+                name,
+                ArgumentKind::DType,
+                format!("is {} but the encoder is {wtype}; the three weights must share one dtype", op.data.dtype()),
+            ));
+        }
+    }
+    if out.dtype() != x.data.dtype() {
+        return Err(Error::argument(
+            "out",
+            ArgumentKind::DType,
+            format!("is {} but x is {}; they must match", out.dtype(), x.data.dtype()),
+        ));
+    }
+    if !params.scale.is_finite() {
+        return Err(Error::argument("scale", ArgumentKind::Value, format!("must be finite, got {}", params.scale)));
+    }
+    if params.num_threads == 0 {
+        return Err(Error::argument("num_threads", ArgumentKind::Value, "must be at least 1"));
+    }
+    if params.check_finite {
+        for (name, op) in [("x", &x), ("encoder", &encoder), ("m", &m), ("decoder", &decoder)] {
+            if !op.data.all_finite() {
+                return Err(Error::non_finite(name, "contains NaN or infinity (check_finite is set)"));
+            }
+        }
+    }
+    if n == 0 || d_out == 0 {
+        return Ok(());
+    }
+    #[cfg(test)]
+    let isa = tests::FORCE_PORTABLE.with(|f| if f.get() { Isa { avx2: false } } else { Isa::get() });
+    #[cfg(not(test))]
+    let isa = Isa::get();
+    let dims = Dims { n, d_in, r_e, r_d, d_out };
+    macro_rules! weights {
+        ($xs:expr, $out:expr) => {
+            match (encoder.data, m.data, decoder.data) {
+                (Src::F32(e), Src::F32(mm), Src::F32(d)) => run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa),
+                (Src::F16(e), Src::F16(mm), Src::F16(d)) => run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa),
+                (Src::BF16(e), Src::BF16(mm), Src::BF16(d)) => run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa),
+                _ => unreachable!("weight dtypes checked above"),
+            }
+        };
+    }
+    match (x.data, out) {
+        (Src::F32(xs), Dst::F32(o)) => weights!(xs, o),
+        (Src::F16(xs), Dst::F16(o)) => weights!(xs, o),
+        (Src::BF16(xs), Dst::BF16(o)) => weights!(xs, o),
+        _ => unreachable!("x and out dtypes checked above"),
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    n: usize,
+    d_in: usize,
+    r_e: usize,
+    r_d: usize,
+    d_out: usize,
+}
+
+fn job<'a, X, W>(x: &'a [X], e: &'a [W], m: &'a [W], d: &'a [W], out: &'a mut [X], dims: Dims, p: &BranchParams) -> Job<'a, X, W> {
+    Job {
+        x,
+        encoder: e,
+        m,
+        decoder: d,
+        out: out.as_mut_ptr(),
+        n: dims.n,
+        d_in: dims.d_in,
+        r_e: dims.r_e,
+        r_d: dims.r_d,
+        d_out: dims.d_out,
+        scale: p.scale,
+        act_e: p.encoder_activation,
+        act_d: p.decoder_activation,
+    }
+}
+
+/// The vector backend in use on this CPU: `"avx2"` or `"portable"`.
+pub fn isa() -> &'static str {
+    if Isa::get().avx2 {
+        "avx2"
+    } else {
+        "portable"
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Isa {
+    avx2: bool,
+}
+
+impl Isa {
+    fn get() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::env::var_os("DENSELORA_KERNEL_PORTABLE").is_none() {
+                    return Isa { avx2: simd::Avx2::detect().is_some() };
+                }
+            }
+            Isa { avx2: false }
+        })
+    }
+}
+
+/// The four task kinds, each instantiated once per backend. Only these entry points carry
+/// `#[target_feature]`; everything below them is `#[inline(always)]`.
+macro_rules! entry_points {
+    ($modname:ident, $simd:ty, $make:expr $(, $feat:literal)?) => {
+        mod $modname {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[target_feature(enable = $feat)])?
+            pub unsafe fn encode_cols<X: Elem, W: Elem>(job: &Job<'_, X, W>, ks: std::ops::Range<usize>, h: *mut f32) {
+                branch::encode_cols::<$simd, X, W>($make, job, ks, h)
+            }
+            $(#[target_feature(enable = $feat)])?
+            pub unsafe fn middle<X: Elem, W: Elem>(job: &Job<'_, X, W>, rows: usize, h: &mut [f32], g: &mut [f32]) {
+                branch::middle::<$simd, X, W>($make, job, rows, h, g)
+            }
+            $(#[target_feature(enable = $feat)])?
+            pub unsafe fn decode_cols<X: Elem, W: Elem>(job: &Job<'_, X, W>, os: std::ops::Range<usize>, g: &[f32]) {
+                branch::decode_cols::<$simd, X, W>($make, job, os, g)
+            }
+            $(#[target_feature(enable = $feat)])?
+            pub unsafe fn pack_decoder<X: Elem, W: Elem>(job: &Job<'_, X, W>, ps: std::ops::Range<usize>, packed: *mut f32) {
+                branch::pack_decoder::<$simd, X, W>($make, job, ps, packed)
+            }
+            $(#[target_feature(enable = $feat)])?
+            pub unsafe fn prefill_rows<X: Elem, W: Elem>(
+                job: &Job<'_, X, W>,
+                rows: std::ops::Range<usize>,
+                packed: &[f32],
+                h: &mut [f32],
+                g: &mut [f32],
+            ) {
+                branch::prefill_rows::<$simd, X, W>($make, job, rows, packed, h, g)
+            }
+        }
+    };
+}
+
+entry_points!(portable, Portable, Portable);
+#[cfg(target_arch = "x86_64")]
+entry_points!(avx2, simd::Avx2, simd::Avx2::assume(), "avx2,fma,f16c");
+
+/// Dispatch one task to the detected backend.
+macro_rules! dispatch {
+    ($isa:expr, $name:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if $isa.avx2 {
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked once in `Isa::get`).
+                unsafe { avx2::$name($($arg),*) }
+            } else {
+                unsafe { portable::$name($($arg),*) }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            unsafe { portable::$name($($arg),*) }
+        }
+    }};
+}
+
+/// Multiply-adds below which a call runs on the calling thread, and the least each task gets.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+const TASK_MIN_WORK: usize = 1 << 16;
+
+fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = pools.iter().find(|(t, _)| *t == threads) {
+        return Some(p.clone());
+    }
+    let p = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("denselora-kernel-{i}")).build().ok()?);
+    pools.push((threads, p.clone()));
+    Some(p)
+}
+
+/// How many tasks to split `work` multiply-adds over `units` independent units into.
+fn tasks_for(work: usize, units: usize, threads: usize) -> usize {
+    if threads <= 1 || work < PARALLEL_MIN_WORK {
+        return 1;
+    }
+    threads.min(work / TASK_MIN_WORK).min(units).max(1)
+}
+
+/// Run `f(range)` over `0..units` split into `tasks` contiguous ranges whose starts are
+/// multiples of `align`.
+fn split<F: Fn(std::ops::Range<usize>) + Sync>(pool: &Option<Arc<rayon::ThreadPool>>, units: usize, tasks: usize, align: usize, f: F) {
+    if tasks <= 1 || pool.is_none() {
+        f(0..units);
+        return;
+    }
+    let per = units.div_ceil(tasks).div_ceil(align) * align;
+    let pool = pool.as_ref().expect("checked above");
+    pool.scope(|scope| {
+        let f = &f;
+        let mut start = per;
+        while start < units {
+            let end = (start + per).min(units);
+            scope.spawn(move |_| f(start..end));
+            start = end;
+        }
+        f(0..per.min(units));
+    });
+}
+
+struct SharedMut(*mut f32);
+// SAFETY: tasks write disjoint parts of the buffer behind the pointer.
+unsafe impl Sync for SharedMut {}
+unsafe impl Send for SharedMut {}
+
+fn run<X: Elem, W: Elem>(job: Job<'_, X, W>, threads: usize, isa: Isa) {
+    let Job { n, d_in, r_e, r_d, d_out, .. } = job;
+    let job = &job;
+    let work = n * (d_in * r_e + r_e * r_d + r_d * d_out);
+    let want_pool = threads > 1 && work >= PARALLEL_MIN_WORK;
+    let pool = if want_pool { pool(threads) } else { None };
+
+    if n < branch::PREFILL_MIN_ROWS {
+        let mut h = vec![0.0f32; n * r_e];
+        let mut g = vec![0.0f32; n * r_d];
+        let hp = SharedMut(h.as_mut_ptr());
+        let tasks = tasks_for(n * d_in * r_e, r_e, threads);
+        split(&pool, r_e, tasks, 1, |ks| {
+            let hp = &hp;
+            dispatch!(isa, encode_cols(job, ks, hp.0))
+        });
+        dispatch!(isa, middle(job, n, &mut h, &mut g));
+        let tasks = tasks_for(n * r_d * d_out, d_out.div_ceil(8), threads);
+        split(&pool, d_out, tasks, 8, |os| dispatch!(isa, decode_cols(job, os, &g)));
+        return;
+    }
+
+    let panels = d_out.div_ceil(branch::PANEL);
+    let mut packed = vec![0.0f32; panels * branch::PANEL * r_d];
+    let pp = SharedMut(packed.as_mut_ptr());
+    let tasks = tasks_for(n * r_d * d_out, panels, threads);
+    split(&pool, panels, tasks, 1, |ps| {
+        let pp = &pp;
+        dispatch!(isa, pack_decoder(job, ps, pp.0))
+    });
+    let packed = &packed;
+    // Row blocks small enough for h and g to stay in cache, and enough of them for every thread.
+    const BLOCK: usize = 96;
+    let blocks = n.div_ceil(BLOCK);
+    let tasks = tasks_for(work, blocks, threads);
+    split(&pool, blocks, tasks, 1, |bs| {
+        let mut h = vec![0.0f32; BLOCK * r_e];
+        let mut g = vec![0.0f32; BLOCK * r_d];
+        for b in bs {
+            let rows = b * BLOCK..((b + 1) * BLOCK).min(n);
+            dispatch!(isa, prefill_rows(job, rows, packed, &mut h, &mut g));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests;
