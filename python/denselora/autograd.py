@@ -1,0 +1,225 @@
+"""A memory-lean autograd path for the DenseLoRA branch, and the choice between branch paths.
+
+The branch ``s * drop3(act_d(D @ M @ drop2(act_e(E @ drop1(x)))))`` written as plain tensor
+operations (`functional.dense_branch`) makes autograd keep the decoder's pre-activation and the
+last dropout mask, both as wide as the layer's output, for every adapted layer and token. This path
+keeps only what is ``r`` wide (``E @ x`` before its activation, and ``M @ h``) plus the input ``x``,
+which the base layer keeps anyway (the same tensor, so no extra memory):
+
+- the decoder's pre-activation ``D @ g`` is recomputed in backward (one ``r``-wide matmul), and
+  not at all when the decoder side is ``identity``;
+- dropout masks are drawn from a generator seeded per call and redrawn in backward, never stored.
+  The seed comes from torch's default CPU generator, so ``torch.manual_seed`` makes runs repeatable
+  and gradient checkpointing (which restores the RNG state before recomputing) sees the same masks.
+
+It is a plain ``torch.autograd.Function`` over the factors: DDP's gradient hooks and FSDP's
+parameter gathering see it as they see ``F.linear``. Under autocast the branch runs in the autocast
+dtype, as the plain path's matmuls do; the inputs are cast inside the function and the float32
+originals are what is saved, so nothing extra is kept. Double backward is not supported (use
+``branch_impl="plain"`` for higher-order gradients).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+from .functional import Activations, activation_fn, dense_branch, split_activations
+
+BRANCH_IMPLS = ("auto", "efficient", "plain", "compiled")
+
+# What "auto" runs when gradients are needed, per device type. CPU: measured by
+# benches/bench_train.py (the efficient path's step time is at or below the plain path's, with a
+# fraction of its saved activations). CUDA: the same function (its memory saving does not depend on
+# the device); "compiled" (torch.compile of the reference) is available by setting.
+_AUTO_IMPL = {"cpu": "efficient", "cuda": "efficient"}
+_DEVICES = ("cpu", "cuda")
+_SEED_BOUND = 1 << 60  # streams are seed * 4 + k, kept below 2**63
+
+
+def check_branch_impl(name: Any, where: str = "branch_impl") -> str:
+    if not isinstance(name, str) or name not in BRANCH_IMPLS:
+        raise ConfigError(f"{where} must be one of {BRANCH_IMPLS}, got {name!r}")
+    return name
+
+
+def resolve_impl(name: str, device: torch.device, training: bool, where: str = "branch_impl") -> str:
+    """The path that runs: ``"efficient"``, ``"plain"`` or ``"compiled"``. ``training``: gradients
+    are needed or the layer is in training mode; otherwise "auto" runs the plain ops, which keep
+    nothing for backward then."""
+    check_branch_impl(name, where)
+    if device.type not in _DEVICES:
+        return "plain"  # meta and other devices: no generator-based masks there
+    if name == "auto":
+        return _AUTO_IMPL[device.type] if training else "plain"
+    return name
+
+
+# -- activations and their derivatives ---------------------------------------------------------
+
+
+def _act_backward(name: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """``grad * act'(pre)`` through aten's fused backward kernels (one pass, no saved output)."""
+    if name == "identity":
+        return grad
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(grad, pre, approximate="none")
+    if name == "silu":
+        return torch.ops.aten.silu_backward(grad, pre)
+    raise ConfigError(f"unknown activation {name!r}")
+
+
+def dropout_mask(
+    shape: torch.Size, p: float, seed: int, stream: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The kept-and-rescaled mask (0 or 1/(1-p)) of dropout site ``stream`` for ``seed``; the same
+    arguments give the same mask."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed * 4 + stream)
+    mask = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
+    return mask.mul_(1.0 / (1.0 - p))
+
+
+def draw_seed() -> int:
+    return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64).item())
+
+
+class _DenseBranch(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        encoder: torch.Tensor,
+        m: torch.Tensor,
+        decoder: torch.Tensor,
+        scale: float,
+        act_e: str,
+        act_d: str,
+        p: float,
+        seed: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        e, mm, d = encoder.to(dtype), m.to(dtype), decoder.to(dtype)
+        x1 = x.to(dtype)
+        if p > 0:
+            x1 = x1 * dropout_mask(x.shape, p, seed, 0, x.device, dtype)
+        a = F.linear(x1, e)  # (..., r_e), saved
+        del x1
+        h = activation_fn(act_e)(a)
+        if p > 0:
+            h = h * dropout_mask(a.shape, p, seed, 1, x.device, dtype)
+        g = F.linear(h, mm)  # (..., r_d), saved
+        del h
+        z = F.linear(g, d)  # (..., out): the only wide tensors, and none of them is kept
+        y = z if act_d == "identity" else (F.silu(z, inplace=True) if act_d == "silu" else F.gelu(z))
+        if p > 0:
+            y.mul_(dropout_mask(y.shape, p, seed, 2, x.device, dtype))
+        y.mul_(scale)
+        ctx.save_for_backward(x, encoder, m, decoder, a, g)
+        ctx.config = (scale, act_e, act_d, p, seed, dtype)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        x, encoder, m, decoder, a, g = ctx.saved_tensors
+        scale, act_e, act_d, p, seed, dtype = ctx.config
+        need_x, need_e, need_m, need_d = ctx.needs_input_grad[:4]
+        e, mm, d = encoder.to(dtype), m.to(dtype), decoder.to(dtype)
+        device = x.device
+        r_e, r_d = a.shape[-1], g.shape[-1]
+
+        gy = grad_out.to(dtype) * scale
+        if p > 0:
+            gy.mul_(dropout_mask(gy.shape, p, seed, 2, device, dtype))
+        gz = gy if act_d == "identity" else _act_backward(act_d, gy, F.linear(g, d))
+        del gy
+        gz2 = gz.reshape(-1, gz.shape[-1])
+        g2 = g.reshape(-1, r_d)
+        grad_d = (gz2.t() @ g2).to(decoder.dtype) if need_d else None
+        gg = gz2 @ d  # (N, r_d)
+        del gz, gz2
+
+        a2 = a.reshape(-1, r_e)
+        mask2 = dropout_mask(a2.shape, p, seed, 1, device, dtype) if p > 0 else None
+        grad_m = None
+        if need_m:
+            h = activation_fn(act_e)(a2)
+            if mask2 is not None:
+                h = h * mask2
+            grad_m = (gg.t() @ h).to(m.dtype)
+        grad_x = grad_e = None
+        if need_x or need_e:
+            gh = gg @ mm  # (N, r_e)
+            if mask2 is not None:
+                gh.mul_(mask2)
+            ga = _act_backward(act_e, gh, a2)
+            mask1 = dropout_mask(x.shape, p, seed, 0, device, dtype) if p > 0 else None
+            if need_e:
+                x1 = x.reshape(-1, x.shape[-1]).to(dtype)
+                if mask1 is not None:
+                    x1 = x1 * mask1.reshape(x1.shape)
+                grad_e = (ga.t() @ x1).to(encoder.dtype)
+                del x1
+            if need_x:
+                gx = (ga @ e).reshape(x.shape)
+                if mask1 is not None:
+                    gx.mul_(mask1)
+                grad_x = gx.to(x.dtype)
+        return grad_x, grad_e, grad_m, grad_d, None, None, None, None, None, None
+
+
+def efficient_branch(
+    x: torch.Tensor,
+    encoder: torch.Tensor,
+    m: torch.Tensor,
+    decoder: torch.Tensor,
+    *,
+    scale: float,
+    activation: Activations,
+    dropout: float = 0.0,
+    training: bool = False,
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """`functional.dense_branch` with r-wide saved tensors (see the module docstring).
+
+    Runs in the autocast dtype when autocast is on for ``x``'s device, else in ``encoder``'s dtype.
+    ``seed`` fixes the dropout masks (`dropout_mask` with streams 0, 1, 2 for the input, the
+    encoder side and the output); by default one is drawn from torch's default generator.
+    """
+    encoder_side, decoder_side = split_activations(activation)
+    activation_fn(encoder_side), activation_fn(decoder_side)  # typed error for an unknown name
+    p = float(dropout) if training else 0.0
+    if p > 0 and seed is None:
+        seed = draw_seed()
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _DenseBranch.apply(x, encoder, m, decoder, scale, encoder_side, decoder_side, p, seed or 0, dtype)
+    return _DenseBranch.apply(x, encoder, m, decoder, scale, encoder_side, decoder_side, p, seed or 0, encoder.dtype)
+
+
+_compiled: Optional[Callable[..., torch.Tensor]] = None
+_compile_failed = False
+
+
+def compiled_branch(x: torch.Tensor, encoder: torch.Tensor, m: torch.Tensor, decoder: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """``torch.compile`` of the reference branch (its partitioner recomputes the cheap wide
+    elementwise ops instead of saving them); the efficient path if compiling is not possible."""
+    global _compiled, _compile_failed
+    if not _compile_failed:
+        try:
+            if _compiled is None:
+                _compiled = torch.compile(dense_branch, dynamic=True)
+            if not torch.is_autocast_enabled(x.device.type):
+                x = x.to(encoder.dtype)
+            return _compiled(x, encoder, m, decoder, **kw)
+        except Exception as exc:  # a missing compiler or backend: fall back for the whole process
+            _compile_failed = True
+            warnings.warn(f"torch.compile of the DenseLoRA branch failed ({type(exc).__name__}: {exc}); using the efficient path", RuntimeWarning, stacklevel=2)
+    return efficient_branch(x, encoder, m, decoder, **kw)
