@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import denselora as dl
 from denselora import autograd as dl_autograd
-from denselora.autograd import dropout_mask, efficient_branch
+from denselora.autograd import dropout_masks, efficient_branch, site_shapes
 from denselora.errors import ConfigError
 from denselora.functional import dense_branch
 
@@ -54,11 +54,9 @@ def test_forward_and_gradients_equal_plain_path(pair):
 def _masked_reference(x, e, m, d, *, scale, pair, p, seed):
     """The formula written out with the three masks drawn from ``seed`` (autograd differentiates it)."""
     act_e, act_d = REFERENCE_ACT[pair[0]], REFERENCE_ACT[pair[1]]
-    m1 = dropout_mask(x.shape, p, seed, 0, x.device, x.dtype)
+    m1, m2, m3 = dropout_masks(site_shapes(x.shape, e.shape[0], d.shape[0]), p, seed, x.device, x.dtype)
     h = act_e((x * m1) @ e.T)
-    m2 = dropout_mask(h.shape, p, seed, 1, x.device, x.dtype)
     y = act_d((h * m2) @ m.T @ d.T)
-    m3 = dropout_mask(y.shape, p, seed, 2, x.device, x.dtype)
     return scale * y * m3
 
 
@@ -78,14 +76,17 @@ def test_dropout_masks_regenerated_from_seed(pair):
 
 
 def test_dropout_mask_statistics_and_seeds():
-    p = 0.3
-    mask = dropout_mask(torch.Size([200, 500]), p, 5, 2, torch.device("cpu"), torch.float32)
-    values = torch.unique(mask)
-    torch.testing.assert_close(values, torch.tensor([0.0, 1.0 / (1.0 - p)]), rtol=1e-4, atol=0)  # p rounded to 2**-16
-    assert abs((mask == 0).float().mean().item() - p) < 0.01
-    torch.testing.assert_close(mask, dropout_mask(torch.Size([200, 500]), p, 5, 2, torch.device("cpu"), torch.float32))
-    assert not torch.equal(mask, dropout_mask(torch.Size([200, 500]), p, 6, 2, torch.device("cpu"), torch.float32))
-    assert not torch.equal(mask, dropout_mask(torch.Size([200, 500]), p, 5, 1, torch.device("cpu"), torch.float32))
+    p, cpu = 0.3, torch.device("cpu")
+    shapes = [torch.Size([200, 500]), torch.Size([200, 7]), torch.Size([200, 500])]
+    masks = dropout_masks(shapes, p, 5, cpu, torch.float32)
+    assert [m.shape for m in masks] == shapes
+    for mask in (masks[0], masks[2]):
+        torch.testing.assert_close(torch.unique(mask), torch.tensor([0.0, 1.0 / (1.0 - p)]), rtol=1e-4, atol=0)  # p rounded to 2**-16
+        assert abs((mask == 0).float().mean().item() - p) < 0.01
+    assert not torch.equal(masks[0], masks[2])  # the sites are independent
+    for again, mask in zip(dropout_masks(shapes, p, 5, cpu, torch.float32), masks):
+        assert torch.equal(again, mask)
+    assert not torch.equal(dropout_masks(shapes, p, 6, cpu, torch.float32)[0], masks[0])
 
 
 @pytest.mark.parametrize("pair", PAIRS)

@@ -11,6 +11,8 @@ which the base layer keeps anyway (the same tensor, so no extra memory):
 - dropout masks are drawn from a generator seeded per call and redrawn in backward, never stored.
   The seed comes from torch's default CPU generator, so ``torch.manual_seed`` makes runs repeatable
   and gradient checkpointing (which restores the RNG state before recomputing) sees the same masks.
+  Each element takes 16 random bits, so the dropout probability is rounded to a multiple of 2**-16
+  (kept values are scaled by the exact 1 / P(keep) of the rounded probability).
 
 It is a plain ``torch.autograd.Function`` over the factors: DDP's gradient hooks and FSDP's
 parameter gathering see it as they see ``F.linear``. Under autocast the branch runs in the autocast
@@ -21,6 +23,7 @@ originals are what is saved, so nothing extra is kept. Double backward is not su
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Optional
 
@@ -38,7 +41,7 @@ BRANCH_IMPLS = ("auto", "efficient", "plain", "compiled")
 # the device); "compiled" (torch.compile of the reference) is available by setting.
 _AUTO_IMPL = {"cpu": "efficient", "cuda": "efficient"}
 _DEVICES = ("cpu", "cuda")
-_SEED_BOUND = 1 << 60  # streams are seed * 4 + k, kept below 2**63
+_SEED_BOUND = 1 << 62
 
 
 def check_branch_impl(name: Any, where: str = "branch_impl") -> str:
@@ -85,28 +88,42 @@ def keep_scale(p: float) -> float:
     return 65536.0 / (65536 - _threshold(p))
 
 
-def dropout_drop(shape: torch.Size, p: float, seed: int, stream: int, device: torch.device) -> torch.Tensor:
-    """Which elements dropout site ``stream`` zeroes for ``seed`` (bool); the same arguments give
-    the same mask. Four elements per 64-bit draw: a third of the time of ``bernoulli_`` on a CPU,
-    and a bool mask is applied with ``masked_fill`` (no cast to a float mask)."""
+def dropout_drops(shapes: list[torch.Size], p: float, seed: int, device: torch.device) -> list[torch.Tensor]:
+    """Which elements each dropout site zeroes (bool masks of ``shapes``: input, encoder side,
+    output) for ``seed``; the same arguments give the same masks. One 64-bit draw covers four
+    elements (a third of the time of ``bernoulli_`` on a CPU), one draw serves all sites, and a
+    bool mask is applied with ``masked_fill`` (no float mask)."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed * 4 + stream)
-    n = 1
-    for size in shape:
-        n *= size
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=generator)
-    return bits.view(torch.int16)[:n].view(shape) < _threshold(p) - 32768
+    generator.manual_seed(seed)
+    sizes = [math.prod(shape) for shape in shapes]
+    total = sum(sizes)
+    bits = torch.empty((total + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=generator)
+    dropped = bits.view(torch.int16)[:total] < _threshold(p) - 32768
+    return [part.view(shape) for part, shape in zip(dropped.split(sizes), shapes)]
 
 
-def dropout_mask(
-    shape: torch.Size, p: float, seed: int, stream: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """The mask (0 or `keep_scale`) that dropout site ``stream`` multiplies by for ``seed``."""
-    return torch.full(shape, keep_scale(p), device=device, dtype=dtype).masked_fill_(dropout_drop(shape, p, seed, stream, device), 0.0)
+def dropout_masks(
+    shapes: list[torch.Size], p: float, seed: int, device: torch.device, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """The masks (0 or `keep_scale`) that the dropout sites multiply by for ``seed``."""
+    return [
+        torch.full(drop.shape, keep_scale(p), device=device, dtype=dtype).masked_fill_(drop, 0.0)
+        for drop in dropout_drops(shapes, p, seed, device)
+    ]
+
+
+def site_shapes(x_shape: torch.Size, r_e: int, out_features: int) -> list[torch.Size]:
+    """Shapes of the three dropout sites: the input, ``act(E x)`` and the output."""
+    lead = tuple(x_shape[:-1])
+    return [torch.Size(x_shape), torch.Size(lead + (r_e,)), torch.Size(lead + (out_features,))]
 
 
 def draw_seed() -> int:
     return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64).item())
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _DenseBranch(torch.autograd.Function):
@@ -127,35 +144,32 @@ class _DenseBranch(torch.autograd.Function):
         seed: int,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        e, mm, d = encoder.to(dtype), m.to(dtype), decoder.to(dtype)
-        device = x.device
-        inv = keep_scale(p) if p > 0 else 1.0
-        x1 = x.to(dtype)
+        e, mm, d = _cast(encoder, dtype), _cast(m, dtype), _cast(decoder, dtype)
+        x1 = _cast(x, dtype)
         if p > 0:
-            x1 = x1.masked_fill(dropout_drop(x.shape, p, seed, 0, device), 0.0)
-        a = F.linear(x1, e)  # (..., r_e), saved
-        del x1
-        if p > 0:
-            a.mul_(inv)
-        h = activation_fn(act_e)(a)
-        if p > 0:
-            drop2 = dropout_drop(a.shape, p, seed, 1, device)
-            h = h.masked_fill_(drop2, 0.0) if h is not a else h.masked_fill(drop2, 0.0)
-        g = F.linear(h, mm)  # (..., r_d), saved
-        del h
-        if p > 0:
-            g.mul_(inv)
+            inv = keep_scale(p)
+            drop1, drop2, drop3 = dropout_drops(site_shapes(x.shape, e.shape[0], d.shape[0]), p, seed, x.device)
+            a = F.linear(x1.masked_fill(drop1, 0.0), e).mul_(inv)  # (..., r_e), saved
+            h = activation_fn(act_e)(a)
+            h = h.masked_fill(drop2, 0.0) if h is a else h.masked_fill_(drop2, 0.0)
+            g = F.linear(h, mm).mul_(inv)  # (..., r_d), saved
+        else:
+            inv, drop3 = 1.0, None
+            a = F.linear(x1, e)
+            g = F.linear(activation_fn(act_e)(a), mm)
         c = scale * inv
         if act_d == "identity":
             y = F.linear(g * c, d)  # the scale on the r-wide side: no wide pass for it
-            if p > 0:
-                y.masked_fill_(dropout_drop(y.shape, p, seed, 2, device), 0.0)
+            if drop3 is not None:
+                y.masked_fill_(drop3, 0.0)
         else:
-            z = F.linear(g, d)  # (..., out): the wide tensors, none of them kept
-            y = F.silu(z, inplace=True) if act_d == "silu" else torch.ops.aten.gelu_(z)
-            del z
-            if p > 0:
-                y.masked_fill_(dropout_drop(y.shape, p, seed, 2, device), 0.0)
+            y = F.linear(g, d)  # (..., out): the wide tensors, none of them kept
+            if act_d == "silu":
+                F.silu(y, inplace=True)
+            else:
+                torch.ops.aten.gelu_(y)
+            if drop3 is not None:
+                y.masked_fill_(drop3, 0.0)
             y.mul_(c)
         ctx.save_for_backward(x, encoder, m, decoder, a, g)
         ctx.config = (scale, act_e, act_d, p, seed, dtype)
@@ -167,14 +181,16 @@ class _DenseBranch(torch.autograd.Function):
         x, encoder, m, decoder, a, g = ctx.saved_tensors
         scale, act_e, act_d, p, seed, dtype = ctx.config
         need_x, need_e, need_m, need_d = ctx.needs_input_grad[:4]
-        e, mm, d = encoder.to(dtype), m.to(dtype), decoder.to(dtype)
-        device = x.device
-        inv = keep_scale(p) if p > 0 else 1.0
-        c = scale * inv
+        e, mm, d = _cast(encoder, dtype), _cast(m, dtype), _cast(decoder, dtype)
         r_e, r_d = a.shape[-1], g.shape[-1]
+        if p > 0:
+            inv = keep_scale(p)
+            drop1, drop2, drop3 = dropout_drops(site_shapes(x.shape, r_e, d.shape[0]), p, seed, x.device)
+        else:
+            inv, drop1, drop2, drop3 = 1.0, None, None, None
+        c = scale * inv
 
-        gy = grad_out.to(dtype)
-        drop3 = dropout_drop(gy.shape, p, seed, 2, device) if p > 0 else None
+        gy = _cast(grad_out, dtype)
         if act_d == "identity":
             gz = gy if drop3 is None else gy.masked_fill(drop3, 0.0)
         else:
@@ -182,42 +198,41 @@ class _DenseBranch(torch.autograd.Function):
             gz = _act_backward_(act_d, gy, F.linear(g, d))
             if drop3 is not None:
                 gz.masked_fill_(drop3, 0.0)
-        del gy, drop3
+        del gy
         # gz lacks the factor c (= scale / P(keep)); it is applied to the small results below.
         gz2 = gz.reshape(-1, gz.shape[-1])
         g2 = g.reshape(-1, r_d)
-        grad_d = (gz2.t() @ g2).mul_(c).to(decoder.dtype) if need_d else None
+        grad_d = _cast((gz2.t() @ g2).mul_(c), decoder.dtype) if need_d else None
         gg = (gz2 @ d).mul_(c * inv)  # (N, r_d); inv: the 1/P(keep) inside g
         del gz, gz2
 
         a2 = a.reshape(-1, r_e)
-        drop2 = dropout_drop(a2.shape, p, seed, 1, device) if p > 0 else None
+        drop2 = drop2.reshape(-1, r_e) if drop2 is not None else None
         grad_m = None
         if need_m:
             h = activation_fn(act_e)(a2)
             if drop2 is not None:
-                h = h.masked_fill(drop2, 0.0)
-            grad_m = (gg.t() @ h).to(m.dtype)
+                h = h.masked_fill(drop2, 0.0) if h is a2 else h.masked_fill_(drop2, 0.0)
+            grad_m = _cast(gg.t() @ h, m.dtype)
         grad_x = grad_e = None
         if need_x or need_e:
             gh = gg @ mm  # (N, r_e)
             if drop2 is not None:
                 gh.masked_fill_(drop2, 0.0)
-            ga = gh if act_e == "identity" else _act_backward_(act_e, gh, a2.clone())
+            ga = _act_backward_(act_e, gh, a2.clone()) if act_e != "identity" else gh
             if p > 0:
-                ga = ga * inv  # the 1/P(keep) inside a
-            drop1 = dropout_drop(x.shape, p, seed, 0, device) if p > 0 else None
+                ga.mul_(inv)  # the 1/P(keep) inside a
             if need_e:
-                x1 = x.reshape(-1, x.shape[-1]).to(dtype)
+                x1 = _cast(x.reshape(-1, x.shape[-1]), dtype)
                 if drop1 is not None:
                     x1 = x1.masked_fill(drop1.reshape(x1.shape), 0.0)
-                grad_e = (ga.t() @ x1).to(encoder.dtype)
+                grad_e = _cast(ga.t() @ x1, encoder.dtype)
                 del x1
             if need_x:
-                gx = (ga @ e).reshape(x.shape)
+                gx = (ga @ e).view(x.shape)
                 if drop1 is not None:
                     gx.masked_fill_(drop1, 0.0)
-                grad_x = gx.to(x.dtype)
+                grad_x = _cast(gx, x.dtype)
         return grad_x, grad_e, grad_m, grad_d, None, None, None, None, None, None
 
 
@@ -236,8 +251,8 @@ def efficient_branch(
     """`functional.dense_branch` with r-wide saved tensors (see the module docstring).
 
     Runs in the autocast dtype when autocast is on for ``x``'s device, else in ``encoder``'s dtype.
-    ``seed`` fixes the dropout masks (`dropout_mask` with streams 0, 1, 2 for the input, the
-    encoder side and the output); by default one is drawn from torch's default generator.
+    ``seed`` fixes the dropout masks (`dropout_masks` of `site_shapes`: the input, the encoder side
+    and the output); by default one is drawn from torch's default generator.
     """
     encoder_side, decoder_side = split_activations(activation)
     activation_fn(encoder_side), activation_fn(decoder_side)  # typed error for an unknown name
