@@ -51,6 +51,24 @@ def test_forward_and_gradients_equal_plain_path(pair):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{pair} {name}")
 
 
+@pytest.mark.parametrize("shape", [(0, 12), (12,), "transposed"])
+def test_odd_input_shapes_equal_plain_path(shape):
+    """No tokens, a single vector, and a non-contiguous input."""
+    _, e, m, d = _factors()
+    g = torch.Generator().manual_seed(2)
+    if shape == "transposed":
+        x = torch.randn(3, 12, 4, generator=g).transpose(1, 2).requires_grad_()
+    else:
+        x = torch.randn(*shape, generator=g).requires_grad_()
+    tensors = (x, e, m, d)
+    weights = torch.randn(*x.shape[:-1], 10, generator=g)
+    kw = dict(scale=1.1, activation=("silu", "gelu"), dropout=0.0, training=True)
+    plain = _run(dense_branch, tensors, weights, **kw)
+    fast = _run(efficient_branch, tensors, weights, **kw)
+    for name, a, b in zip(("y", "x", "E", "M", "D"), plain, fast):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _masked_reference(x, e, m, d, *, scale, pair, p, seed):
     """The formula written out with the three masks drawn from ``seed`` (autograd differentiates it)."""
     act_e, act_d = REFERENCE_ACT[pair[0]], REFERENCE_ACT[pair[1]]
