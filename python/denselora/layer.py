@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import _core, kernels
+from .autograd import compiled_branch, efficient_branch, resolve_impl
 from .errors import ArgumentError, ConfigError, NotMergeableError
 from .functional import dense_branch, split_activations
 
@@ -159,22 +160,34 @@ class DenseLoRALayer(nn.Module):
             m = m.to(device)
         return encoder, m, decoder
 
+    # Which autograd path computes the branch: "auto" (the measured best for the device in
+    # training, the plain ops in inference), "efficient", "plain" or "compiled".
+    branch_impl: str = "auto"
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution for input ``x`` in float32 (the adapter's dtype) or the
         autocast dtype."""
         encoder, m, decoder = self._factors(x.device)
+        # In training mode the same path runs with and without grad, so that a checkpointed
+        # layer's no-grad forward and its recomputation draw the same dropout masks.
+        training_path = self.training or (
+            torch.is_grad_enabled()
+            and (x.requires_grad or encoder.requires_grad or m.requires_grad or decoder.requires_grad)
+        )
+        impl = resolve_impl(self.branch_impl, x.device, training_path, where=f"branch_impl of a {self.group!r} layer")
+        kw: dict[str, Any] = {
+            "scale": self.scaling,
+            "activation": self.activation,
+            "dropout": self.dropout,
+            "training": self.training,
+        }
+        if impl == "efficient":
+            return efficient_branch(x, encoder, m, decoder, **kw)
+        if impl == "compiled":
+            return compiled_branch(x, encoder, m, decoder, **kw)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(encoder.dtype)
-        return dense_branch(
-            x,
-            encoder,
-            m,
-            decoder,
-            scale=self.scaling,
-            activation=self.activation,
-            dropout=self.dropout,
-            training=self.training,
-        )
+        return dense_branch(x, encoder, m, decoder, **kw)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

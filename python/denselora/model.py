@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import io as adapter_io
+from .autograd import check_branch_impl
 from .config import DenseLoRAConfig
 from .errors import ConfigError, IncompatibleAdapterError, NotMergeableError
 from .layer import INFERENCE_BACKENDS, DenseLoRALayer, DenseLoRAShared, is_adaptable, is_conv1d, linear_dims
@@ -270,6 +271,15 @@ class DenseLoRAModel(nn.Module):
             raise ConfigError(f"inference backend: expected one of {list(INFERENCE_BACKENDS)}, got {backend!r}")
         for _, layer in self.adapter_layers():
             layer.inference_backend = backend
+
+    def set_branch_impl(self, impl: str) -> None:
+        """Force how every adapted layer computes its branch in training: ``"auto"`` (the default:
+        the measured best for the device), ``"efficient"`` (r-wide saved tensors, recomputation in
+        backward), ``"plain"`` (the reference tensor ops) or ``"compiled"`` (``torch.compile`` of
+        the reference). All give the same numbers."""
+        check_branch_impl(impl, "set_branch_impl(impl)")
+        for _, layer in self.adapter_layers():
+            layer.branch_impl = impl
 
 
 def _keep_adapter_entries(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
