@@ -284,15 +284,20 @@ def test_lora_method_trains_a_peft_lora(tok, tmp_path):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
-def test_fsdp_policy_wraps_the_shared_container_once(tok):
+def test_fsdp_policy_keeps_shared_factors_in_the_root_unit(tok):
     model = build_adapter_model(char_llama(layers=3), r=4, alpha=8)
     policy = fsdp_auto_wrap_policy(model)
     shared = model.base_model.denselora_shared
-    wrapped = [m for m in model.modules() if policy(m, recurse=False)]
-    assert sum(m is shared for m in wrapped) == 1
-    assert not any(m in list(shared.children()) for m in wrapped)  # groups are not split off
-    assert sum(type(m).__name__ == "LlamaDecoderLayer" for m in wrapped) == 3
-    assert not policy(shared, recurse=True) and policy(model, recurse=True)
+    wrapped = [m for m in model.modules() if policy(module=m, recurse=False, nonwrapped_numel=0)]
+    assert [type(m).__name__ for m in wrapped] == ["LlamaDecoderLayer"] * 3
+    inside_shared = {id(m) for m in shared.modules()}
+    assert not any(id(m) in inside_shared for m in wrapped)
+    # Every shared tensor is outside all block units; every M is inside exactly one.
+    in_blocks = [{id(p) for p in m.parameters()} for m in wrapped]
+    for name, tensor in model.adapter_state().items():
+        owners = sum(id(tensor) in ids for ids in in_blocks)
+        assert owners == (0 if name.startswith("shared.") else 1), name
+    assert not policy(module=shared, recurse=True, nonwrapped_numel=0) and policy(module=model, recurse=True, nonwrapped_numel=0)
     with pytest.raises(ArgumentError):
         fsdp_auto_wrap_policy(char_llama())
 

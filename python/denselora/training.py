@@ -190,12 +190,14 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
 
 
 def fsdp_auto_wrap_policy(model: nn.Module) -> Callable[..., bool]:
-    """An ``auto_wrap_policy`` for ``torch.distributed.fsdp.FullyShardedDataParallel`` that keeps
-    every group's shared encoder/decoder (the ``DenseLoRAShared`` modules under
-    ``base_model.denselora_shared``) in one FSDP unit with all the shared modules, and wraps each
-    transformer block on its own. Layers reach the shared tensors by reference from many blocks, so
-    those tensors must not be sharded into any single block's unit: they live in the unit of the
-    ``denselora_shared`` container, which is wrapped once.
+    """An ``auto_wrap_policy`` for ``torch.distributed.fsdp.FullyShardedDataParallel`` that wraps
+    each transformer block as its own unit and keeps every group's shared encoder/decoder (the
+    ``DenseLoRAShared`` modules under ``base_model.denselora_shared``) together in the root unit.
+
+    Layers in every block read the shared tensors by reference, so those tensors must not belong to
+    any one block's unit, nor to a unit of their own (its forward never runs, so FSDP would never
+    gather it): the root unit is gathered for the whole forward and backward pass. Each layer's own
+    ``M_l`` stays in its block's unit.
 
     Use: ``FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True)``.
     """
@@ -209,9 +211,9 @@ def fsdp_auto_wrap_policy(model: nn.Module) -> Callable[..., bool]:
 
     def policy(module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
         if recurse:
-            # Never descend into the shared container: its groups stay together in its unit.
+            # Never descend into the shared container: nothing in it gets a unit of its own.
             return id(module) != shared_id
-        return id(module) == shared_id or isinstance(module, block_types)
+        return isinstance(module, block_types)
 
     policy.shared_module = shared  # type: ignore[attr-defined]
     policy.block_types = block_types  # type: ignore[attr-defined]
