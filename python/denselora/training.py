@@ -165,6 +165,43 @@ def _replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def save_on_main(model: nn.Module, directory: os.PathLike | str) -> None:
+    """`save_adapter_dir` from rank 0. Under FSDP every rank must call it: the full tensors are
+    gathered (a collective) before rank 0 writes them."""
+    rank, _ = _dist()
+    if _is_fsdp(model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        inner = model.module
+        if not isinstance(inner, DenseLoRAModel):
+            raise ConfigError("saving under FSDP is supported for DenseLoRA adapters")
+        # Copies: the gathered tensors are freed again when the context closes.
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True):
+            if rank == 0:
+                tensors = {k: v.detach().clone() for k, v in inner.adapter_state().items()}
+        if rank == 0:
+            from .io import save_adapter
+
+            directory = Path(directory)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+            if staging.exists():
+                shutil.rmtree(staging)
+            save_adapter(staging, inner.adapter_config_dict(), tensors)
+            _replace_dir(staging, directory)
+        return
+    if rank == 0:
+        save_adapter_dir(model, directory)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -414,7 +451,10 @@ def train(
     random.seed(config.seed)
 
     inner = model
-    if world > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
+    fsdp = _is_fsdp(model)
+    if fsdp and config.save_every:
+        raise ConfigError("periodic checkpoints (save_every) are not supported under FSDP, whose optimizer state is sharded")
+    if world > 1 and not fsdp and not isinstance(model, nn.parallel.DistributedDataParallel):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = create_optimizer(inner, config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, warmup, total_steps))
@@ -499,8 +539,8 @@ def train(
         evals.append({"step": at, "val_loss": loss})
         if best_loss is None or loss < best_loss:
             best_loss, best_step = loss, at
-            if out is not None and is_main:
-                save_adapter_dir(inner, out / "adapter")
+            if out is not None:
+                save_on_main(inner, out / "adapter")
         if bar is not None:
             bar.write(f"step {at}: validation loss {loss:.4f}" + (" (best)" if best_step == at else ""))
 
@@ -525,7 +565,7 @@ def train(
             batch = {name: t.to(device) for name, t in batch.items()}
             step_input_tokens += int(batch["attention_mask"].sum())
             sync = k == accum - 1 or world == 1
-            ctx = model.no_sync() if (not sync and isinstance(model, nn.parallel.DistributedDataParallel)) else _nullcontext()
+            ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _nullcontext()
             with ctx:
                 autocast, _ = ctx_factory()
                 with autocast:
@@ -537,7 +577,10 @@ def train(
             step_loss += float(loss_sum.detach())
         if config.max_grad_norm is not None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in inner.parameters() if p.requires_grad], config.max_grad_norm)
+            if fsdp:
+                model.clip_grad_norm_(config.max_grad_norm)  # the norm over all shards
+            else:
+                torch.nn.utils.clip_grad_norm_([p for p in inner.parameters() if p.requires_grad], config.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -571,10 +614,10 @@ def train(
     adapter_dir = None
     if out is not None:
         adapter_dir = out / "adapter"
+        save_on_main(inner, out / "final")
+        if not has_val:
+            save_on_main(inner, adapter_dir)
         if is_main:
-            save_adapter_dir(inner, out / "final")
-            if not has_val:
-                save_adapter_dir(inner, adapter_dir)
             log = {
                 "config": dataclasses.asdict(config),
                 "steps": step,
