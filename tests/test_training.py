@@ -397,3 +397,17 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
     task = write_bigbench(tmp_path / "t.json", [{"input": "q", "target_scores": {"a": 1, "b": 0}}] * 10)
     assert main(["eval", "--model", str(tmp_path / "none"), "--data", str(task)]) == 2
     assert "no such model folder" in capsys.readouterr().err
+
+
+def test_demo_pipeline_end_to_end_on_a_tiny_model(model_dir, tmp_path):
+    import io
+
+    from denselora.demo import run
+
+    out = io.StringIO()
+    summary = run(task="strategyqa", output=tmp_path / "demo", steps=2, batch_size=4, test_size=12, model=str(model_dir), out=out)
+    text = out.getvalue()
+    assert "[7/7]" in text and "the same answers as before saving" in text
+    assert summary["test_examples"] == 12 and 0 <= summary["accuracy_after"] <= 1
+    assert (tmp_path / "demo" / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "demo" / "run" / "loss_curve.png").is_file()

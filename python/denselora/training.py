@@ -12,6 +12,8 @@
   order is a pure function of the seed and the step, so nothing else has to be stored.
 - Distributed: when ``torch.distributed`` is initialised (``torchrun``), each rank takes its share
   of every global batch and the model is wrapped in ``DistributedDataParallel``; only rank 0 writes.
+  A model already wrapped in FSDP (with `fsdp_auto_wrap_policy`) is trained as it is; its adapter
+  is gathered for saving (periodic checkpoints are not available there).
 """
 
 from __future__ import annotations
