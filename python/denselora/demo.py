@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 DEFAULTS: dict[str, Any] = {
-    "task": "strategyqa",
-    "steps": 40,
+    "task": "social_iqa",
+    "steps": 80,
     "lr": 1e-2,
     "r": 16,
     "batch_size": 8,
