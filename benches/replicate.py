@@ -1,0 +1,251 @@
+"""The accuracy claim on a real model: SmolLM2-135M-Instruct, targets q,k,v,up,down, BIG-bench
+social_iqa and strategyqa (train/validation/test split fixed by a seed; test examples never trained
+on). PEFT LoRA r=16 against DenseLoRA r=16 and r=32 (gelu) and DenseLoRA r=16 identity, same steps,
+learning rate chosen per method on validation accuracy, several seeds, and a data-efficiency point
+(10% of the training split).
+
+Each run is its own subprocess (clean peak memory) and writes its JSON under
+``benches/results/replicate/runs/``; rerunning skips finished runs, so the sweep can be stopped and
+resumed. The summary goes to ``benches/results/replicate.json`` and a plot to
+``benches/results/replicate.png``.
+
+Full configuration (hours on 2 CPU cores; minutes on one GPU):
+
+    python benches/replicate.py --steps 300 --seeds 0,1,2 --test-size 400 --fractions 1.0,0.1
+
+A reduced one, as measured on a shared 2-core machine (see the README):
+
+    python benches/replicate.py --tasks strategyqa --steps 30 --seeds 0 --test-size 200 --no-tune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+RUNS = RESULTS / "replicate" / "runs"
+
+METHODS: dict[str, dict[str, Any]] = {
+    "lora-r16": {"method": "lora", "r": 16, "activation": "gelu"},
+    "denselora-r16": {"method": "denselora", "r": 16, "activation": "gelu"},
+    "denselora-r32": {"method": "denselora", "r": 32, "activation": "gelu"},
+    "denselora-r16-identity": {"method": "denselora", "r": 16, "activation": "identity"},
+}
+# Learning-rate grids: DenseLoRA's shared factors want far larger steps than LoRA's.
+LR_GRID = {"lora": [3e-4, 1e-3, 3e-3], "denselora": [3e-3, 1e-2, 3e-2]}
+DEFAULT_LR = {"lora": 1e-3, "denselora": 1e-2}
+
+
+def data_path(root: str | None, task: str) -> Path:
+    candidates = [Path(root) / task / "task.json"] if root else []
+    candidates.append(Path("/work/shared/data/bigbench") / task / "task.json")
+    for path in candidates:
+        if path.is_file():
+            return path
+    from denselora.data import packaged_task_path
+
+    return packaged_task_path(task)
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train and evaluate one configuration (runs in its own process)."""
+    import resource
+
+    import torch
+
+    from denselora.data import TokenizedDataset, load_examples, split_examples, subsample
+    from denselora.evaluation import multiple_choice_accuracy
+    from denselora.models import load_model
+    from denselora.training import TrainConfig, build_adapter_model, count_trainable, train
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    examples = load_examples(spec["data"])
+    splits = split_examples(examples, seed=spec["split_seed"], validation=spec["val_size"], test=spec["test_size"])
+    train_examples = splits.train if spec["fraction"] >= 1 else subsample(splits.train, spec["fraction"], seed=spec["seed"])
+    base, tokenizer = load_model(device=device)
+    method = METHODS[spec["method"]]
+    torch.manual_seed(spec["seed"])
+    model = build_adapter_model(base, method["method"], r=method["r"], alpha=2 * method["r"], activation=method["activation"])
+    trainable, total = count_trainable(model)
+    config = TrainConfig(
+        lr=spec["lr"], max_steps=spec["steps"], micro_batch_size=spec["batch_size"], warmup_steps=max(1, spec["steps"] // 10),
+        seed=spec["seed"], progress=False, plot=False,
+    )
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = train(model, tokenizer, TokenizedDataset(train_examples, tokenizer, cutoff_len=256), config)
+    val = multiple_choice_accuracy(model, tokenizer, splits.validation) if spec["evaluate_validation"] else None
+    test = multiple_choice_accuracy(model, tokenizer, splits.test) if spec["evaluate_test"] else None
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        **spec,
+        "device": device,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100 * trainable / total,
+        "train_examples": len(train_examples),
+        "val_accuracy": val.accuracy if val else None,
+        "test_accuracy": test.accuracy if test else None,
+        "final_train_loss": result.final_train_loss,
+        "step_seconds": result.seconds / max(result.steps, 1),
+        "peak_memory_mib": peak,
+        "peak_memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS",
+    }
+
+
+def run_name(spec: dict[str, Any]) -> str:
+    return f"{spec['task']}-{spec['method']}-lr{spec['lr']:g}-s{spec['seed']}-f{spec['fraction']:g}-n{spec['steps']}-t{spec['test_size']}"
+
+
+def ensure(spec: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    """The result of ``spec``, from disk when it ran before, else by running it now."""
+    RUNS.mkdir(parents=True, exist_ok=True)
+    path = RUNS / f"{run_name(spec)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.perf_counter()
+    print(f"run {path.stem} ...", flush=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--run-one", json.dumps(spec)], capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        print(f"  failed:\n{proc.stderr[-2000:]}", flush=True)
+        return None
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = time.perf_counter() - started
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(staging, path)
+    print(f"  test {result['test_accuracy']}, val {result['val_accuracy']}, {result['step_seconds']:.2f} s/step", flush=True)
+    return result
+
+
+def summarize(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    keys = sorted({(r["task"], r["method"], r["fraction"]) for r in results})
+    for task, method, fraction in keys:
+        runs = [r for r in results if (r["task"], r["method"], r["fraction"]) == (task, method, fraction)]
+        accs = [r["test_accuracy"] for r in runs]
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "fraction": fraction,
+                "lr": runs[0]["lr"],
+                "seeds": [r["seed"] for r in runs],
+                "trainable_params": runs[0]["trainable_params"],
+                "trainable_pct": runs[0]["trainable_pct"],
+                "test_accuracy_mean": statistics.fmean(accs),
+                "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "test_accuracies": accs,
+                "step_seconds": statistics.fmean(r["step_seconds"] for r in runs),
+                "peak_memory_mib": max(r["peak_memory_mib"] for r in runs),
+                "peak_memory_kind": runs[0]["peak_memory_kind"],
+                "device": runs[0]["device"],
+            }
+        )
+    return {"config": {k: v for k, v in vars(args).items() if k != "run_one"}, "rows": rows}
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"\n{'task':<11} {'method':<23} {'data':>5} {'lr':>7} {'trainable':>10} {'%':>7} {'test acc':>15} {'s/step':>7} {'peak MiB':>9}")
+    for row in summary["rows"]:
+        acc = f"{100 * row['test_accuracy_mean']:.1f} ± {100 * row['test_accuracy_std']:.1f}"
+        print(
+            f"{row['task']:<11} {row['method']:<23} {row['fraction']:>5.0%} {row['lr']:>7.0e} {row['trainable_params']:>10,d} "
+            f"{row['trainable_pct']:>7.3f} {acc:>15} {row['step_seconds']:>7.2f} {row['peak_memory_mib']:>9.0f}"
+        )
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    labels = [f"{r['task']}\n{r['method']}\n{r['fraction']:.0%} data" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
+    colors = ["tab:gray" if r["method"].startswith("lora") else "tab:blue" for r in rows]
+    ax.bar(range(len(rows)), [100 * r["test_accuracy_mean"] for r in rows], yerr=[100 * r["test_accuracy_std"] for r in rows], color=colors, capsize=3)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("SmolLM2-135M: LoRA (gray) vs DenseLoRA (blue)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--tasks", default="social_iqa,strategyqa")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--data-root", default=None, help="folder with <task>/task.json (default: ../shared/data/bigbench, else the packaged slices)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--fractions", default="1.0,0.1", help="fractions of the training split (the data-efficiency point)")
+    parser.add_argument("--test-size", type=int, default=400)
+    parser.add_argument("--val-size", type=int, default=200)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--no-tune", action="store_true", help="skip the learning-rate search; use one lr per method family")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds per run")
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE.parent / "python"))
+    if args.run_one:
+        print(json.dumps(run_one(json.loads(args.run_one))))
+        return 0
+
+    results = []
+    for task in args.tasks.split(","):
+        data = str(data_path(args.data_root, task))
+        for fraction in [float(f) for f in args.fractions.split(",")]:
+            for name in args.methods.split(","):
+                family = METHODS[name]["method"]
+                base = dict(task=task, data=data, method=name, steps=args.steps, batch_size=args.batch_size, fraction=fraction,
+                            test_size=args.test_size, val_size=args.val_size, split_seed=args.split_seed, threads=args.threads)
+                if args.no_tune:
+                    lr = DEFAULT_LR[family]
+                else:
+                    # Tune on validation accuracy with the first seed; the test split plays no part.
+                    tuned = [ensure(dict(base, lr=lr, seed=0, evaluate_validation=True, evaluate_test=False), args.timeout) for lr in LR_GRID[family]]
+                    tuned = [t for t in tuned if t is not None]
+                    if not tuned:
+                        continue
+                    lr = max(tuned, key=lambda t: t["val_accuracy"])["lr"]
+                for seed in [int(s) for s in args.seeds.split(",")]:
+                    result = ensure(dict(base, lr=lr, seed=seed, evaluate_validation=False, evaluate_test=True), args.timeout)
+                    if result is not None:
+                        results.append(result)
+    if not results:
+        print("no finished runs")
+        return 1
+    summary = summarize(results, args)
+    print_table(summary)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    staging = RESULTS / "replicate.json.tmp"
+    staging.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(staging, RESULTS / "replicate.json")
+    try:
+        plot(summary, RESULTS / "replicate.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
