@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -12,6 +13,20 @@ from .errors import ConfigError
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 ACTIVATIONS = ("gelu", "identity", "silu")
+SCALINGS = ("standard", "rslora")
+M_INITS = ("kaiming", "orthogonal", "identity")
+
+# The paper's released code: GELU on both sides, s = alpha / r, Kaiming-uniform M, one learning rate.
+PAPER_SETTINGS: dict[str, Any] = {
+    "activation": "gelu",
+    "encoder_activation": None,
+    "decoder_activation": None,
+    "scaling": "standard",
+    "m_init": "kaiming",
+    "shared_lr_ratio": 1.0,
+    "m_lr_ratio": 1.0,
+}
+PRESETS: dict[str, dict[str, Any]] = {"default": {}, "paper": PAPER_SETTINGS}
 
 
 @dataclass
@@ -34,6 +49,14 @@ class DenseLoRAConfig:
             the encoder and after the decoder unless one side is set on its own.
         encoder_activation: overrides ``activation`` after the encoder (``act(E x)``).
         decoder_activation: overrides ``activation`` after the decoder (on the branch output).
+        scaling: ``"standard"`` (``s = alpha / r``, the paper's) or ``"rslora"`` (``s = alpha / sqrt(r)``,
+            rank-stabilised: the update's size no longer shrinks as ``r`` grows).
+        m_init: initial value of each layer's ``M``: ``"kaiming"`` (uniform, as ``nn.Linear``; the
+            paper's), ``"orthogonal"`` (a random orthogonal matrix per layer, norm-preserving) or
+            ``"identity"``. The decoder starts at zero in every case, so step 0 equals the base model.
+        shared_lr_ratio: learning-rate multiplier of the shared encoders/decoders, used by
+            `denselora.optim.create_optimizer`.
+        m_lr_ratio: learning-rate multiplier of the per-layer ``M`` matrices.
         layers_to_transform: adapt only modules whose path holds one of these layer indices.
         base_model_name_or_path: recorded on save when known; checked when adapters are combined.
         init_fingerprint: a hash of the adapter's initial values, recorded at creation so that runs
@@ -46,7 +69,11 @@ class DenseLoRAConfig:
     target_modules: Union[list[str], str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     activation: str = "gelu"
     encoder_activation: Optional[str] = None
-    decoder_activation: Optional[str] = None
+    decoder_activation: Optional[str] = "identity"
+    scaling: str = "rslora"
+    m_init: str = "orthogonal"
+    shared_lr_ratio: float = 1.0
+    m_lr_ratio: float = 1.0
     layers_to_transform: Optional[list[int]] = None
     base_model_name_or_path: Optional[str] = None
     init_fingerprint: Optional[str] = None
@@ -69,6 +96,14 @@ class DenseLoRAConfig:
             value = getattr(self, name)
             if (value is not None or name == "activation") and value not in ACTIVATIONS:
                 raise ConfigError(f"{name} must be one of {ACTIVATIONS}, got {value!r}")
+        if self.scaling not in SCALINGS:
+            raise ConfigError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if self.m_init not in M_INITS:
+            raise ConfigError(f"m_init must be one of {M_INITS}, got {self.m_init!r}")
+        for name in ("shared_lr_ratio", "m_lr_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
@@ -92,8 +127,24 @@ class DenseLoRAConfig:
         return self.activations == ("identity", "identity")
 
     @property
-    def scaling(self) -> float:
+    def scale(self) -> float:
+        """The branch's multiplier ``s``: ``alpha / r`` (standard) or ``alpha / sqrt(r)`` (rslora)."""
+        if self.scaling == "rslora":
+            return float(self.alpha) / math.sqrt(self.r)
         return float(self.alpha) / self.r
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "DenseLoRAConfig":
+        """The configuration of the paper's released code (GELU on both sides, ``s = alpha / r``,
+        Kaiming-uniform ``M``, one learning rate); other fields as given."""
+        return cls.from_preset("paper", **overrides)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "DenseLoRAConfig":
+        """``"default"`` (the library's defaults) or ``"paper"``, with ``overrides`` on top."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,6 +154,15 @@ class DenseLoRAConfig:
         """Build from a dict; keys that are not config fields (e.g. ``groups``) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "DenseLoRAConfig":
+        """Build from a saved adapter's config. Fields missing from configs written before they
+        existed take the paper's values, which is what those adapters were trained with, so a
+        saved adapter's forward keeps its meaning."""
+        if not isinstance(data, dict):
+            raise ConfigError("adapter config must be a JSON object")
+        return cls.from_dict({**PAPER_SETTINGS, **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

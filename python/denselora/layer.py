@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .errors import NotMergeableError
+from .errors import ConfigError, NotMergeableError
 from .functional import dense_branch, split_activations
 
 
@@ -30,6 +30,25 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def init_m_(m: torch.Tensor, kind: str = "kaiming") -> torch.Tensor:
+    """Initialise a layer's ``M`` in place: ``"kaiming"`` (uniform, the ``nn.Linear`` default and
+    the paper's), ``"orthogonal"`` (norm-preserving, different in every layer) or ``"identity"``."""
+    if m.device.type == "meta":  # no values to set; a loaded adapter fills them
+        if kind not in ("kaiming", "orthogonal", "identity"):
+            raise ConfigError(f"unknown m_init {kind!r}; expected 'kaiming', 'orthogonal' or 'identity'")
+        return m
+    with torch.no_grad():
+        if kind == "kaiming":
+            nn.init.kaiming_uniform_(m, a=math.sqrt(5))
+        elif kind == "orthogonal":
+            nn.init.orthogonal_(m)
+        elif kind == "identity":
+            nn.init.eye_(m)
+        else:
+            raise ConfigError(f"unknown m_init {kind!r}; expected 'kaiming', 'orthogonal' or 'identity'")
+    return m
 
 
 class DenseLoRAShared(nn.Module):
@@ -84,6 +103,7 @@ class DenseLoRALayer(nn.Module):
         scaling: float,
         activation: "str | tuple[str, str]",
         dropout: float,
+        m_init: str = "kaiming",
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -97,7 +117,7 @@ class DenseLoRALayer(nn.Module):
         self.m = nn.Parameter(
             torch.empty(shared.decoder_rank, shared.encoder_rank, device=weight.device, dtype=torch.float32)
         )
-        nn.init.kaiming_uniform_(self.m, a=math.sqrt(5))
+        init_m_(self.m, m_init)
         self.disabled = False
         self.merged = False
 
