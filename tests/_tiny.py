@@ -1,0 +1,38 @@
+"""A character-level tokenizer and a tiny LLaMA sized for it, for training tests (no downloads)."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+SPECIALS = ["<pad>", "</s>", "<unk>"]
+VOCAB = SPECIALS + list(string.printable)
+
+
+def char_tokenizer():
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(VOCAB)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def char_llama(seed: int = 0, layers: int = 2):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
