@@ -110,3 +110,27 @@ def test_layer_updates_of_a_peft_lora_match_peft(tokens):
             plain = layer(x["x"])
     assert results[path]["norm"] == pytest.approx((full - plain).norm().item(), rel=1e-4)
     assert 1 <= results[path]["energy_rank"] <= 4
+
+
+def test_attached_tracker_records_an_external_loop(tokens):
+    model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4, dropout=0.0)).train()
+    optimizer = create_optimizer(model, 1e-2)
+    tracker = diagnostics.UpdateTracker(model).attach()
+    for step in range(1, 3):
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        for half in (tokens[:1], tokens[1:]):  # two accumulated micro-batches
+            model(half, labels=half).loss.backward()
+        grads = {n: p.grad.norm().item() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer.step()
+        optimizer.zero_grad()
+        tracker.on_step(step)
+        record = tracker.history[-1]
+        assert record["step"] == step
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                assert record["grad"]["tensors"][name] == pytest.approx(grads[name], rel=1e-6)
+                assert record["update"]["tensors"][name] == pytest.approx((param.detach() - before[name]).norm().item(), rel=1e-5)
+    tracker.detach()  # no more gradient hooks: the next record sees no gradients
+    model(tokens, labels=tokens).loss.backward()
+    tracker.on_step(3)
+    assert set(tracker.history[-1]["grad"]["tensors"].values()) == {0.0}

@@ -54,14 +54,44 @@ def gradient_norms(model: nn.Module) -> dict[str, Any]:
 
 class UpdateTracker:
     """Records gradient norms and the norms of what each optimizer step changed, per tensor and per
-    group. Call `before_step()` after ``backward()`` and before ``optimizer.step()``, then
-    `after_step()`; ``history`` holds one record per step."""
+    group; ``history`` holds one record per step.
+
+    Two ways to use it: in your own loop, call `before_step()` after ``backward()`` and before
+    ``optimizer.step()``, then `after_step()`. Around a loop you do not control (e.g.
+    `denselora.training.train`), call `attach()` before training and pass `on_step` as the step
+    callback: gradient norms are then read by hooks when gradients are accumulated (before any
+    clipping), and updates are measured between consecutive callbacks."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.history: list[dict[str, Any]] = []
         self._snapshot: Optional[dict[str, torch.Tensor]] = None
         self._grads: Optional[dict[str, Any]] = None
+        self._hooked: dict[str, float] = {}
+        self._handles: list[Any] = []
+
+    def attach(self) -> "UpdateTracker":
+        for name, param in _trainable(self.model):
+            def hook(p: torch.Tensor, name: str = name) -> None:
+                # Called after each accumulation; the last call of a step sees the full gradient.
+                self._hooked[name] = float(p.grad.detach().float().norm()) if p.grad is not None else 0.0
+
+            self._handles.append(param.register_post_accumulate_grad_hook(hook))
+        self._snapshot = {name: param.detach().float().clone() for name, param in _trainable(self.model)}
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def on_step(self, step: int, _record: Any = None) -> None:
+        """Step callback for an external loop (after the optimizer step of ``step``)."""
+        tensors = {name: self._hooked.get(name, 0.0) for name, _ in _trainable(self.model)}
+        self._grads = {"tensors": tensors, "groups": _group_norms(tensors)}
+        self._hooked = {}
+        self.after_step(step)
+        self._snapshot = {name: param.detach().float().clone() for name, param in _trainable(self.model)}
 
     def before_step(self) -> None:
         self._grads = gradient_norms(self.model)
