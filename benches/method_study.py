@@ -57,13 +57,15 @@ VARIANTS: dict[str, Callable[[], Any]] = {
     "paper+decoder_identity": lambda: dl.DenseLoRAConfig.paper(decoder_activation="identity"),
     "paper+identity": lambda: dl.DenseLoRAConfig.paper(activation="identity"),
     "paper+silu": lambda: dl.DenseLoRAConfig.paper(activation="silu"),
+    "paper+encoder_identity": lambda: dl.DenseLoRAConfig.paper(encoder_activation="identity"),
     "paper+rslora": lambda: dl.DenseLoRAConfig.paper(scaling="rslora"),
     "paper+m_orthogonal": lambda: dl.DenseLoRAConfig.paper(m_init="orthogonal"),
     "paper+m_identity": lambda: dl.DenseLoRAConfig.paper(m_init="identity"),
     "paper+shared_lr4": lambda: dl.DenseLoRAConfig.paper(shared_lr_ratio=4.0),
     "paper+m_lr4": lambda: dl.DenseLoRAConfig.paper(m_lr_ratio=4.0),
     "default": lambda: dl.DenseLoRAConfig(),
-    "default+identity": lambda: dl.DenseLoRAConfig(activation="identity", decoder_activation=None),
+    "default+gelu_encoder": lambda: dl.DenseLoRAConfig(encoder_activation="gelu"),
+    "default+shared_lr4": lambda: dl.DenseLoRAConfig(shared_lr_ratio=4.0),
 }
 COMPARED = ["lora", "paper", "default"]
 
@@ -173,6 +175,113 @@ def ensure(kind: str, task: str, variant: str, lr: float, seed: int, args: argpa
     return record
 
 
+# -- first-step analysis: one forward/backward of the frozen model, every variant in closed form ---
+
+
+def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    from denselora.functional import activation_fn
+
+    return activation_fn(name)
+
+
+_SLOPE_AT_ZERO = {"gelu": 0.5, "silu": 0.5, "identity": 1.0}
+
+
+def capture_inputs_and_grads(task: str, args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Inputs ``x_l`` and output gradients ``dL/dy_l`` of every targeted layer on one training batch
+    of the frozen model (the adapters all start as the base model, so these are exact at step 0)."""
+    from denselora.data import Collator
+    from denselora.models import load_model
+    from denselora.training import token_loss_sum
+
+    base, tokenizer = load_model()
+    splits = splits_for(task, args)
+    data = TokenizedDataset(splits.train[: args.gain_batch], tokenizer, cutoff_len=args.cutoff)
+    batch = Collator(pad_id_of(tokenizer))([data[i] for i in range(len(data))])
+    inputs: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    mask = batch["attention_mask"].reshape(-1).bool()
+
+    def hook(module: torch.nn.Module, args_: tuple, output: torch.Tensor, path: str) -> None:
+        inputs[path] = args_[0].detach().reshape(-1, args_[0].shape[-1])[mask]
+        output.register_hook(lambda g: grads.__setitem__(path, g.detach().reshape(-1, g.shape[-1])[mask]))
+
+    handles = []
+    for path, module in base.named_modules():
+        if path.rsplit(".", 1)[-1] in TARGETS and isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_hook(lambda m, a, o, path=path: hook(m, a, o, path)))
+    base.get_input_embeddings().weight.requires_grad_(True)  # so that gradients flow to every layer
+    loss_sum, count = token_loss_sum(base, batch)
+    (loss_sum / count).backward()
+    for h in handles:
+        h.remove()
+    return inputs, grads
+
+
+def first_step_gain(inputs: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], variant: str, r: int, alpha: float, seed: int) -> dict[str, Any]:
+    """With the decoder (LoRA: B) at zero, only it has a gradient, and Adam's first step moves each of
+    its entries by ``lr`` against the sign of that gradient. The loss then drops by ``lr`` times the
+    L1 norm of the gradient (first order): for LoRA the sum over layers of each ``|dL/dB_l|_1``, for
+    DenseLoRA ``|sum_l dL/dD_l|_1`` per group, since all layers share one ``D``. The ratio of the two
+    is the first step's effective learning rate relative to LoRA's. It factors into the *gain*
+    (``s * act_d'(0) * rms(M act_e(E x))``: how big the decoder's input is) and the *agreement*
+    of the layers sharing ``D`` (``|sum_l C_l|_1 / sum_l |C_l|_1``, 1 when all layers pull the same way)."""
+    from denselora.layer import init_m_
+
+    generator_seed = 1000 + seed
+    torch.manual_seed(generator_seed)
+    spec = VARIANTS[variant]()
+    groups: dict[str, list[str]] = {}
+    for path in inputs:
+        groups.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    decrease = 0.0
+    per_layer_l1 = 0.0
+    gains = []
+    for name, paths in groups.items():
+        fan_in = inputs[paths[0]].shape[1]
+        if spec == "lora":
+            scale, slope, act_e = alpha / r, 1.0, _act("identity")
+        else:
+            config = dataclasses.replace(spec, r=r, alpha=alpha)
+            scale = config.scale
+            act_e = _act(config.activations[0])
+            slope = _SLOPE_AT_ZERO[config.activations[1]]
+            encoder = torch.empty(r, fan_in)
+            torch.nn.init.kaiming_uniform_(encoder, a=math.sqrt(5))
+        total = None
+        for path in paths:
+            x, g = inputs[path].double(), grads[path].double()
+            if spec == "lora":  # every layer its own A
+                a = torch.empty(r, fan_in)
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                h = x @ a.double().T
+            else:
+                m = init_m_(torch.empty(r, r), config.m_init)
+                h = act_e(x @ encoder.double().T) @ m.double().T
+            c = scale * slope * (g.T @ h)  # dL/dD (or dL/dB) contributed by this layer
+            gains.append(scale * slope * float(h.pow(2).mean().sqrt()))
+            per_layer_l1 += float(c.abs().sum())
+            if spec == "lora":
+                decrease += float(c.abs().sum())
+            else:
+                total = c if total is None else total + c
+        if total is not None:  # the shared D moves by lr * shared_lr_ratio
+            decrease += config.shared_lr_ratio * float(total.abs().sum())
+    ratio = 1.0 if spec == "lora" else config.shared_lr_ratio
+    return {"variant": variant, "seed": seed, "first_step_decrease_per_lr": decrease,
+            "agreement": decrease / ratio / per_layer_l1, "gain": statistics.mean(gains)}
+
+
+def stage_gain(args: argparse.Namespace) -> None:
+    path = Path(args.results) / "gain" / f"{args.diagnose_task}__b{args.gain_batch}.json"
+    if path.exists():
+        return
+    print(f"[{time.strftime('%H:%M:%S')}] first-step analysis on {args.diagnose_task} ...", flush=True)
+    inputs, grads = capture_inputs_and_grads(args.diagnose_task, args)
+    rows = [first_step_gain(inputs, grads, v, args.r, args.alpha, seed) for v in VARIANTS for seed in range(3)]
+    write_json(path, {"task": args.diagnose_task, "batch": args.gain_batch, "tokens": int(next(iter(inputs.values())).shape[0]), "rows": rows})
+
+
 def stage_diagnose(args: argparse.Namespace) -> None:
     for variant in args.variants:
         ensure("diagnose", args.diagnose_task, variant, args.diagnose_lr, 0, args, track=True)
@@ -186,7 +295,7 @@ def best_lr(records: list[dict[str, Any]]) -> float:
 def stage_compare(args: argparse.Namespace) -> None:
     for task in args.tasks:
         for variant in args.methods:
-            lrs = args.lora_lrs if variant == "lora" else args.dense_lrs
+            lrs = {"lora": args.lora_lrs, "paper": args.paper_lrs or args.dense_lrs}.get(variant, args.dense_lrs)
             sweep = [ensure("compare", task, variant, lr, 0, args) for lr in lrs]
             lr = best_lr(sweep)
             for seed in args.seeds:
@@ -318,7 +427,7 @@ def _plot_comparison(comp: list[dict[str, Any]], docs: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["diagnose", "compare", "report", "all"])
+    parser.add_argument("stage", choices=["gain", "diagnose", "compare", "report", "all"])
     parser.add_argument("--results", default=str(HERE / "results" / "method_study"))
     parser.add_argument("--docs", default=str(ROOT / "docs" / "method_study"))
     parser.add_argument("--steps", type=int, default=120)
@@ -332,15 +441,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=COMPARED, choices=list(VARIANTS))
     parser.add_argument("--lora-lrs", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3])
     parser.add_argument("--dense-lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
+    parser.add_argument("--paper-lrs", nargs="+", type=float, default=None, help="the paper configuration's sweep (default: --dense-lrs)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--diagnose-task", default="hyperbaton", choices=list(TASKS))
     parser.add_argument("--diagnose-lr", type=float, default=3e-3)
     parser.add_argument("--diagnose-test", action="store_true", help="also score the test split in diagnose runs")
+    parser.add_argument("--gain-batch", type=int, default=8, help="examples in the first-step analysis batch")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.stage in ("gain", "all"):
+        stage_gain(args)
     if args.stage in ("diagnose", "all"):
         stage_diagnose(args)
     if args.stage in ("compare", "all"):

@@ -67,9 +67,9 @@ class DenseLoRAConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: Union[list[str], str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    activation: str = "gelu"
+    activation: str = "identity"
     encoder_activation: Optional[str] = None
-    decoder_activation: Optional[str] = "identity"
+    decoder_activation: Optional[str] = None
     scaling: str = "rslora"
     m_init: str = "orthogonal"
     shared_lr_ratio: float = 1.0
