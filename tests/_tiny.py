@@ -34,5 +34,6 @@ def char_llama(seed: int = 0, layers: int = 2):
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=1,
+        initializer_range=0.3,  # large enough that the frozen head can express confident predictions
     )
     return transformers.LlamaForCausalLM(config).eval()

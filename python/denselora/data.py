@@ -290,9 +290,9 @@ class Collator:
 
 
 def packaged_task_path(name: str = "social_iqa") -> Path:
-    """A slice of a BIG-bench task shipped inside the package (see ``denselora/data/README.md``)."""
-    path = Path(__file__).parent / "data" / "bigbench" / name / "task.json"
+    """A slice of a BIG-bench task shipped inside the package (see ``denselora/tasks/README.md``)."""
+    path = Path(__file__).parent / "tasks" / "bigbench" / name / "task.json"
     if not path.is_file():
-        available = sorted(p.name for p in (Path(__file__).parent / "data" / "bigbench").glob("*") if p.is_dir())
+        available = sorted(p.name for p in (Path(__file__).parent / "tasks" / "bigbench").glob("*") if p.is_dir())
         raise ArgumentError(f"no packaged task {name!r}; available: {available}")
     return path

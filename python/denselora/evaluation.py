@@ -3,6 +3,7 @@ generation with answer extraction in the LLM-Adapters style for their commonsens
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -72,24 +73,73 @@ def option_scores(
             for r, i in enumerate(rows):
                 scores[i] = [float(logp[r, ids[0]]) for ids in options[i]]
     else:
-        pairs = [(i, j) for i in range(len(examples)) for j in range(len(options[i]))]
-        pairs.sort(key=lambda p: len(prompts[p[0]]) + len(options[p[0]][p[1]]))
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            seqs, spans = [], []
-            for i, j in chunk:
-                opt = options[i][j]
-                seq = (prompts[i] + opt)[-cutoff_len:]
-                seqs.append(seq)
-                spans.append((len(seq) - len(opt), len(seq)))
-            logp = F.log_softmax(_forward(model, seqs, pad, device).float(), dim=-1)
-            for r, ((i, j), (a, b)) in enumerate(zip(chunk, spans)):
-                targets = torch.tensor(seqs[r][a:b], device=device)
-                # The token at position t is predicted by the logits at t - 1.
-                total = logp[r, a - 1 : b - 1].gather(1, targets[:, None]).sum()
-                scores[i][j] = float(total) / (b - a if normalize else 1)
+        # The prompt runs once; its key/value cache is shared by all of its options.
+        order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            for i, row in zip(rows, _score_with_shared_prompt(model, [prompts[i][-cutoff_len:] for i in rows], [options[i] for i in rows], pad, device)):
+                scores[i] = [total / (len(opt) if normalize else 1) for total, opt in zip(row, options[i])]
     model.train(was_training)
     return scores
+
+
+def _score_with_shared_prompt(
+    model: nn.Module, prompts: list[list[int]], options: list[list[list[int]]], pad: int, device: torch.device
+) -> list[list[float]]:
+    """Summed log-probabilities of each option after its prompt: one pass over the (right-padded)
+    prompts with a cache, then one pass over all options, each reading its prompt's cache rows."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max())
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        mask[r, : len(p)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    first = F.log_softmax(out.logits[torch.arange(len(prompts), device=device), lengths - 1].float(), dim=-1)
+    owner = [r for r, opts in enumerate(options) for _ in opts]
+    flat = [opt for opts in options for opt in opts]
+    span = max(len(o) for o in flat)
+    opt_ids = torch.full((len(flat), span), pad, dtype=torch.long)
+    opt_mask = torch.zeros((len(flat), span), dtype=torch.long)
+    for k, opt in enumerate(flat):
+        opt_ids[k, : len(opt)] = torch.tensor(opt, dtype=torch.long)
+        opt_mask[k, : len(opt)] = 1
+    opt_ids, opt_mask = opt_ids.to(device), opt_mask.to(device)
+    index = torch.tensor(owner, device=device)
+    cache_arg = _cache_argument(model)
+    cache = getattr(out, cache_arg)
+    cache.batch_select_indices(index)
+    positions = lengths[index][:, None] + torch.arange(span, device=device)[None, :]
+    logits = model(
+        input_ids=opt_ids,
+        attention_mask=torch.cat([mask[index], opt_mask], dim=1),
+        position_ids=positions,
+        use_cache=False,
+        **{cache_arg: cache},
+    ).logits
+    logp = F.log_softmax(logits.float(), dim=-1)
+    totals: list[list[float]] = [[] for _ in prompts]
+    for k, opt in enumerate(flat):
+        r = owner[k]
+        total = first[r, opt[0]]
+        if len(opt) > 1:
+            targets = opt_ids[k, 1 : len(opt)]
+            total = total + logp[k, : len(opt) - 1].gather(1, targets[:, None]).sum()
+        totals[r].append(float(total))
+    return totals
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The name transformers uses for the key/value cache: ``cache`` in recent releases,
+    ``past_key_values`` before."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        names = inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in names else "past_key_values"
 
 
 def _forward(model: nn.Module, seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from ..errors import DenseLoRAError
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

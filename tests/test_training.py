@@ -1,0 +1,394 @@
+"""Data loading, the training loop (accumulation, resume, best model), evaluation and the train/eval
+CLI, on a tiny LLaMA with a character-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from _tiny import char_llama, char_tokenizer
+from denselora.data import (
+    IGNORE_INDEX,
+    Collator,
+    Example,
+    TokenizedDataset,
+    encode_example,
+    load_examples,
+    packaged_task_path,
+    split_examples,
+    subsample,
+)
+from denselora.errors import ArgumentError, ConfigError, FormatError
+from denselora.evaluation import dataset_kind, extract_answer, multiple_choice_accuracy, option_scores
+from denselora.training import (
+    TrainConfig,
+    batch_indices,
+    build_adapter_model,
+    fsdp_auto_wrap_policy,
+    latest_checkpoint,
+    lr_lambda,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def choice_examples(n: int = 24) -> list[Example]:
+    """A learnable multiple-choice task: the prompt's last letter decides the answer."""
+    options = [" yes", " no"]
+    return [Example(f"Q: {i} {'ab'[i % 2]}", options[i % 2], list(options), i % 2) for i in range(n)]
+
+
+def quiet(**kw) -> TrainConfig:
+    kw.setdefault("progress", False)
+    kw.setdefault("plot", False)
+    return TrainConfig(**kw)
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.adapter_state().items()}
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def write_bigbench(path, examples):
+    path.write_text(json.dumps({"canary": "x", "name": "t", "examples": examples}))
+    return path
+
+
+def test_bigbench_task_becomes_multiple_choice(tmp_path):
+    path = write_bigbench(tmp_path / "task.json", [{"input": "Sky?", "target_scores": {"green": 0, "blue": 1, "red": 0}}])
+    [example] = load_examples(path)
+    assert example.options == [" green", " blue", " red"]
+    assert example.label == 1 and example.answer == " blue"
+    assert "Sky?" in example.prompt and "- green\n- blue\n- red" in example.prompt
+
+
+def test_alpaca_records_and_jsonl(tmp_path):
+    records = [{"instruction": "Add", "input": "1 2", "output": "3"}, {"instruction": "Say hi", "output": "hi", "answer": "hi"}]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    for name in ("a.json", "a.jsonl"):
+        first, second = load_examples(tmp_path / name)
+        assert "### Input:\n1 2" in first.prompt and first.answer == "3"
+        assert "### Input" not in second.prompt and second.meta["answer"] == "hi"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "invalid JSON"),
+        ('{"examples": [{"input": "q", "target_scores": {"a": 1}}]}', "example 0"),
+        ('{"examples": [{"input": "q", "target_scores": {"a": 1, "b": 1}}]}', "single best"),
+        ('{"examples": [{"target_scores": {"a": 1, "b": 0}}]}', "'input'"),
+        ('[{"instruction": "x", "output": "y"}, {"instruction": "x"}]', "example 1 has no string 'output'"),
+        ('[{"instruction": 3, "output": "y"}]', "example 0"),
+        ('"just a string"', "expected a BIG-bench task"),
+        ("[]", "no examples"),
+    ],
+)
+def test_bad_data_files_name_file_and_example(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(FormatError, match=message) as info:
+        load_examples(path)
+    assert "bad.json" in str(info.value)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_examples(tmp_path / "nope.json")
+
+
+def test_label_masking_and_cutoff(tok):
+    example = Example("Q: 1?\nA:", " yes")
+    masked = encode_example(tok, example, cutoff_len=64)
+    prompt_len = len(tok.encode(example.prompt))
+    assert masked["input_ids"] == tok.encode(example.prompt) + tok.encode(" yes", add_special_tokens=False) + [tok.eos_token_id]
+    assert masked["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert masked["labels"][prompt_len:] == masked["input_ids"][prompt_len:]
+    full = encode_example(tok, example, cutoff_len=64, train_on_inputs=True)
+    assert full["labels"] == full["input_ids"]
+    cut = encode_example(tok, example, cutoff_len=5)
+    assert len(cut["input_ids"]) == 5 and set(cut["labels"]) == {IGNORE_INDEX}
+
+
+def test_collator_pads_right():
+    batch = Collator(pad_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_splits_are_disjoint_seeded_and_test_ignores_validation_size():
+    examples = [Example(str(i), "a") for i in range(50)]
+    a = split_examples(examples, seed=3, validation=5, test=0.2)
+    b = split_examples(examples, seed=3, validation=10, test=10)
+    prompts = lambda xs: [x.prompt for x in xs]  # noqa: E731
+    assert prompts(a.test) == prompts(b.test) and len(a.test) == 10
+    assert len(set(prompts(a.train)) | set(prompts(a.validation)) | set(prompts(a.test))) == 50
+    assert not set(prompts(a.train)) & set(prompts(a.test))
+    assert prompts(split_examples(examples, seed=4, test=10).test) != prompts(a.test)
+    with pytest.raises(ArgumentError):
+        split_examples(examples, validation=25, test=25)
+    assert len(subsample(a.train, 0.1)) == 4
+
+
+def test_packaged_tasks_carry_the_canary():
+    for name in ("strategyqa", "social_iqa"):
+        path = packaged_task_path(name)
+        task = json.loads(path.read_text())
+        assert "canary GUID" in task["canary"]
+        assert all(e.is_multiple_choice for e in load_examples(path))
+    with pytest.raises(ArgumentError, match="available"):
+        packaged_task_path("nope")
+
+
+def test_batch_order_is_a_seeded_stream_over_epochs():
+    seen = [i for step in range(5) for i in batch_indices(10, 4, step, seed=1)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert batch_indices(10, 4, 3, seed=1) == batch_indices(10, 4, 3, seed=1)
+    assert seen[:10] != [i for step in range(3) for i in batch_indices(10, 4, step, seed=2)][:10]
+
+
+def test_schedule_shapes():
+    linear, cosine = lr_lambda("linear", 2, 10), lr_lambda("cosine", 2, 10)
+    assert linear(0) == pytest.approx(1 / 3) and linear(1) == pytest.approx(2 / 3)
+    assert linear(2) == 1.0 and linear(6) == pytest.approx(0.5) and linear(10) == 0.0
+    assert cosine(6) == pytest.approx(0.5) and cosine(4) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def make_data(tok, n=24, **kw):
+    return TokenizedDataset(choice_examples(n), tok, cutoff_len=64, **kw)
+
+
+def test_loss_decreases_and_outputs_are_written(tok, tmp_path):
+    model = build_adapter_model(char_llama(), r=8, alpha=16, dropout=0.0)
+    data = make_data(tok)
+    result = train(model, tok, data, quiet(lr=3e-2, max_steps=20, micro_batch_size=8, plot=True), val_data=make_data(tok, 6), output_dir=tmp_path)
+    first = sum(h["loss"] for h in result.history[:3]) / 3
+    last = sum(h["loss"] for h in result.history[-3:]) / 3
+    assert last < 0.5 * first
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["steps"] == 20 and len(log["history"]) == 20
+    assert (tmp_path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("adapter", "final"):
+        assert (tmp_path / name / "adapter.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(tok):
+    # Examples of different lengths: the loss is normalised by the global batch's token count, so
+    # 4 micro-batches of 2 give the gradient of one batch of 8.
+    examples = [Example(f"Q{i}: " + "x" * (i % 5), " a" * (1 + i % 3)) for i in range(16)]
+    data = TokenizedDataset(examples, tok, cutoff_len=64)
+    runs = []
+    for micro, accum in ((8, 1), (2, 4)):
+        model = build_adapter_model(char_llama(), r=4, alpha=8, dropout=0.0)
+        train(model, tok, data, quiet(lr=1e-2, max_steps=3, micro_batch_size=micro, gradient_accumulation_steps=accum))
+        runs.append(adapter_tensors(model))
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tok, tmp_path):
+    data = make_data(tok)
+    val = make_data(tok, 6)
+    config = quiet(lr=1e-2, max_steps=6, micro_batch_size=4, save_every=2, eval_every=3, warmup_steps=2, seed=5)
+
+    full = build_adapter_model(char_llama(), r=4, alpha=8, dropout=0.1)  # dropout: the RNG state matters
+    train(full, tok, data, config, val_data=val, output_dir=tmp_path / "full")
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step, record):
+        if step == 5:
+            raise Stop
+
+    first = build_adapter_model(char_llama(), r=4, alpha=8, dropout=0.1)
+    with pytest.raises(Stop):
+        train(first, tok, data, config, val_data=val, output_dir=tmp_path / "cut", callback=interrupt)
+    assert latest_checkpoint(tmp_path / "cut").name == "step-4"
+
+    base = char_llama()
+    torch.manual_seed(9)  # another adapter init: all the state must come from the checkpoint
+    resumed = build_adapter_model(base, r=4, alpha=8, dropout=0.1)
+    result = train(resumed, tok, data, config, val_data=val, output_dir=tmp_path / "cut", resume_from="latest")
+    assert result.steps == 6
+    expected = adapter_tensors(full)
+    for name, tensor in adapter_tensors(resumed).items():
+        assert torch.equal(tensor, expected[name]), name
+    assert json.loads((tmp_path / "cut" / "train_log.json").read_text())["evals"] == json.loads((tmp_path / "full" / "train_log.json").read_text())["evals"]
+
+
+def test_resume_refuses_a_different_batch_or_a_missing_checkpoint(tok, tmp_path):
+    data = make_data(tok, 8)
+    model = build_adapter_model(char_llama(), r=4, alpha=8)
+    train(model, tok, data, quiet(lr=1e-3, max_steps=2, micro_batch_size=2, save_every=1), output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="global batch"):
+        train(model, tok, data, quiet(lr=1e-3, max_steps=3, micro_batch_size=4), output_dir=tmp_path, resume_from="latest")
+    with pytest.raises(FileNotFoundError, match="trainer state"):
+        train(model, tok, data, quiet(lr=1e-3, max_steps=3, micro_batch_size=2), resume_from=tmp_path / "adapter")
+
+
+def test_best_model_is_the_lowest_validation_loss(tok, tmp_path):
+    from denselora.io import load_adapter
+
+    model = build_adapter_model(char_llama(), r=8, alpha=16, dropout=0.0)
+    snapshots = {}
+
+    def remember(step, record):
+        snapshots[step] = adapter_tensors(model)
+
+    # A learning rate far too high makes validation loss go up again after the first steps.
+    result = train(
+        model, tok, make_data(tok), quiet(lr=0.3, max_steps=8, micro_batch_size=8, eval_every=1, schedule="constant"),
+        val_data=make_data(tok, 6), output_dir=tmp_path, callback=remember,
+    )
+    losses = {e["step"]: e["val_loss"] for e in result.evals}
+    best = min(losses, key=losses.get)
+    assert result.best_step == best and result.best_val_loss == losses[best]
+    _, saved = load_adapter(tmp_path / "adapter")
+    for name, tensor in snapshots[best].items():
+        assert torch.equal(saved[name], tensor), name
+
+
+def test_bad_train_configs(tok):
+    model = build_adapter_model(char_llama(), r=4, alpha=8)
+    for bad in (dict(lr=0), dict(micro_batch_size=0), dict(schedule="step"), dict(precision="fp8"), dict(max_steps=0), dict(epochs=-1.0)):
+        with pytest.raises(ConfigError):
+            train(model, tok, make_data(tok, 4), quiet(**bad))
+    with pytest.raises(ArgumentError, match="no trainable"):
+        train(char_llama().requires_grad_(False), tok, make_data(tok, 4), quiet())
+    with pytest.raises(ConfigError, match="method"):
+        build_adapter_model(char_llama(), "dora")
+
+
+def test_lora_method_trains_a_peft_lora(tok, tmp_path):
+    pytest.importorskip("peft")
+    model = build_adapter_model(char_llama(), "lora", r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names) and len(names) == 2 * 2 * 2
+    train(model, tok, make_data(tok, 8), quiet(lr=1e-2, max_steps=2, micro_batch_size=4), output_dir=tmp_path)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_fsdp_policy_wraps_the_shared_container_once(tok):
+    model = build_adapter_model(char_llama(layers=3), r=4, alpha=8)
+    policy = fsdp_auto_wrap_policy(model)
+    shared = model.base_model.denselora_shared
+    wrapped = [m for m in model.modules() if policy(m, recurse=False)]
+    assert sum(m is shared for m in wrapped) == 1
+    assert not any(m in list(shared.children()) for m in wrapped)  # groups are not split off
+    assert sum(type(m).__name__ == "LlamaDecoderLayer" for m in wrapped) == 3
+    assert not policy(shared, recurse=True) and policy(model, recurse=True)
+    with pytest.raises(ArgumentError):
+        fsdp_auto_wrap_policy(char_llama())
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+def test_option_scores_match_a_direct_computation(tok):
+    model = char_llama()
+    examples = [Example("Q: 3?\nA:", " odd", [" even", " odd", " no"], 1), Example("Q: 12?\nA:", " even", [" even", " odd", " no"], 0)]
+    scores = option_scores(model, tok, examples, batch_size=2)
+    for example, row in zip(examples, scores):
+        prompt = tok.encode(example.prompt)
+        for option, score in zip(example.options, row):
+            ids = prompt + tok.encode(option, add_special_tokens=False)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+            expected = sum(float(logp[t - 1, ids[t]]) for t in range(len(prompt), len(ids)))
+            assert score == pytest.approx(expected, abs=1e-4)
+    # Single-token options take the one-pass path; it must agree with the general one.
+    single = [Example("Q: 5?\nA: ", "y", ["y", "n"], 0), Example("Q: 55?\nA: ", "n", ["y", "n"], 1)]
+    fast = option_scores(model, tok, single, batch_size=2)
+    for example, row in zip(single, fast):
+        ids = tok.encode(example.prompt)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+        assert row == pytest.approx([float(logp[tok.encode(o, add_special_tokens=False)[0]]) for o in example.options], abs=1e-4)
+
+
+def test_training_raises_multiple_choice_accuracy(tok):
+    examples = choice_examples(40)
+    model = build_adapter_model(char_llama(), r=8, alpha=16, dropout=0.0)
+    assert multiple_choice_accuracy(model, tok, examples).accuracy < 0.6
+    train(model, tok, TokenizedDataset(examples, tok), quiet(lr=3e-2, max_steps=40, micro_batch_size=8))
+    assert multiple_choice_accuracy(model, tok, examples).accuracy == 1.0
+
+
+def test_answer_extraction_formats():
+    assert extract_answer("boolq", "the correct answer is True") == "true"
+    assert extract_answer("piqa", "solution2 because") == "solution2"
+    assert extract_answer("hellaswag", "ending4") == "ending4"
+    assert extract_answer("winogrande", "no idea") is None
+    assert dataset_kind("data/ARC-Easy/test.json") == "ARC-Easy"
+    assert dataset_kind("x/social_i_qa/test.json") == "social_i_qa"
+    with pytest.raises(ArgumentError):
+        dataset_kind("mystery.json")
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    folder = tmp_path_factory.mktemp("model")
+    char_llama().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_cli_train_then_eval(model_dir, tmp_path, capsys):
+    from denselora.cli import main
+
+    task = write_bigbench(
+        tmp_path / "task.json",
+        [{"input": f"{i} is?", "target_scores": {"even": int(i % 2 == 0), "odd": int(i % 2 == 1)}} for i in range(40)],
+    )
+    out = tmp_path / "run"
+    args = ["--model", str(model_dir), "--data", str(task), "--test-size", "8", "--val-size", "4"]
+    assert main(["train", *args, "--output", str(out), "--steps", "30", "--lr", "2e-2", "--r", "8", "--micro-batch-size", "8", "--no-progress", "--save-every", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable parameters" in printed and "28 train, 4 validation, 8 test" in printed
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "checkpoints").is_dir()
+    report = tmp_path / "eval.json"
+    assert main(["eval", *args, "--adapter", str(out / "adapter"), "--output", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["examples"] == 8 and result["split"] == "test"
+    # The same adapter through the Python API gives the same answers.
+    from denselora.cli.train import attach_adapter
+    from denselora.models import load_model
+
+    base, tokenizer = load_model(str(model_dir))
+    splits = split_examples(load_examples(task), seed=0, validation=4, test=8)
+    direct = multiple_choice_accuracy(attach_adapter(base, str(out / "adapter")), tokenizer, splits.test)
+    assert result["predictions"] == direct.predictions and result["accuracy"] == direct.accuracy
+    assert main(["eval", *args]) == 0  # the base model alone
+
+
+def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
+    from denselora.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "x"}]')
+    assert main(["train", "--model", str(model_dir), "--data", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert "bad.json: example 0" in capsys.readouterr().err
+    assert main(["train", "--model", str(tmp_path / "none"), "--data", str(bad), "--output", str(tmp_path / "o"), "--lr", "-1"]) == 2
+    assert "lr must be" in capsys.readouterr().err
+    task = write_bigbench(tmp_path / "t.json", [{"input": "q", "target_scores": {"a": 1, "b": 0}}] * 10)
+    assert main(["eval", "--model", str(tmp_path / "none"), "--data", str(task)]) == 2
+    assert "no such model folder" in capsys.readouterr().err
