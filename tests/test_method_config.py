@@ -134,3 +134,41 @@ def test_create_optimizer_uses_the_configs_learning_rate_ratios():
     assert {id(p) for p in groups["m"]} == {id(layer.m) for _, layer in model.adapter_layers()}
     explicit = {g["name"]: g["lr"] for g in create_optimizer(model, 1e-3, shared_lr_ratio=1.0, m_lr_ratio=1.0).param_groups}
     assert explicit == {"shared": pytest.approx(1e-3), "m": pytest.approx(1e-3)}
+
+
+def test_build_adapter_model_presets_and_overrides():
+    from denselora.training import build_adapter_model
+
+    paper = build_adapter_model(tiny_llama(), r=4, alpha=8, preset="paper")
+    assert paper.denselora_config == dl.DenseLoRAConfig.paper(r=4, alpha=8, dropout=0.05, init_fingerprint=paper.denselora_config.init_fingerprint)
+    tuned = build_adapter_model(tiny_llama(), r=4, alpha=8, activation="gelu", scaling="standard", m_lr_ratio=2.0)
+    config = tuned.denselora_config
+    assert (config.activations, config.scaling, config.m_init, config.m_lr_ratio) == (("gelu", "gelu"), "standard", "orthogonal", 2.0)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_adapter_model(tiny_llama(), preset="lora")
+    with pytest.raises(ConfigError, match="m_init"):
+        build_adapter_model(tiny_llama(), m_init="zeros")
+
+
+def test_cli_train_preset_paper_records_the_papers_settings(tmp_path, capsys):
+    from _tiny import char_llama, char_tokenizer
+    from denselora.cli import main
+
+    model_dir = tmp_path / "model"
+    char_llama().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    task = tmp_path / "task.json"
+    examples = [{"input": f"{i} is?", "target_scores": {"even": int(i % 2 == 0), "odd": int(i % 2)}} for i in range(20)]
+    task.write_text(json.dumps({"canary": "x", "name": "t", "examples": examples}))
+    common = ["train", "--model", str(model_dir), "--data", str(task), "--test-size", "4", "--val-size", "2", "--steps", "2", "--r", "4", "--no-progress"]
+    assert main([*common, "--output", str(tmp_path / "paper"), "--preset", "paper", "--m-lr-ratio", "2"]) == 0
+    saved = json.loads((tmp_path / "paper" / "adapter" / "adapter_config.json").read_text())
+    assert (saved["activation"], saved["encoder_activation"], saved["decoder_activation"]) == ("gelu", None, None)
+    assert (saved["scaling"], saved["m_init"], saved["shared_lr_ratio"], saved["m_lr_ratio"]) == ("standard", "kaiming", 1.0, 2.0)
+    assert main([*common, "--output", str(tmp_path / "default")]) == 0
+    saved = json.loads((tmp_path / "default" / "adapter" / "adapter_config.json").read_text())
+    default = dl.DenseLoRAConfig()
+    assert (saved["activation"], saved["scaling"], saved["m_init"]) == (default.activation, default.scaling, default.m_init)
+    capsys.readouterr()
+    assert main([*common, "--output", str(tmp_path / "bad"), "--shared-lr-ratio", "0"]) == 2
+    assert "shared_lr_ratio" in capsys.readouterr().err
