@@ -164,7 +164,7 @@ def ensure(kind: str, task: str, variant: str, lr: float, seed: int, args: argpa
     if path.exists():
         return json.loads(path.read_text())
     print(f"[{time.strftime('%H:%M:%S')}] {kind} {task} {variant} lr={lr:g} seed={seed} ...", flush=True)
-    record = run_one(kind, task, variant, lr, seed, args, track=track)
+    record = run_one(kind, task, variant, lr, seed, args, track=track or args.track)
     write_json(path, record)
     print(
         f"    val_loss={record['val_loss']:.4f} val_acc={record['val_accuracy']:.3f} "
@@ -306,6 +306,7 @@ def stage_compare(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace, kind: str) -> list[dict[str, Any]]:
+    """Every result of one stage (one JSON per run)."""
     folder = Path(args.results) / kind
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
@@ -318,9 +319,55 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def stage_report(args: argparse.Namespace) -> None:
+def _gain_table(args: argparse.Namespace) -> list[str]:
     lines: list[str] = []
+    for data in _load(args, "gain"):
+        rows = data["rows"]
+        lora = statistics.mean(r["first_step_decrease_per_lr"] for r in rows if r["variant"] == "lora")
+        lines += [
+            f"### First step, measured: {data['task']}, one batch of {data['batch']} examples ({data['tokens']} tokens), 3 adapter inits",
+            "",
+            "Loss decrease of Adam's first step per unit of learning rate, relative to LoRA's; the gain "
+            "(`s * act_d'(0) * rms(M act_e(E x))`, LoRA: `s * rms(A x)`) and the agreement of the layers "
+            "that share one decoder (1 = all pull the same way).",
+            "",
+            "| variant | first step vs LoRA | gain | agreement |",
+            "|---|---|---|---|",
+        ]
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            rs = [r for r in rows if r["variant"] == variant]
+            rel = [r["first_step_decrease_per_lr"] / lora for r in rs]
+            lines.append(
+                f"| {variant} | {_mean_std(rel)} | {statistics.mean(r['gain'] for r in rs):.3f} | "
+                f"{statistics.mean(r['agreement'] for r in rs):.2f} |"
+            )
+        lines.append("")
+        _plot_gain(rows, lora, Path(args.docs))
+    return lines
+
+
+def _plot_gain(rows: list[dict[str, Any]], lora: float, docs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    values = [statistics.mean(r["first_step_decrease_per_lr"] for r in rows if r["variant"] == n) / lora for n in names]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.barh(names[::-1], values[::-1])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="first-step loss decrease per unit lr, relative to LoRA r16")
+    fig.tight_layout()
+    fig.savefig(docs / "first_step.png", dpi=110)
+    plt.close(fig)
+
+
+def stage_report(args: argparse.Namespace) -> None:
+    lines: list[str] = _gain_table(args)
     diag = [r for r in _load(args, "diagnose") if r["steps"] == args.steps]
+    tracked = [r for r in _load(args, "compare") if r["steps"] == args.steps and "tracker" in r and r["seed"] == 0]
     if diag:
         lines += [
             f"### Diagnosis: {diag[0]['task']}, lr {diag[0]['lr']:g}, {args.steps} steps, batch {diag[0]['batch']}, seed 0",
@@ -337,6 +384,24 @@ def stage_report(args: argparse.Namespace) -> None:
             )
         lines.append("")
         _plot_diagnosis(diag, Path(args.docs))
+    if tracked and not diag:
+        lines += [
+            f"### Training dynamics (compare runs, seed 0, {args.steps} steps)",
+            "",
+            "| task | method | lr | grad norm per group (first / last step) | update norm per group (last step) | update / base output | entropy rank | 99% rank |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in tracked:
+            first, last = r["tracker"][0], r["tracker"][-1]
+            grads = ", ".join(f"{g} {first['grad_groups'][g]:.3g} / {last['grad_groups'][g]:.3g}" for g in last["grad_groups"])
+            ups = ", ".join(f"{g} {v:.3g}" for g, v in last["update_groups"].items())
+            s_ = r["layer_summary"]["all"]
+            lines.append(
+                f"| {r['task']} | {r['variant']} | {r['lr']:g} | {grads} | {ups} | {s_['relative_norm']:.4f} | "
+                f"{s_['entropy_rank']:.1f} | {s_['energy_rank']:.1f} |"
+            )
+        lines.append("")
+        _plot_diagnosis(tracked, Path(args.docs))
     comp = [r for r in _load(args, "compare") if r["steps"] == args.steps]
     if comp:
         lines += [
@@ -448,6 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--diagnose-lr", type=float, default=3e-3)
     parser.add_argument("--diagnose-test", action="store_true", help="also score the test split in diagnose runs")
     parser.add_argument("--gain-batch", type=int, default=8, help="examples in the first-step analysis batch")
+    parser.add_argument("--track", action="store_true", help="record gradient/update norms and layer updates in compare runs too")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
