@@ -33,19 +33,25 @@ PRESETS: dict[str, dict[str, Any]] = {"default": {}, "paper": PAPER_SETTINGS}
 class DenseLoRAConfig:
     """Configuration of a DenseLoRA adapter.
 
-    The branch added to each targeted linear layer is ``s * act(D_g @ M_l @ act(E_g @ x))`` with
-    ``s = alpha / r``; ``E_g`` and ``D_g`` are shared by every layer of a group (one group per module
-    name and shape), ``M_l`` is each layer's own ``r x r`` matrix.
+    The branch added to each targeted linear layer is ``s * act(D_g @ M_l @ act(E_g @ x))``;
+    ``E_g`` and ``D_g`` are shared by every layer of a group (one group per module name and shape),
+    ``M_l`` is each layer's own ``r x r`` matrix.
+
+    The defaults (a linear branch, ``s = alpha / sqrt(r)``, orthogonal ``M``) make a step move the
+    model about as much as a LoRA step at the same learning rate (docs/method_study.md); the
+    paper's released code is `DenseLoRAConfig.paper()` (GELU on both sides, ``s = alpha / r``,
+    Kaiming-uniform ``M``).
 
     Args:
         r: latent width of the shared encoder/decoder.
-        alpha: scale numerator; the branch is multiplied by ``alpha / r``.
+        alpha: scale numerator; the branch is multiplied by ``alpha / r`` or ``alpha / sqrt(r)``
+            (see ``scaling``).
         dropout: dropout probability applied to the input, to ``act(E x)`` and to the branch output
             (training only).
         target_modules: module names (matched against the last component of a module's path, or a
             dotted suffix of it) or one regular expression matched against the full path.
-        activation: ``"gelu"`` (exact, as in the paper's code), ``"identity"`` (a linear branch that
-            can be merged into the base weights and exported as a LoRA) or ``"silu"``; applied after
+        activation: ``"identity"`` (the default: a linear branch that can be merged into the base
+            weights and exported as a LoRA), ``"gelu"`` (exact, as in the paper's code) or ``"silu"``; applied after
             the encoder and after the decoder unless one side is set on its own.
         encoder_activation: overrides ``activation`` after the encoder (``act(E x)``).
         decoder_activation: overrides ``activation`` after the decoder (on the branch output).
