@@ -145,6 +145,7 @@ def run_one(kind: str, task: str, variant: str, lr: float, seed: int, args: argp
         batch = next(iter(torch.utils.data.DataLoader(val_data, batch_size=8, collate_fn=_collate(tokenizer))))
         per_layer = diagnostics.layer_updates(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
         record["layer_updates"] = per_layer
+        record["diagnostics_version"] = 2  # layer updates measured without dropout
         record["layer_summary"] = diagnostics.summarize(per_layer)
     return record
 
@@ -367,7 +368,7 @@ def _plot_gain(rows: list[dict[str, Any]], lora: float, docs: Path) -> None:
 def stage_report(args: argparse.Namespace) -> None:
     lines: list[str] = _gain_table(args)
     diag = [r for r in _load(args, "diagnose") if r["steps"] == args.steps]
-    tracked = [r for r in _load(args, "compare") if r["steps"] == args.steps and "tracker" in r and r["seed"] == 0]
+    tracked = [r for r in _load(args, "compare") if r["steps"] == args.steps and r.get("diagnostics_version") == 2 and r["seed"] == 0]
     if diag:
         lines += [
             f"### Diagnosis: {diag[0]['task']}, lr {diag[0]['lr']:g}, {args.steps} steps, batch {diag[0]['batch']}, seed 0",

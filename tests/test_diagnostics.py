@@ -134,3 +134,16 @@ def test_attached_tracker_records_an_external_loop(tokens):
     model(tokens, labels=tokens).loss.backward()
     tracker.on_step(3)
     assert set(tracker.history[-1]["grad"]["tensors"].values()) == {0.0}
+
+
+def test_layer_updates_ignore_dropout_and_keep_the_training_mode(tokens):
+    model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4, dropout=0.3))
+    randomize_adapter(model)
+    model.eval()
+    expected = diagnostics.layer_updates(model, tokens)
+    model.train()
+    measured = diagnostics.layer_updates(model, tokens)
+    assert model.training and all(layer.training for _, layer in model.adapter_layers())
+    for path, values in expected.items():
+        assert measured[path] == pytest.approx(values), path
+        assert values["energy_rank"] <= 4  # a linear branch of rank r

@@ -180,34 +180,37 @@ def layer_updates(model: nn.Module, inputs: Mapping[str, Any] | torch.Tensor, en
     for path, layer in layers:
         hooks.append(layer.register_forward_pre_hook(lambda mod, args, path=path: captured.__setitem__(path, args[0].detach())))
     was_training = model.training
-    model.eval()
+    model.eval()  # no dropout, neither in the forward nor in the branches measured below
     try:
         if isinstance(inputs, torch.Tensor):
             model(inputs)
         else:
             model(**inputs)
+        for hook in hooks:
+            hook.remove()
+        hooks = []
+        results: dict[str, dict[str, float]] = {}
+        for path, layer in layers:
+            if path not in captured:
+                continue
+            x = captured[path]
+            delta = _layer_delta(layer, x)
+            delta = delta.reshape(-1, delta.shape[-1])
+            base = layer.base_layer(x).float().reshape(delta.shape)
+            norm = float(delta.norm())
+            base_norm = float(base.norm())
+            ranks = effective_rank(delta, energy)
+            results[path] = {
+                "norm": norm,
+                "relative_norm": norm / base_norm if base_norm > 0 else math.inf,
+                "rms": norm / math.sqrt(delta.numel()),
+                "entropy_rank": ranks["entropy"],
+                "energy_rank": ranks["energy"],
+            }
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    results: dict[str, dict[str, float]] = {}
-    for path, layer in layers:
-        if path not in captured:
-            continue
-        x = captured[path]
-        delta = _layer_delta(layer, x)
-        delta = delta.reshape(-1, delta.shape[-1])
-        base = layer.base_layer(x).float().reshape(delta.shape)
-        norm = float(delta.norm())
-        base_norm = float(base.norm())
-        ranks = effective_rank(delta, energy)
-        results[path] = {
-            "norm": norm,
-            "relative_norm": norm / base_norm if base_norm > 0 else math.inf,
-            "rms": norm / math.sqrt(delta.numel()),
-            "entropy_rank": ranks["entropy"],
-            "energy_rank": ranks["energy"],
-        }
     return results
 
 
