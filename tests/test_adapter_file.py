@@ -44,7 +44,7 @@ def test_file_is_plain_safetensors_with_documented_names(saved):
     config = json.loads((directory / "adapter_config.json").read_text())
     assert config["format_version"] == _core.ADAPTER_FORMAT_VERSION
     assert config["groups"]["model.layers.0.self_attn.q_proj"] == "q_proj"
-    assert config["r"] == 4 and config["activation"] == "gelu"
+    assert config["r"] == 4 and config["activation"] == dl.DenseLoRAConfig().activation and config["scaling"] == "rslora"
     assert config["init_fingerprint"]
 
 

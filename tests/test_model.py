@@ -41,8 +41,8 @@ def test_every_adapted_layer_computes_the_formula(factory, activation):
     targets = {tiny_llama: None, tiny_gpt2: ["c_attn", "c_proj", "c_fc"], tiny_bert: ["query", "key", "value", "dense"]}
     if isinstance(activation, tuple):
         config = dl.DenseLoRAConfig(r=4, alpha=8, encoder_activation=activation[0], decoder_activation=activation[1])
-    else:
-        config = dl.DenseLoRAConfig(r=4, alpha=8, activation=activation)
+    else:  # the paper preset applies one activation on both sides
+        config = dl.DenseLoRAConfig.paper(r=4, alpha=8, activation=activation)
     if targets[factory]:
         config.target_modules = targets[factory]
     model = dl.get_denselora_model(factory(), config)

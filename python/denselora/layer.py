@@ -43,6 +43,25 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def init_m_(m: torch.Tensor, kind: str = "kaiming") -> torch.Tensor:
+    """Initialise a layer's ``M`` in place: ``"kaiming"`` (uniform, the ``nn.Linear`` default and
+    the paper's), ``"orthogonal"`` (norm-preserving, different in every layer) or ``"identity"``."""
+    if m.device.type == "meta":  # no values to set; a loaded adapter fills them
+        if kind not in ("kaiming", "orthogonal", "identity"):
+            raise ConfigError(f"unknown m_init {kind!r}; expected 'kaiming', 'orthogonal' or 'identity'")
+        return m
+    with torch.no_grad():
+        if kind == "kaiming":
+            nn.init.kaiming_uniform_(m, a=math.sqrt(5))
+        elif kind == "orthogonal":
+            nn.init.orthogonal_(m)
+        elif kind == "identity":
+            nn.init.eye_(m)
+        else:
+            raise ConfigError(f"unknown m_init {kind!r}; expected 'kaiming', 'orthogonal' or 'identity'")
+    return m
+
+
 class DenseLoRAShared(nn.Module):
     """The encoder ``E`` (r x in) and decoder ``D`` (out x r) of one group, one parameter each,
     referenced (never copied) by every layer of the group."""
@@ -95,6 +114,7 @@ class DenseLoRALayer(nn.Module):
         scaling: float,
         activation: "str | tuple[str, str]",
         dropout: float,
+        m_init: str = "kaiming",
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -108,7 +128,7 @@ class DenseLoRALayer(nn.Module):
         self.m = nn.Parameter(
             torch.empty(shared.decoder_rank, shared.encoder_rank, device=weight.device, dtype=torch.float32)
         )
-        nn.init.kaiming_uniform_(self.m, a=math.sqrt(5))
+        init_m_(self.m, m_init)
         self.disabled = False
         self.merged = False
         self._inference_backend = "auto"

@@ -169,7 +169,7 @@ class DenseLoRAModel(nn.Module):
         groups = raw_config.get("groups")
         if not isinstance(groups, dict) or not groups:
             raise IncompatibleAdapterError(f"{where}: config has no 'groups'")
-        config = DenseLoRAConfig.from_dict(raw_config)
+        config = DenseLoRAConfig.from_saved(raw_config)
         wrapped = inject(model, config, groups=groups, tensors=tensors, source=where)
         wrapped.requires_grad_adapter(is_trainable)
         if not is_trainable:
@@ -242,7 +242,7 @@ class DenseLoRAModel(nn.Module):
             tensors[f"{prefix}.lora_B.weight"] = (shared.decoder.detach().float().cpu() @ layer.m.detach().float().cpu())
             ranks[path] = shared.encoder_rank
             fan_in_fan_out |= is_conv1d(layer.base_layer)
-        scaling = self.denselora_config.scaling
+        scaling = self.denselora_config.scale
         rank = max(set(ranks.values()), key=list(ranks.values()).count)
         config = {
             "peft_type": "LORA",
@@ -381,7 +381,13 @@ def inject(
     setattr(model, SHARED_ATTR, shared)
     for path, group in groups.items():
         layer = DenseLoRALayer(
-            modules[path], shared[group], group, scaling=config.scaling, activation=config.activations, dropout=config.dropout
+            modules[path],
+            shared[group],
+            group,
+            scaling=config.scale,
+            activation=config.activations,
+            dropout=config.dropout,
+            m_init=config.m_init,
         )
         layer.train(modules[path].training)  # a new module starts in training mode; keep the model's
         parent_path, _, child = path.rpartition(".")

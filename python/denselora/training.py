@@ -114,12 +114,20 @@ def build_adapter_model(
     alpha: float = 32.0,
     dropout: float = 0.05,
     target_modules: Sequence[str] = tuple(DEFAULT_TARGET_MODULES),
-    activation: str = "gelu",
+    activation: Optional[str] = None,
+    preset: str = "default",
+    **options: Any,
 ) -> nn.Module:
     """``base`` with a fresh DenseLoRA adapter, or with a PEFT LoRA on the same targets, rank and
-    alpha (``method="lora"``) for comparison."""
+    alpha (``method="lora"``) for comparison. A DenseLoRA adapter starts from ``preset``
+    (``"default"`` or ``"paper"``); ``activation`` and ``options`` (any other `DenseLoRAConfig`
+    field: ``scaling``, ``m_init``, ``shared_lr_ratio`` ...) override it."""
     if method == "denselora":
-        config = DenseLoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=list(target_modules), activation=activation)
+        if activation is not None:
+            options["activation"] = activation
+        config = DenseLoRAConfig.from_preset(
+            preset, r=r, alpha=alpha, dropout=dropout, target_modules=list(target_modules), **options
+        )
         return get_denselora_model(base, config)
     if method == "lora":
         try:

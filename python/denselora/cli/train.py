@@ -106,7 +106,14 @@ def _register_train(subparsers: Any) -> None:
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,up_proj,down_proj", help="comma-separated module names")
-    p.add_argument("--activation", default="gelu", choices=("gelu", "identity", "silu"))
+    p.add_argument("--preset", default="default", choices=("default", "paper"), help="DenseLoRA configuration to start from: the library's default or the paper's code (GELU both sides, alpha/r, Kaiming M); the flags below override it")
+    p.add_argument("--activation", default=None, choices=("gelu", "identity", "silu"), help="both sides (default: the preset's)")
+    p.add_argument("--encoder-activation", default=None, choices=("gelu", "identity", "silu"))
+    p.add_argument("--decoder-activation", default=None, choices=("gelu", "identity", "silu"))
+    p.add_argument("--scaling", default=None, choices=("standard", "rslora"), help="alpha/r or alpha/sqrt(r) (default: the preset's)")
+    p.add_argument("--m-init", default=None, choices=("kaiming", "orthogonal", "identity"))
+    p.add_argument("--shared-lr-ratio", type=float, default=None, help="learning-rate multiplier of the shared encoders/decoders")
+    p.add_argument("--m-lr-ratio", type=float, default=None, help="learning-rate multiplier of the per-layer M")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (ignored with --epochs)")
     p.add_argument("--epochs", type=float, default=None)
@@ -126,6 +133,16 @@ def _register_train(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true")
     _add_split_flags(p)
     p.set_defaults(handler=run_train)
+
+
+def dense_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The DenseLoRA preset and the configuration flags given on the command line."""
+    options: dict[str, Any] = {"preset": args.preset}
+    for name in ("activation", "encoder_activation", "decoder_activation", "scaling", "m_init", "shared_lr_ratio", "m_lr_ratio"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    return options
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -153,7 +170,9 @@ def run_train(args: argparse.Namespace) -> int:
     rank, world, device = _setup_distributed(_device(args.device))
     base, tokenizer = _load_base(args, device)
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    model = build_adapter_model(base, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets, activation=args.activation)
+    model = build_adapter_model(
+        base, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets, **dense_options(args)
+    )
     trainable, total = count_trainable(model)
     train_data = TokenizedDataset(train_examples, tokenizer, cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs)
     val_data = TokenizedDataset(splits.validation, tokenizer, cutoff_len=args.cutoff_len) if splits.validation else None

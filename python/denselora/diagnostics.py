@@ -1,0 +1,223 @@
+"""Training diagnostics for adapters: gradient and update norms per parameter group and per layer,
+and the size and effective rank of each adapted layer's update of its output on a batch.
+
+Works on a `DenseLoRAModel` and on PEFT LoRA models (or any model whose adapted layers keep the
+frozen layer as ``base_layer``), so the two methods can be compared on the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from .errors import ArgumentError
+from .layer import DenseLoRALayer
+
+
+def parameter_group(name: str) -> str:
+    """The optimizer group of an adapter parameter: ``shared`` (DenseLoRA encoder/decoder), ``m``
+    (DenseLoRA per-layer matrices), ``lora_A`` / ``lora_B`` (PEFT) or ``other``."""
+    if ".denselora_shared." in f".{name}":
+        return "shared"
+    if name.endswith(".m"):
+        return "m"
+    for part in ("lora_A", "lora_B"):
+        if f".{part}." in name:
+            return part
+    return "other"
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _group_norms(per_tensor: Mapping[str, float]) -> dict[str, float]:
+    squares: dict[str, float] = defaultdict(float)
+    for name, value in per_tensor.items():
+        squares[parameter_group(name)] += value * value
+    return {group: math.sqrt(total) for group, total in squares.items()}
+
+
+def gradient_norms(model: nn.Module) -> dict[str, Any]:
+    """L2 norms of the current gradients: ``{"tensors": {name: norm}, "groups": {group: norm}}``.
+    Parameters without a gradient count as zero."""
+    tensors = {
+        name: (float(param.grad.detach().float().norm()) if param.grad is not None else 0.0)
+        for name, param in _trainable(model)
+    }
+    return {"tensors": tensors, "groups": _group_norms(tensors)}
+
+
+class UpdateTracker:
+    """Records gradient norms and the norms of what each optimizer step changed, per tensor and per
+    group; ``history`` holds one record per step.
+
+    Two ways to use it: in your own loop, call `before_step()` after ``backward()`` and before
+    ``optimizer.step()``, then `after_step()`. Around a loop you do not control (e.g.
+    `denselora.training.train`), call `attach()` before training and pass `on_step` as the step
+    callback: gradient norms are then read by hooks when gradients are accumulated (before any
+    clipping), and updates are measured between consecutive callbacks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.history: list[dict[str, Any]] = []
+        self._snapshot: Optional[dict[str, torch.Tensor]] = None
+        self._grads: Optional[dict[str, Any]] = None
+        self._hooked: dict[str, float] = {}
+        self._handles: list[Any] = []
+
+    def attach(self) -> "UpdateTracker":
+        for name, param in _trainable(self.model):
+            def hook(p: torch.Tensor, name: str = name) -> None:
+                # Called after each accumulation; the last call of a step sees the full gradient.
+                self._hooked[name] = float(p.grad.detach().float().norm()) if p.grad is not None else 0.0
+
+            self._handles.append(param.register_post_accumulate_grad_hook(hook))
+        self._snapshot = {name: param.detach().float().clone() for name, param in _trainable(self.model)}
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def on_step(self, step: int, _record: Any = None) -> None:
+        """Step callback for an external loop (after the optimizer step of ``step``)."""
+        tensors = {name: self._hooked.get(name, 0.0) for name, _ in _trainable(self.model)}
+        self._grads = {"tensors": tensors, "groups": _group_norms(tensors)}
+        self._hooked = {}
+        self.after_step(step)
+        self._snapshot = {name: param.detach().float().clone() for name, param in _trainable(self.model)}
+
+    def before_step(self) -> None:
+        self._grads = gradient_norms(self.model)
+        self._snapshot = {name: param.detach().float().clone() for name, param in _trainable(self.model)}
+
+    def after_step(self, step: Optional[int] = None) -> dict[str, Any]:
+        if self._snapshot is None or self._grads is None:
+            raise ArgumentError("UpdateTracker.after_step() called without before_step()")
+        updates: dict[str, float] = {}
+        relative: dict[str, float] = {}
+        for name, param in _trainable(self.model):
+            before = self._snapshot[name]
+            delta = float((param.detach().float() - before).norm())
+            updates[name] = delta
+            size = float(before.norm())
+            relative[name] = delta / size if size > 0 else math.inf if delta > 0 else 0.0
+        record = {
+            "step": len(self.history) if step is None else step,
+            "grad": self._grads,
+            "update": {"tensors": updates, "groups": _group_norms(updates)},
+            "relative_update": relative,
+        }
+        self.history.append(record)
+        self._snapshot = self._grads = None
+        return record
+
+
+def effective_rank(matrix: torch.Tensor, energy: float = 0.99) -> dict[str, float]:
+    """Effective ranks of a 2-D matrix: ``entropy`` (exp of the Shannon entropy of the normalised
+    singular values, Roy & Vetterli 2007) and ``energy`` (the fewest singular values holding
+    ``energy`` of the squared Frobenius norm). A zero matrix has rank 0 on both."""
+    if matrix.dim() != 2:
+        raise ArgumentError(f"effective_rank needs a 2-D matrix, got shape {tuple(matrix.shape)}")
+    if not 0 < energy <= 1:
+        raise ArgumentError(f"energy must be in (0, 1], got {energy!r}")
+    s = torch.linalg.svdvals(matrix.detach().double())
+    total = float(s.sum())
+    if total == 0.0:
+        return {"entropy": 0.0, "energy": 0.0}
+    p = s / total
+    p = p[p > 0]
+    entropy_rank = float(torch.exp(-(p * p.log()).sum()))
+    cumulative = torch.cumsum(s * s, 0) / float((s * s).sum())
+    energy_rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype) - 1e-12)) + 1
+    return {"entropy": entropy_rank, "energy": float(min(energy_rank, len(s)))}
+
+
+def _adapted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, layer) of every adapted layer; a `DenseLoRAModel` reports paths in its base model,
+    as in its ``groups``."""
+    found = []
+    root = model.base_model if hasattr(model, "adapter_layers") and hasattr(model, "base_model") else model
+    for path, module in root.named_modules():
+        if isinstance(module, DenseLoRALayer) or (hasattr(module, "base_layer") and hasattr(module, "lora_A")):
+            found.append((path, module))
+    return found
+
+
+def _layer_delta(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the adapter adds to ``layer``'s output for input ``x`` (no dropout)."""
+    if isinstance(layer, DenseLoRALayer):
+        return layer.branch(x).float()
+    delta = None
+    for name in getattr(layer, "active_adapters", list(layer.lora_A.keys())):
+        if name not in layer.lora_A:
+            continue
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        part = b(a(x.to(a.weight.dtype))).float() * float(layer.scaling[name])
+        delta = part if delta is None else delta + part
+    if delta is None:
+        return torch.zeros_like(layer.base_layer(x)).float()
+    return delta
+
+
+@torch.no_grad()
+def layer_updates(model: nn.Module, inputs: Mapping[str, Any] | torch.Tensor, energy: float = 0.99) -> dict[str, dict[str, float]]:
+    """Run ``model`` on one batch and, for every adapted layer, measure the update ``delta_y`` the
+    adapter adds to its output (DenseLoRA: ``s * act(D M_l act(E x))``; LoRA: ``s * B A x``) over all
+    tokens of the batch: its Frobenius norm, its norm relative to the base output ``W0 x``, and its
+    effective rank as a (tokens x out) matrix. The model runs in eval mode (no dropout)."""
+    layers = _adapted_layers(model)
+    if not layers:
+        raise ArgumentError(f"{type(model).__name__} has no adapted layers to measure")
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for path, layer in layers:
+        hooks.append(layer.register_forward_pre_hook(lambda mod, args, path=path: captured.__setitem__(path, args[0].detach())))
+    was_training = model.training
+    model.eval()  # no dropout, neither in the forward nor in the branches measured below
+    try:
+        if isinstance(inputs, torch.Tensor):
+            model(inputs)
+        else:
+            model(**inputs)
+        for hook in hooks:
+            hook.remove()
+        hooks = []
+        results: dict[str, dict[str, float]] = {}
+        for path, layer in layers:
+            if path not in captured:
+                continue
+            x = captured[path]
+            delta = _layer_delta(layer, x)
+            delta = delta.reshape(-1, delta.shape[-1])
+            base = layer.base_layer(x).float().reshape(delta.shape)
+            norm = float(delta.norm())
+            base_norm = float(base.norm())
+            ranks = effective_rank(delta, energy)
+            results[path] = {
+                "norm": norm,
+                "relative_norm": norm / base_norm if base_norm > 0 else math.inf,
+                "rms": norm / math.sqrt(delta.numel()),
+                "entropy_rank": ranks["entropy"],
+                "energy_rank": ranks["energy"],
+            }
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return results
+
+
+def summarize(per_layer: Mapping[str, Mapping[str, float]], keys: Iterable[str] = ("relative_norm", "entropy_rank", "energy_rank")) -> dict[str, dict[str, float]]:
+    """Mean of each measure over layers, per module name (``q_proj`` ...) and over all layers."""
+    buckets: dict[str, list[Mapping[str, float]]] = defaultdict(list)
+    for path, values in per_layer.items():
+        buckets[path.rsplit(".", 1)[-1]].append(values)
+        buckets["all"].append(values)
+    return {name: {k: sum(v[k] for v in rows) / len(rows) for k in keys} for name, rows in buckets.items()}

@@ -1,0 +1,149 @@
+"""Diagnostics: effective rank against numpy's SVD, update norms against parameter differences, and
+per-layer updates against the formula (DenseLoRA) and against PEFT (LoRA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import denselora as dl
+from denselora import diagnostics
+from denselora.errors import ArgumentError
+from denselora.optim import create_optimizer
+
+from conftest import randomize_adapter, tiny_llama
+
+
+def test_effective_rank_of_known_spectra():
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+    v, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    flat = u[:, :3] @ np.diag([2.0, 2.0, 2.0]) @ v[:3]  # three equal singular values
+    ranks = diagnostics.effective_rank(torch.tensor(flat))
+    assert ranks["entropy"] == pytest.approx(3.0, rel=1e-6) and ranks["energy"] == 3
+    skewed = u[:, :4] @ np.diag([10.0, 1.0, 0.5, 0.01]) @ v[:4]
+    s = np.array([10.0, 1.0, 0.5, 0.01])
+    p = s / s.sum()
+    ranks = diagnostics.effective_rank(torch.tensor(skewed))
+    assert ranks["entropy"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    # 10^2 = 100 of 101.25 total energy is 98.8 %: two values are needed for 99 %
+    assert ranks["energy"] == 2
+    assert diagnostics.effective_rank(torch.zeros(5, 4)) == {"entropy": 0.0, "energy": 0.0}
+    with pytest.raises(ArgumentError):
+        diagnostics.effective_rank(torch.zeros(2, 2, 2))
+
+
+def test_update_tracker_matches_parameter_differences(tokens):
+    model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4, dropout=0.0)).train()
+    optimizer = create_optimizer(model, 1e-2)
+    tracker = diagnostics.UpdateTracker(model)
+    with pytest.raises(ArgumentError):
+        tracker.after_step()
+    for _ in range(2):
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model(tokens, labels=tokens).loss.backward()
+        grads = {n: p.grad.norm().item() for n, p in model.named_parameters() if p.requires_grad}
+        tracker.before_step()
+        optimizer.step()
+        record = tracker.after_step()
+        optimizer.zero_grad()
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                assert record["update"]["tensors"][name] == pytest.approx((param.detach() - before[name]).norm().item(), rel=1e-5)
+                assert record["grad"]["tensors"][name] == pytest.approx(grads[name], rel=1e-6)
+    shared = [n for n in grads if diagnostics.parameter_group(n) == "shared"]
+    assert shared and all(".denselora_shared." in n for n in shared)
+    expected = np.sqrt(sum(record["update"]["tensors"][n] ** 2 for n in shared))
+    assert record["update"]["groups"]["shared"] == pytest.approx(expected)
+    assert set(record["grad"]["groups"]) == {"shared", "m"}
+    assert len(tracker.history) == 2
+    # step 0: the decoder starts at zero, so E and M get no gradient and do not move
+    first = tracker.history[0]["update"]["tensors"]
+    assert all(first[n] == 0 for n in first if n.endswith(".encoder") or n.endswith(".m"))
+
+
+def test_layer_updates_follow_the_formula(tokens):
+    model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig.paper(r=4, alpha=8))
+    randomize_adapter(model)
+    captured = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, a, p=path: captured.__setitem__(p, a[0])) for path, layer in model.adapter_layers()]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    results = diagnostics.layer_updates(model, tokens)
+    assert set(results) == set(model.groups)
+    path, layer = next(iter(model.adapter_layers()))
+    x = captured[path].reshape(-1, layer.shared.in_features).double()
+    e, d, m = (t.detach().double() for t in (layer.shared.encoder, layer.shared.decoder, layer.m))
+    gelu = torch.nn.functional.gelu
+    delta = 2.0 * gelu(gelu(x @ e.T) @ m.T @ d.T)
+    base = x @ layer.base_layer.weight.detach().double().T
+    assert results[path]["norm"] == pytest.approx(delta.norm().item(), rel=1e-4)
+    assert results[path]["relative_norm"] == pytest.approx((delta.norm() / base.norm()).item(), rel=1e-4)
+    assert results[path]["energy_rank"] <= 4  # D M act(E x) has rank <= r
+    summary = diagnostics.summarize(results)
+    assert set(summary) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "all"}
+
+
+def test_layer_updates_of_a_peft_lora_match_peft(tokens):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    results = diagnostics.layer_updates(lora, tokens)
+    assert len(results) == 4  # 2 layers x (q, v)
+    path = next(p for p in results if p.endswith("layers.0.self_attn.q_proj"))
+    layer = lora.get_submodule(path)
+    x = {}
+    hook = layer.register_forward_pre_hook(lambda m, a: x.__setitem__("x", a[0]))
+    with torch.no_grad():
+        lora(tokens)
+        hook.remove()
+        full = layer(x["x"])
+        with lora.disable_adapter():
+            plain = layer(x["x"])
+    assert results[path]["norm"] == pytest.approx((full - plain).norm().item(), rel=1e-4)
+    assert 1 <= results[path]["energy_rank"] <= 4
+
+
+def test_attached_tracker_records_an_external_loop(tokens):
+    model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4, dropout=0.0)).train()
+    optimizer = create_optimizer(model, 1e-2)
+    tracker = diagnostics.UpdateTracker(model).attach()
+    for step in range(1, 3):
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        for half in (tokens[:1], tokens[1:]):  # two accumulated micro-batches
+            model(half, labels=half).loss.backward()
+        grads = {n: p.grad.norm().item() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer.step()
+        optimizer.zero_grad()
+        tracker.on_step(step)
+        record = tracker.history[-1]
+        assert record["step"] == step
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                assert record["grad"]["tensors"][name] == pytest.approx(grads[name], rel=1e-6)
+                assert record["update"]["tensors"][name] == pytest.approx((param.detach() - before[name]).norm().item(), rel=1e-5)
+    tracker.detach()  # no more gradient hooks: the next record sees no gradients
+    model(tokens, labels=tokens).loss.backward()
+    tracker.on_step(3)
+    assert set(tracker.history[-1]["grad"]["tensors"].values()) == {0.0}
+
+
+def test_layer_updates_ignore_dropout_and_keep_the_training_mode(tokens):
+    model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4, dropout=0.3))
+    randomize_adapter(model)
+    model.eval()
+    expected = diagnostics.layer_updates(model, tokens)
+    model.train()
+    measured = diagnostics.layer_updates(model, tokens)
+    assert model.training and all(layer.training for _, layer in model.adapter_layers())
+    for path, values in expected.items():
+        assert measured[path] == pytest.approx(values), path
+        assert values["energy_rank"] <= 4  # a linear branch of rank r
