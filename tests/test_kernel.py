@@ -265,7 +265,9 @@ def test_model_outputs_agree_between_backends_in_float32(factory, activation, to
 
 def test_model_outputs_agree_in_bfloat16(tokens, kernel_calls):
     base = tiny_llama()
-    model = dl.get_denselora_model(base, dl.DenseLoRAConfig(r=4))
+    # The paper's branch (GELU, s = alpha / r) keeps the adapter's share of the logits in the range
+    # the bfloat16 tolerance below is written for.
+    model = dl.get_denselora_model(base, dl.DenseLoRAConfig.paper(r=4))
     randomize_adapter(model)
     torch_f32 = logits(model, tokens, "torch")
     model.to(torch.bfloat16)  # adapter and base both in bfloat16

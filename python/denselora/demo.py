@@ -83,7 +83,8 @@ def run(
     from .evaluation import multiple_choice_accuracy
     from .model import DenseLoRAModel
     from .models import load_model
-    from .training import TrainConfig, build_adapter_model, count_trainable, train
+    from .bundle import pack
+    from .training import TrainConfig, build_adapter_model, count_trainable, save_adapter_dir, train
 
     if threads:
         torch.set_num_threads(threads)
@@ -138,23 +139,14 @@ def run(
 
     report.step("save", "Saving the adapter and packing it into a bundle")
     adapter_dir = output / "adapter"
-    from .training import save_adapter_dir
 
     save_adapter_dir(peft_model, adapter_dir)
     size = sum(f.stat().st_size for f in adapter_dir.iterdir())
     report.say(f"adapter: {adapter_dir}/ ({size / 1e6:.2f} MB: adapter_config.json + adapter.safetensors)")
-    source: str = str(adapter_dir)
     bundle_path = output / "demo.dl"
-    try:
-        from . import bundle as bundle_module  # type: ignore[attr-defined]
-    except ImportError:
-        bundle_module = None
-    if bundle_module is not None and hasattr(bundle_module, "pack"):
-        bundle_module.pack({task: adapter_dir}, bundle_path)
-        source = f"{bundle_path}:{task}"
-        report.say(f"bundle: {bundle_path} ({bundle_path.stat().st_size / 1e6:.2f} MB), entry {task!r}")
-    else:
-        report.say("this build has no bundle support (denselora.bundle); reloading from the adapter folder instead")
+    pack(bundle_path, {task: adapter_dir})
+    source = f"{bundle_path}:{task}"
+    report.say(f"bundle: {bundle_path} ({bundle_path.stat().st_size / 1e6:.2f} MB), entry {task!r}")
 
     report.step("reload", f"Reloading the adapter from {source} onto a fresh base model for CPU inference")
     fresh, _ = load_model(model, device="cpu")
