@@ -118,9 +118,10 @@ def test_gradcheck_float64(pair, dropout):
     assert torch.autograd.gradcheck(fn, (x, e, m, d), eps=1e-6, atol=1e-5)
 
 
-def _layer(out_f=64, in_f=48, r=4, dropout=0.1, activation="gelu"):
+def _adapted_llama(dropout=0.1, activation="gelu", targets=("up_proj",)):
+    """A tiny llama with DenseLoRA (r=4) on ``targets`` (up_proj: 32 -> 48), non-zero adapter."""
     base = tiny_llama()
-    config = dl.DenseLoRAConfig(r=r, dropout=dropout, activation=activation, target_modules=["up_proj"])
+    config = dl.DenseLoRAConfig(r=4, dropout=dropout, activation=activation, target_modules=list(targets))
     model = dl.get_denselora_model(base, config)
     randomize_adapter(model)
     model.train()
@@ -143,7 +144,7 @@ def _grads(model, tokens, impl, **autocast):
 def test_layer_dropout_uses_seed_from_default_generator(tokens):
     """In a model, the efficient path's masks are the reference formula's for the seed drawn from
     torch's default generator: ``torch.manual_seed`` makes a training step repeatable."""
-    model = _layer(dropout=0.2)
+    model = _adapted_llama(dropout=0.2)
     _, layer = next(iter(model.adapter_layers()))
     x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(4))
     encoder, m, decoder = layer._factors(x.device)
@@ -161,7 +162,7 @@ def test_layer_dropout_uses_seed_from_default_generator(tokens):
 
 @pytest.mark.parametrize("activation", ["gelu", "identity"])
 def test_model_gradients_equal_plain_path(tokens, activation):
-    model = _layer(dropout=0.0, activation=activation)
+    model = _adapted_llama(dropout=0.0, activation=activation, targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))
     loss_p, grads_p = _grads(model, tokens, "plain")
     loss_e, grads_e = _grads(model, tokens, "efficient")
     loss_a, grads_a = _grads(model, tokens, "auto")
@@ -174,7 +175,7 @@ def test_model_gradients_equal_plain_path(tokens, activation):
 
 
 def test_autocast_bfloat16_cpu(tokens):
-    model = _layer(dropout=0.0)
+    model = _adapted_llama(dropout=0.0)
     _, layer = next(iter(model.adapter_layers()))
     x = torch.randn(2, 7, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -204,9 +205,9 @@ def _enable_checkpointing(model, reentrant):
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_same_gradients(tokens, reentrant):
     """With dropout on, recomputation must draw the forward's masks again."""
-    model = _layer(dropout=0.2)
+    model = _adapted_llama(dropout=0.2, targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))
     loss_ref, grads_ref = _grads(model, tokens, "auto")
-    fresh = _layer(dropout=0.2)
+    fresh = _adapted_llama(dropout=0.2, targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))
     fresh.load_state_dict(model.state_dict())
     _enable_checkpointing(fresh, reentrant)
     with warnings.catch_warnings():
@@ -273,7 +274,7 @@ def test_saved_tensors_are_r_wide(pair):
 
     # Through a whole model the same holds: fewer bytes kept, the base model's own unchanged.
     def kept(impl):
-        model = _layer(dropout=0.1)
+        model = _adapted_llama(dropout=0.1)
         model.set_branch_impl(impl)
         tokens = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
         loss, saved = _saved(lambda: model(input_ids=tokens, labels=tokens).loss)
@@ -283,7 +284,7 @@ def test_saved_tensors_are_r_wide(pair):
 
 
 def test_branch_impl_setting_and_errors(tokens):
-    model = _layer(dropout=0.0)
+    model = _adapted_llama(dropout=0.0)
     with pytest.raises(ConfigError, match="set_branch_impl"):
         model.set_branch_impl("fused")
     _, layer = next(iter(model.adapter_layers()))
@@ -326,7 +327,7 @@ def test_compiled_falls_back_when_compile_fails(monkeypatch):
 def test_bfloat16_base_model_float32_adapter(tokens):
     """A bf16 base model without autocast: the branch runs in float32 (the adapter's dtype) on a
     cast of the input; the efficient path keeps the bf16 input itself, not the float32 copy."""
-    model = _layer(dropout=0.0)
+    model = _adapted_llama(dropout=0.0)
     model.get_base_model().to(torch.bfloat16)
     for tensor in model.adapter_state().values():
         tensor.data = tensor.data.float()
@@ -349,7 +350,7 @@ def test_bfloat16_base_model_float32_adapter(tokens):
 def test_factors_on_another_device_cuda():
     """Shared factors on the CPU, the layer on CUDA: gradients reach the one CPU parameter and
     equal the plain path's."""
-    model = _layer(dropout=0.0)
+    model = _adapted_llama(dropout=0.0)
     for _, layer in model.adapter_layers():
         layer.base_layer.cuda()
         layer.m.data = layer.m.data.cuda()
