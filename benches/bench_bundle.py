@@ -24,6 +24,8 @@ import platform
 import random
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -113,6 +115,19 @@ def main() -> None:
             copy_times.append(time.perf_counter() - start)
             (root / "copy.dl").unlink()
         pack_s, copy_s = statistics.median(pack_times), statistics.median(copy_times)
+        # Memory stays flat while packing: peak RSS growth of a fresh process packing everything.
+        probe = (
+            "import resource, sys, os\n"
+            "from denselora import _core\n"
+            "names = sorted(os.listdir(sys.argv[1]))\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "_core.pack_bundle(sys.argv[2], [(n, os.path.join(sys.argv[1], n)) for n in names])\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        done = subprocess.run([sys.executable, "-c", probe, dirs, root / "rss.dl"], env=env, capture_output=True, text=True, check=True)
+        rss_growth_mib = float(done.stdout.strip())
+        (root / "rss.dl").unlink()
         file_mb = stats["file_bytes"] / 2**20
         print(f"pack: {file_mb / pack_s:.0f} MiB/s, plain copy: {file_mb / copy_s:.0f} MiB/s ({file_mb:.0f} MiB)")
 
@@ -169,6 +184,7 @@ def main() -> None:
             "pack_mib_per_s": file_mb / pack_s,
             "plain_copy_mib_per_s": file_mb / copy_s,
             "pack_over_copy_throughput": copy_s / pack_s,
+            "pack_peak_rss_growth_mib": rss_growth_mib,
         },
         "open_and_fetch_one_ms": {k: v * 1e3 for k, v in open_fetch.items()},
         "switch_adapter_ms": {k: v * 1e3 for k, v in switch.items()},
@@ -196,7 +212,8 @@ def main() -> None:
     for k, v in switch.items():
         print(f"  {k:<54}{v * 1e3:>10.3f}")
     print(f"\npack {result['pack']['pack_mib_per_s']:.0f} MiB/s vs plain copy {result['pack']['plain_copy_mib_per_s']:.0f} MiB/s "
-          f"(pack/copy throughput {result['pack']['pack_over_copy_throughput']:.2f})")
+          f"(pack/copy throughput {result['pack']['pack_over_copy_throughput']:.2f}); "
+          f"peak RSS grew {rss_growth_mib:.1f} MiB while packing {file_mb:.0f} MiB")
     for k, v in result["ratios"].items():
         print(f"  {k}: {v:.1f}x")
     print(f"\nwrote {args.out}")

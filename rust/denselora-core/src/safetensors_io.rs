@@ -108,25 +108,17 @@ fn dtype_from_st(dtype: StDtype, path: &Path, name: &str) -> Result<DType> {
 
 /// Parse safetensors bytes read from `path` (named in errors).
 pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsContents> {
-    let bad = |e: safetensors::SafeTensorError| {
-        Error::format(path, format!("not a valid safetensors file: {e}"))
-    };
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(bad)?;
-    let file = SafeTensors::deserialize(bytes).map_err(bad)?;
-    let metadata = meta
-        .metadata()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+    let bad = |e: safetensors::SafeTensorError| Error::format(path, format!("not a valid safetensors file: {e}"));
+    // `read_metadata` validates every offset against the buffer; parsing the header once is
+    // enough (`SafeTensors::deserialize` would parse it again).
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(bad)?;
+    let data = &bytes[8 + header_len..];
+    let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
     let mut tensors = BTreeMap::new();
-    for (name, view) in file.tensors() {
-        let dtype = dtype_from_st(view.dtype(), path, &name)?;
-        let tensor = Tensor {
-            dtype,
-            shape: view.shape().to_vec(),
-            data: view.data().to_vec(),
-        };
+    for (name, info) in meta.tensors() {
+        let dtype = dtype_from_st(info.dtype, path, &name)?;
+        let (start, end) = info.data_offsets;
+        let tensor = Tensor { dtype, shape: info.shape.clone(), data: data[start..end].to_vec() };
         tensors.insert(name, tensor);
     }
     Ok(SafetensorsContents { metadata, tensors })

@@ -118,24 +118,30 @@ fn identical_tensors_are_stored_once() {
 
 #[test]
 fn same_bytes_with_other_shape_are_not_merged() {
+    // The q decoder (8 x 4) gets the very bytes of the q encoder (4 x 8): not a duplicate.
     let dir = tempfile::tempdir().unwrap();
+    let mut a = sample_adapter();
+    let enc = a.tensors[&encoder_key("q_proj")].clone();
+    a.tensors.insert(decoder_key("q_proj"), Tensor { shape: vec![8, 4], ..enc.clone() });
     let path = dir.path().join("x.dl");
-    let dest = dir.path().join("x.dl");
-    let file = std::fs::File::create(&path).unwrap();
-    let mut w = std::io::BufWriter::new(file);
-    let mut writer = BundleWriter::new(&mut w, &dest).unwrap();
-    let a = sample_adapter();
-    writer
-        .add_adapter("a", &a.config, &a.views(), None)
-        .unwrap();
-    assert!(
-        writer
-            .add_adapter("a", &a.config, &a.views(), None)
-            .is_err(),
-        "duplicate name refused"
-    );
-    let stats = writer.finish().unwrap();
-    assert_eq!(stats.deduplicated, 0);
+    write_atomically_bundle(&path, |w| {
+        w.add_adapter("a", &a.config, &a.views(), None)?;
+        assert!(w.add_adapter("a", &a.config, &a.views(), None).is_err(), "duplicate name refused");
+        w.add_adapter("b", &a.config, &a.views(), None)?;
+        Ok(())
+    });
+    let bundle = Bundle::open(&path).unwrap();
+    for name in ["a", "b"] {
+        let tensors = bundle.tensor_map(name).unwrap();
+        assert_eq!(tensors[&decoder_key("q_proj")].shape, &[8, 4]);
+        assert_eq!(tensors[&encoder_key("q_proj")].shape, &[4, 8]);
+        assert_eq!(tensors[&decoder_key("q_proj")].data, tensors[&encoder_key("q_proj")].data);
+    }
+    let stats = bundle.stats().unwrap();
+    // b is stored entirely by reference to a; within a, the two shapes stay two blobs.
+    let a_bytes: u64 = a.tensors.values().map(|t| t.data.len() as u64).sum();
+    assert_eq!(stats.stored_bytes, a_bytes);
+    assert_eq!(stats.blobs, a.tensors.len());
 }
 
 #[test]

@@ -53,16 +53,39 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::R
     Ok(())
 }
 
-/// What identifies a candidate duplicate: dtype, shape and the xxh3 of the bytes.
-type BlobKey = (DType, Vec<usize>, u64);
+/// A stored blob, as a candidate for deduplication.
+struct StoredBlob {
+    dtype: DType,
+    shape: Box<[usize]>,
+    offset: u64,
+    len: u64,
+}
+
+/// Hashes the `u64` keys of `seen` as they are: they are already xxh3 values.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
 
 /// Streams a bundle into an open file (normally the temporary file of `write_atomically`).
 pub struct BundleWriter<'w> {
     out: &'w mut BufWriter<File>,
     path: PathBuf,
     pos: u64,
-    /// (dtype, shape, xxh3) -> offsets of blobs with that key; a byte comparison settles a match.
-    seen: HashMap<BlobKey, Vec<(u64, u64)>>,
+    /// xxh3 -> stored blobs with that hash; same dtype, shape and bytes settle a match.
+    seen: HashMap<u64, Vec<StoredBlob>, std::hash::BuildHasherDefault<PassThrough>>,
     adapters: Vec<IndexEntry>,
     names: HashSet<String>,
     stats: PackStats,
@@ -77,7 +100,7 @@ impl<'w> BundleWriter<'w> {
             out,
             path: path.to_path_buf(),
             pos: PREAMBLE_LEN,
-            seen: HashMap::new(),
+            seen: HashMap::default(),
             adapters: Vec::new(),
             names: HashSet::new(),
             stats: PackStats::default(),
@@ -97,10 +120,16 @@ impl<'w> BundleWriter<'w> {
 
     /// Store `data` (or find it already stored); returns its offset.
     fn put_blob(&mut self, dtype: DType, shape: &[usize], data: &[u8], hash: u64) -> Result<u64> {
-        let key = (dtype, shape.to_vec(), hash);
-        let candidates = self.seen.get(&key).cloned().unwrap_or_default();
-        for (offset, len) in candidates {
-            if len == data.len() as u64 && self.stored_equals(offset, data)? {
+        let candidates: Vec<u64> = self
+            .seen
+            .get(&hash)
+            .into_iter()
+            .flatten()
+            .filter(|b| b.dtype == dtype && *b.shape == *shape && b.len == data.len() as u64)
+            .map(|b| b.offset)
+            .collect();
+        for offset in candidates {
+            if self.stored_equals(offset, data)? {
                 self.stats.deduplicated += 1;
                 return Ok(offset);
             }
@@ -114,10 +143,12 @@ impl<'w> BundleWriter<'w> {
         self.out.write_all(data).map_err(|e| self.io(e))?;
         self.pos = start + data.len() as u64;
         self.stats.stored_bytes += data.len() as u64;
-        self.seen
-            .entry(key)
-            .or_default()
-            .push((start, data.len() as u64));
+        self.seen.entry(hash).or_default().push(StoredBlob {
+            dtype,
+            shape: shape.into(),
+            offset: start,
+            len: data.len() as u64,
+        });
         Ok(start)
     }
 
