@@ -108,17 +108,28 @@ fn dtype_from_st(dtype: StDtype, path: &Path, name: &str) -> Result<DType> {
 
 /// Parse safetensors bytes read from `path` (named in errors).
 pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsContents> {
-    let bad = |e: safetensors::SafeTensorError| Error::format(path, format!("not a valid safetensors file: {e}"));
+    let bad = |e: safetensors::SafeTensorError| {
+        Error::format(path, format!("not a valid safetensors file: {e}"))
+    };
     // `read_metadata` validates every offset against the buffer; parsing the header once is
     // enough (`SafeTensors::deserialize` would parse it again).
     let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(bad)?;
     let data = &bytes[8 + header_len..];
-    let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    let metadata = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let mut tensors = BTreeMap::new();
     for (name, info) in meta.tensors() {
         let dtype = dtype_from_st(info.dtype, path, &name)?;
         let (start, end) = info.data_offsets;
-        let tensor = Tensor { dtype, shape: info.shape.clone(), data: data[start..end].to_vec() };
+        let tensor = Tensor {
+            dtype,
+            shape: info.shape.clone(),
+            data: data[start..end].to_vec(),
+        };
         tensors.insert(name, tensor);
     }
     Ok(SafetensorsContents { metadata, tensors })

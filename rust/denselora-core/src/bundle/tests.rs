@@ -122,11 +122,20 @@ fn same_bytes_with_other_shape_are_not_merged() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = sample_adapter();
     let enc = a.tensors[&encoder_key("q_proj")].clone();
-    a.tensors.insert(decoder_key("q_proj"), Tensor { shape: vec![8, 4], ..enc.clone() });
+    a.tensors.insert(
+        decoder_key("q_proj"),
+        Tensor {
+            shape: vec![8, 4],
+            ..enc.clone()
+        },
+    );
     let path = dir.path().join("x.dl");
     write_atomically_bundle(&path, |w| {
         w.add_adapter("a", &a.config, &a.views(), None)?;
-        assert!(w.add_adapter("a", &a.config, &a.views(), None).is_err(), "duplicate name refused");
+        assert!(
+            w.add_adapter("a", &a.config, &a.views(), None).is_err(),
+            "duplicate name refused"
+        );
         w.add_adapter("b", &a.config, &a.views(), None)?;
         Ok(())
     });
@@ -135,7 +144,10 @@ fn same_bytes_with_other_shape_are_not_merged() {
         let tensors = bundle.tensor_map(name).unwrap();
         assert_eq!(tensors[&decoder_key("q_proj")].shape, &[8, 4]);
         assert_eq!(tensors[&encoder_key("q_proj")].shape, &[4, 8]);
-        assert_eq!(tensors[&decoder_key("q_proj")].data, tensors[&encoder_key("q_proj")].data);
+        assert_eq!(
+            tensors[&decoder_key("q_proj")].data,
+            tensors[&encoder_key("q_proj")].data
+        );
     }
     let stats = bundle.stats().unwrap();
     // b is stored entirely by reference to a; within a, the two shapes stay two blobs.

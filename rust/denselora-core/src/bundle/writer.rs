@@ -53,12 +53,17 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::R
     Ok(())
 }
 
-/// A stored blob, as a candidate for deduplication.
+/// A stored blob, as a candidate for deduplication. Kept compact (one flat table, shapes in a
+/// shared arena): the table is the only state that grows with the number of distinct tensors.
 struct StoredBlob {
-    dtype: DType,
-    shape: Box<[usize]>,
     offset: u64,
     len: u64,
+    /// Start of the shape in `BundleWriter::shapes`.
+    shape_at: u32,
+    /// Next blob with the same hash (`u32::MAX`: none).
+    next: u32,
+    ndim: u8,
+    dtype: DType,
 }
 
 /// Hashes the `u64` keys of `seen` as they are: they are already xxh3 values.
@@ -84,8 +89,10 @@ pub struct BundleWriter<'w> {
     out: &'w mut BufWriter<File>,
     path: PathBuf,
     pos: u64,
-    /// xxh3 -> stored blobs with that hash; same dtype, shape and bytes settle a match.
-    seen: HashMap<u64, Vec<StoredBlob>, std::hash::BuildHasherDefault<PassThrough>>,
+    /// xxh3 -> first stored blob with that hash; same dtype, shape and bytes settle a match.
+    seen: HashMap<u64, u32, std::hash::BuildHasherDefault<PassThrough>>,
+    stored: Vec<StoredBlob>,
+    shapes: Vec<usize>,
     adapters: Vec<IndexEntry>,
     names: HashSet<String>,
     stats: PackStats,
@@ -101,6 +108,8 @@ impl<'w> BundleWriter<'w> {
             path: path.to_path_buf(),
             pos: PREAMBLE_LEN,
             seen: HashMap::default(),
+            stored: Vec::new(),
+            shapes: Vec::new(),
             adapters: Vec::new(),
             names: HashSet::new(),
             stats: PackStats::default(),
@@ -120,19 +129,21 @@ impl<'w> BundleWriter<'w> {
 
     /// Store `data` (or find it already stored); returns its offset.
     fn put_blob(&mut self, dtype: DType, shape: &[usize], data: &[u8], hash: u64) -> Result<u64> {
-        let candidates: Vec<u64> = self
-            .seen
-            .get(&hash)
-            .into_iter()
-            .flatten()
-            .filter(|b| b.dtype == dtype && *b.shape == *shape && b.len == data.len() as u64)
-            .map(|b| b.offset)
-            .collect();
-        for offset in candidates {
-            if self.stored_equals(offset, data)? {
+        let first = self.seen.get(&hash).copied();
+        let mut at = first.unwrap_or(u32::MAX);
+        while at != u32::MAX {
+            let b = &self.stored[at as usize];
+            let (offset, next) = (b.offset, b.next);
+            let b_shape = &self.shapes[b.shape_at as usize..b.shape_at as usize + b.ndim as usize];
+            if b.dtype == dtype
+                && b.len == data.len() as u64
+                && b_shape == shape
+                && self.stored_equals(offset, data)?
+            {
                 self.stats.deduplicated += 1;
                 return Ok(offset);
             }
+            at = next;
         }
         let start =
             align_up(self.pos).ok_or_else(|| Error::format(&self.path, "bundle too large"))?;
@@ -143,12 +154,24 @@ impl<'w> BundleWriter<'w> {
         self.out.write_all(data).map_err(|e| self.io(e))?;
         self.pos = start + data.len() as u64;
         self.stats.stored_bytes += data.len() as u64;
-        self.seen.entry(hash).or_default().push(StoredBlob {
-            dtype,
-            shape: shape.into(),
+        let index = u32::try_from(self.stored.len()).ok();
+        let shape_at = u32::try_from(self.shapes.len()).ok();
+        let (Some(index), Some(shape_at)) = (index, shape_at) else {
+            return Err(Error::format(
+                &self.path,
+                "too many distinct tensors for one bundle",
+            ));
+        };
+        self.shapes.extend_from_slice(shape);
+        self.stored.push(StoredBlob {
             offset: start,
             len: data.len() as u64,
+            shape_at,
+            next: first.unwrap_or(u32::MAX),
+            ndim: shape.len() as u8,
+            dtype,
         });
+        self.seen.insert(hash, index);
         Ok(start)
     }
 
