@@ -23,7 +23,7 @@ from denselora import _core
 from denselora.bundle import pack
 from denselora.cli import main, pack_main
 from denselora.errors import ArgumentError, ChecksumError, DenseLoRAError, FormatError
-from denselora.io import load_adapter, save_adapter, save_adapter_to
+from denselora.io import load_adapter, save_adapter_to
 
 from conftest import randomize_adapter, tiny_llama
 
@@ -270,6 +270,7 @@ def test_load_adapter_and_from_pretrained_accept_bundle_entries(adapter_dirs, bu
         assert tensors.keys() == tensors_dir.keys()
         assert all(torch.equal(tensors[k], tensors_dir[k]) for k in tensors)
     tensors["shared.q_proj.encoder"].add_(1.0)  # a copy: writing never touches the map
+    assert torch.equal(load_adapter(bundle_path, "task1")[1]["shared.q_proj.encoder"], tensors_dir["shared.q_proj.encoder"])
     from_dir = dl.DenseLoRAModel.from_pretrained(tiny_llama(), adapter_dirs / "task1")
     from_bundle = dl.DenseLoRAModel.from_pretrained(tiny_llama(), bundle_path, adapter_name="task1")
     with torch.no_grad():
