@@ -12,8 +12,10 @@ use serde_json::Value;
 
 use super::format::*;
 use super::reader::Bundle;
+use rayon::prelude::*;
+
 use crate::adapter::{
-    read_adapter_dir, validate_layout, write_adapter_dir, ConfigMap,
+    read_adapter_dir, validate_layout, write_adapter_dir, Adapter, ConfigMap,
     FORMAT_VERSION as ADAPTER_FORMAT_VERSION,
 };
 use crate::atomic::write_atomically;
@@ -356,18 +358,33 @@ pub struct PackOptions {
     pub keep_existing: bool,
 }
 
-fn add_entry(
+/// Adapter directories read ahead of the writer, in parallel: enough to keep the cores busy,
+/// few enough that memory stays bounded by a handful of adapters.
+const READ_AHEAD: usize = 8;
+
+/// One adapter to write, in bundle order.
+enum Item<'e, 'a> {
+    /// An adapter kept from the existing bundle.
+    Keep(&'e str),
+    Add(&'e PackEntry<'a>),
+}
+
+fn add_loaded(
     writer: &mut BundleWriter<'_>,
     entry: &PackEntry<'_>,
+    loaded: Option<Result<Adapter>>,
     dtype: Option<DType>,
 ) -> Result<()> {
-    match &entry.source {
-        PackSource::Dir(dir) => {
-            let adapter = read_adapter_dir(dir)?;
-            writer.add_adapter(&entry.name, &adapter.config, &adapter.views(), dtype)
-        }
-        PackSource::Memory { config, tensors } => {
+    match (&entry.source, loaded) {
+        (PackSource::Memory { config, tensors }, _) => {
             writer.add_adapter(&entry.name, config, tensors, dtype)
+        }
+        (PackSource::Dir(dir), loaded) => {
+            let adapter = match loaded {
+                Some(result) => result?,
+                None => read_adapter_dir(dir)?,
+            };
+            writer.add_adapter(&entry.name, &adapter.config, &adapter.views(), dtype)
         }
     }
 }
@@ -410,22 +427,51 @@ pub fn pack(
         let mut writer = BundleWriter::new(w, dest)?;
         let by_name: HashMap<&str, &PackEntry<'_>> =
             entries.iter().map(|e| (e.name.as_str(), e)).collect();
-        let mut done = HashSet::new();
+        let mut items: Vec<Item<'_, '_>> = Vec::with_capacity(entries.len());
+        let mut replaced = HashSet::new();
         if let Some(base) = &base {
             for name in base.names() {
                 match by_name.get(name) {
                     Some(entry) => {
-                        add_entry(&mut writer, entry, options.dtype)?;
-                        done.insert(name);
+                        items.push(Item::Add(entry));
+                        replaced.insert(name);
                     }
-                    None => writer.copy_from(base, name, None)?,
+                    None => items.push(Item::Keep(name)),
                 }
-                progress(name)?;
             }
         }
-        for entry in entries.iter().filter(|e| !done.contains(e.name.as_str())) {
-            add_entry(&mut writer, entry, options.dtype)?;
-            progress(&entry.name)?;
+        items.extend(
+            entries
+                .iter()
+                .filter(|e| !replaced.contains(e.name.as_str()))
+                .map(Item::Add),
+        );
+        for chunk in items.chunks(READ_AHEAD) {
+            let mut loaded: Vec<Option<Result<Adapter>>> = chunk
+                .par_iter()
+                .map(|item| match item {
+                    Item::Add(PackEntry {
+                        source: PackSource::Dir(dir),
+                        ..
+                    }) => Some(read_adapter_dir(dir)),
+                    _ => None,
+                })
+                .collect();
+            for (item, loaded) in chunk.iter().zip(loaded.drain(..)) {
+                match item {
+                    Item::Keep(name) => {
+                        let base = base
+                            .as_ref()
+                            .expect("kept adapters come from a base bundle");
+                        writer.copy_from(base, name, None)?;
+                        progress(name)?;
+                    }
+                    Item::Add(entry) => {
+                        add_loaded(&mut writer, entry, loaded, options.dtype)?;
+                        progress(&entry.name)?;
+                    }
+                }
+            }
         }
         stats = writer.finish()?;
         Ok(())
