@@ -509,6 +509,9 @@ def test_cli_pack_inspect_verify(adapter_dirs, tmp_path, capsys):
     assert bundle.names() == ["shared", "task0", "task1", "task9"]
     assert set(bundle.dtypes("task9").values()) == {"BF16"}
     assert set(bundle.dtypes("task0").values()) == {"F32"}
+    # --overwrite starts afresh.
+    assert main(["pack", str(extra), "-o", str(out), "--overwrite"]) == 0
+    assert dl.Bundle(out).names() == ["task9"]
 
 
 def test_cli_errors_are_one_line_and_non_zero(adapter_dirs, bundle_path, tmp_path, capsys):
@@ -533,6 +536,9 @@ def test_cli_errors_are_one_line_and_non_zero(adapter_dirs, bundle_path, tmp_pat
     assert main(["verify", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "checksum mismatch" in err and "bad.dl" in err and t["name"] in err
+
+    assert main(["pack", str(bundle_path), "-o", str(tmp_path / "f.dl")]) == 2
+    assert "not a directory" in capsys.readouterr().err
 
     (tmp_path / "junk.dl").write_bytes(b"hello world, not a bundle at all" * 4)
     for command in (["verify"], ["inspect"], ["unpack", "-o", str(tmp_path / "u")]):
