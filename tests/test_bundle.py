@@ -323,6 +323,10 @@ def test_non_bundle_files_are_refused(adapter_dirs, tmp_path):
         dl.Bundle(adapter_dirs)
     with pytest.raises(FileNotFoundError):
         dl.Bundle(tmp_path / "missing.dl")
+    if hasattr(os, "mkfifo"):  # a pipe is refused, not waited on
+        os.mkfifo(tmp_path / "pipe.dl")
+        with pytest.raises(FormatError, match="not a regular file"):
+            dl.Bundle(tmp_path / "pipe.dl")
 
 
 def test_flipped_bytes_are_caught(bundle_path, tmp_path):

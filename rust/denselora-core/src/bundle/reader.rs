@@ -114,6 +114,11 @@ impl std::fmt::Debug for Bundle {
 impl Bundle {
     /// Open and validate the bundle at `path` (memory-mapped; no tensor data is read).
     pub fn open(path: &Path) -> Result<Self> {
+        // Checked before opening: opening a FIFO would block until a writer appears.
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_dir() && !meta.is_file() {
+            return Err(Error::format(path, "not a regular file, so not a bundle"));
+        }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
