@@ -15,8 +15,7 @@ use super::reader::Bundle;
 use rayon::prelude::*;
 
 use crate::adapter::{
-    read_adapter_dir, validate_layout, write_adapter_dir, Adapter, ConfigMap,
-    FORMAT_VERSION as ADAPTER_FORMAT_VERSION,
+    read_adapter_dir, validate_layout, write_adapter_dir, Adapter, ConfigMap, FORMAT_VERSION as ADAPTER_FORMAT_VERSION,
 };
 use crate::atomic::write_atomically;
 use crate::dtype::{self, DType};
@@ -103,8 +102,7 @@ pub struct BundleWriter<'w> {
 impl<'w> BundleWriter<'w> {
     /// Start a bundle: writes the preamble. `path` names the destination in errors.
     pub fn new(out: &'w mut BufWriter<File>, path: &Path) -> Result<Self> {
-        out.write_all(&preamble(FORMAT_VERSION))
-            .map_err(|e| Error::io(path, e))?;
+        out.write_all(&preamble(FORMAT_VERSION)).map_err(|e| Error::io(path, e))?;
         Ok(BundleWriter {
             out,
             path: path.to_path_buf(),
@@ -137,32 +135,22 @@ impl<'w> BundleWriter<'w> {
             let b = &self.stored[at as usize];
             let (offset, next) = (b.offset, b.next);
             let b_shape = &self.shapes[b.shape_at as usize..b.shape_at as usize + b.ndim as usize];
-            if b.dtype == dtype
-                && b.len == data.len() as u64
-                && b_shape == shape
-                && self.stored_equals(offset, data)?
-            {
+            if b.dtype == dtype && b.len == data.len() as u64 && b_shape == shape && self.stored_equals(offset, data)? {
                 self.stats.deduplicated += 1;
                 return Ok(offset);
             }
             at = next;
         }
-        let start =
-            align_up(self.pos).ok_or_else(|| Error::format(&self.path, "bundle too large"))?;
+        let start = align_up(self.pos).ok_or_else(|| Error::format(&self.path, "bundle too large"))?;
         let pad = (start - self.pos) as usize;
-        self.out
-            .write_all(&[0u8; ALIGN as usize][..pad])
-            .map_err(|e| self.io(e))?;
+        self.out.write_all(&[0u8; ALIGN as usize][..pad]).map_err(|e| self.io(e))?;
         self.out.write_all(data).map_err(|e| self.io(e))?;
         self.pos = start + data.len() as u64;
         self.stats.stored_bytes += data.len() as u64;
         let index = u32::try_from(self.stored.len()).ok();
         let shape_at = u32::try_from(self.shapes.len()).ok();
         let (Some(index), Some(shape_at)) = (index, shape_at) else {
-            return Err(Error::format(
-                &self.path,
-                "too many distinct tensors for one bundle",
-            ));
+            return Err(Error::format(&self.path, "too many distinct tensors for one bundle"));
         };
         self.shapes.extend_from_slice(shape);
         self.stored.push(StoredBlob {
@@ -199,8 +187,7 @@ impl<'w> BundleWriter<'w> {
         convert_to: Option<DType>,
         converted_from: &BTreeMap<String, DType>,
     ) -> Result<()> {
-        check_adapter_name(name)
-            .map_err(|m| Error::argument("adapter_name", ArgumentKind::Value, m))?;
+        check_adapter_name(name).map_err(|m| Error::argument("adapter_name", ArgumentKind::Value, m))?;
         if !self.names.insert(name.to_string()) {
             return Err(Error::argument(
                 "adapter_name",
@@ -217,12 +204,7 @@ impl<'w> BundleWriter<'w> {
                 return Err(Error::argument(
                     format!("adapter {name:?}, tensor {tname:?}"),
                     ArgumentKind::Shape,
-                    format!(
-                        "{} bytes do not hold shape {:?} of {}",
-                        t.data.len(),
-                        t.shape,
-                        t.dtype
-                    ),
+                    format!("{} bytes do not hold shape {:?} of {}", t.data.len(), t.shape, t.dtype),
                 ));
             }
             let (data, stored, from): (Cow<'_, [u8]>, DType, Option<DType>) = match convert_to {
@@ -231,11 +213,7 @@ impl<'w> BundleWriter<'w> {
                     target,
                     Some(converted_from.get(tname).copied().unwrap_or(t.dtype)),
                 ),
-                _ => (
-                    Cow::Borrowed(t.data),
-                    t.dtype,
-                    converted_from.get(tname).copied(),
-                ),
+                _ => (Cow::Borrowed(t.data), t.dtype, converted_from.get(tname).copied()),
             };
             let hash = checksum(&data);
             let offset = self.put_blob(stored, t.shape, &data, hash)?;
@@ -252,20 +230,13 @@ impl<'w> BundleWriter<'w> {
             });
         }
         // The record follows the adapter's blobs; the catalog at the end points to it.
-        let record = AdapterRecord {
-            config,
-            tensors: records,
-        };
-        let text = serde_json::to_vec(&record)
-            .map_err(|e| Error::format(&self.path, format!("record: {e}")))?;
+        let record = AdapterRecord { config, tensors: records };
+        let text = serde_json::to_vec(&record).map_err(|e| Error::format(&self.path, format!("record: {e}")))?;
         if text.len() as u64 > MAX_RECORD_LEN {
             return Err(Error::argument(
                 format!("adapter {name:?}"),
                 ArgumentKind::Value,
-                format!(
-                    "its record would be {} bytes, over the limit of {MAX_RECORD_LEN}",
-                    text.len()
-                ),
+                format!("its record would be {} bytes, over the limit of {MAX_RECORD_LEN}", text.len()),
             ));
         }
         self.out.write_all(&text).map_err(|e| self.io(e))?;
@@ -281,51 +252,29 @@ impl<'w> BundleWriter<'w> {
     }
 
     /// Copy one adapter of an open bundle (checksums are checked on the way).
-    pub fn copy_from(
-        &mut self,
-        bundle: &Bundle,
-        name: &str,
-        convert_to: Option<DType>,
-    ) -> Result<()> {
+    pub fn copy_from(&mut self, bundle: &Bundle, name: &str, convert_to: Option<DType>) -> Result<()> {
         let entry = bundle.adapter(name)?;
         let tensors = bundle.tensor_map(name)?;
-        let record: BTreeMap<String, DType> = entry
-            .tensors
-            .iter()
-            .filter_map(|t| t.converted_from.map(|d| (t.name.clone(), d)))
-            .collect();
+        let record: BTreeMap<String, DType> =
+            entry.tensors.iter().filter_map(|t| t.converted_from.map(|d| (t.name.clone(), d))).collect();
         self.add_adapter_recorded(name, &entry.config, &tensors, convert_to, &record)
     }
 
     /// Write the catalog and the footer. The caller (normally `write_atomically`) then syncs and
     /// renames the file.
     pub fn finish(self) -> Result<PackStats> {
-        let catalog = Catalog {
-            format: FORMAT_NAME.into(),
-            format_version: FORMAT_VERSION,
-            adapters: self.adapters,
-        };
-        let text = serde_json::to_vec(&catalog)
-            .map_err(|e| Error::format(&self.path, format!("catalog: {e}")))?;
+        let catalog = Catalog { format: FORMAT_NAME.into(), format_version: FORMAT_VERSION, adapters: self.adapters };
+        let text = serde_json::to_vec(&catalog).map_err(|e| Error::format(&self.path, format!("catalog: {e}")))?;
         if text.len() as u64 > MAX_CATALOG_LEN {
             return Err(Error::format(
                 &self.path,
-                format!(
-                    "the catalog would be {} bytes, over the limit of {MAX_CATALOG_LEN}",
-                    text.len()
-                ),
+                format!("the catalog would be {} bytes, over the limit of {MAX_CATALOG_LEN}", text.len()),
             ));
         }
-        let footer = Footer {
-            catalog_offset: self.pos,
-            catalog_len: text.len() as u64,
-            catalog_xxh3: checksum(&text),
-        };
+        let footer = Footer { catalog_offset: self.pos, catalog_len: text.len() as u64, catalog_xxh3: checksum(&text) };
         let path = self.path;
         self.out.write_all(&text).map_err(|e| Error::io(&path, e))?;
-        self.out
-            .write_all(&footer.to_bytes())
-            .map_err(|e| Error::io(&path, e))?;
+        self.out.write_all(&footer.to_bytes()).map_err(|e| Error::io(&path, e))?;
         let mut stats = self.stats;
         stats.file_bytes = self.pos + text.len() as u64 + FOOTER_LEN;
         Ok(stats)
@@ -337,10 +286,7 @@ pub enum PackSource<'a> {
     /// An adapter directory (`adapter_config.json` + `adapter.safetensors`).
     Dir(PathBuf),
     /// An adapter in memory (e.g. numpy buffers borrowed by the Python binding).
-    Memory {
-        config: ConfigMap,
-        tensors: BTreeMap<String, TensorRef<'a>>,
-    },
+    Memory { config: ConfigMap, tensors: BTreeMap<String, TensorRef<'a>> },
 }
 
 pub struct PackEntry<'a> {
@@ -376,9 +322,7 @@ fn add_loaded(
     dtype: Option<DType>,
 ) -> Result<()> {
     match (&entry.source, loaded) {
-        (PackSource::Memory { config, tensors }, _) => {
-            writer.add_adapter(&entry.name, config, tensors, dtype)
-        }
+        (PackSource::Memory { config, tensors }, _) => writer.add_adapter(&entry.name, config, tensors, dtype),
         (PackSource::Dir(dir), loaded) => {
             let adapter = match loaded {
                 Some(result) => result?,
@@ -400,8 +344,7 @@ pub fn pack(
 ) -> Result<PackStats> {
     let mut names = HashSet::new();
     for e in entries {
-        check_adapter_name(&e.name)
-            .map_err(|m| Error::argument("adapter_name", ArgumentKind::Value, m))?;
+        check_adapter_name(&e.name).map_err(|m| Error::argument("adapter_name", ArgumentKind::Value, m))?;
         if !names.insert(e.name.as_str()) {
             return Err(Error::argument(
                 "adapter_name",
@@ -410,11 +353,7 @@ pub fn pack(
             ));
         }
     }
-    let base = if options.keep_existing && dest.exists() {
-        Some(Bundle::open(dest)?)
-    } else {
-        None
-    };
+    let base = if options.keep_existing && dest.exists() { Some(Bundle::open(dest)?) } else { None };
     if entries.is_empty() && base.is_none() {
         return Err(Error::argument(
             "adapters",
@@ -425,8 +364,7 @@ pub fn pack(
     let mut stats = PackStats::default();
     write_atomically(dest, |w| {
         let mut writer = BundleWriter::new(w, dest)?;
-        let by_name: HashMap<&str, &PackEntry<'_>> =
-            entries.iter().map(|e| (e.name.as_str(), e)).collect();
+        let by_name: HashMap<&str, &PackEntry<'_>> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
         let mut items: Vec<Item<'_, '_>> = Vec::with_capacity(entries.len());
         let mut replaced = HashSet::new();
         if let Some(base) = &base {
@@ -440,29 +378,19 @@ pub fn pack(
                 }
             }
         }
-        items.extend(
-            entries
-                .iter()
-                .filter(|e| !replaced.contains(e.name.as_str()))
-                .map(Item::Add),
-        );
+        items.extend(entries.iter().filter(|e| !replaced.contains(e.name.as_str())).map(Item::Add));
         for chunk in items.chunks(READ_AHEAD) {
             let mut loaded: Vec<Option<Result<Adapter>>> = chunk
                 .par_iter()
                 .map(|item| match item {
-                    Item::Add(PackEntry {
-                        source: PackSource::Dir(dir),
-                        ..
-                    }) => Some(read_adapter_dir(dir)),
+                    Item::Add(PackEntry { source: PackSource::Dir(dir), .. }) => Some(read_adapter_dir(dir)),
                     _ => None,
                 })
                 .collect();
             for (item, loaded) in chunk.iter().zip(loaded.drain(..)) {
                 match item {
                     Item::Keep(name) => {
-                        let base = base
-                            .as_ref()
-                            .expect("kept adapters come from a base bundle");
+                        let base = base.as_ref().expect("kept adapters come from a base bundle");
                         writer.copy_from(base, name, None)?;
                         progress(name)?;
                     }
@@ -487,11 +415,8 @@ pub fn unpack(
     names: &[String],
     progress: &mut dyn FnMut(&str) -> Result<()>,
 ) -> Result<Vec<PathBuf>> {
-    let chosen: Vec<String> = if names.is_empty() {
-        bundle.names().map(String::from).collect()
-    } else {
-        names.to_vec()
-    };
+    let chosen: Vec<String> =
+        if names.is_empty() { bundle.names().map(String::from).collect() } else { names.to_vec() };
     for name in &chosen {
         bundle.adapter(name)?;
     }
