@@ -23,7 +23,7 @@ from denselora import _core
 from denselora.bundle import pack
 from denselora.cli import main, pack_main
 from denselora.errors import ArgumentError, ChecksumError, DenseLoRAError, FormatError
-from denselora.io import load_adapter, save_adapter, save_adapter_to
+from denselora.io import load_adapter, save_adapter_to
 
 from conftest import randomize_adapter, tiny_llama
 
@@ -270,6 +270,7 @@ def test_load_adapter_and_from_pretrained_accept_bundle_entries(adapter_dirs, bu
         assert tensors.keys() == tensors_dir.keys()
         assert all(torch.equal(tensors[k], tensors_dir[k]) for k in tensors)
     tensors["shared.q_proj.encoder"].add_(1.0)  # a copy: writing never touches the map
+    assert torch.equal(load_adapter(bundle_path, "task1")[1]["shared.q_proj.encoder"], tensors_dir["shared.q_proj.encoder"])
     from_dir = dl.DenseLoRAModel.from_pretrained(tiny_llama(), adapter_dirs / "task1")
     from_bundle = dl.DenseLoRAModel.from_pretrained(tiny_llama(), bundle_path, adapter_name="task1")
     with torch.no_grad():
@@ -322,6 +323,10 @@ def test_non_bundle_files_are_refused(adapter_dirs, tmp_path):
         dl.Bundle(adapter_dirs)
     with pytest.raises(FileNotFoundError):
         dl.Bundle(tmp_path / "missing.dl")
+    if hasattr(os, "mkfifo"):  # a pipe is refused, not waited on
+        os.mkfifo(tmp_path / "pipe.dl")
+        with pytest.raises(FormatError, match="not a regular file"):
+            dl.Bundle(tmp_path / "pipe.dl")
 
 
 def test_flipped_bytes_are_caught(bundle_path, tmp_path):
@@ -508,6 +513,9 @@ def test_cli_pack_inspect_verify(adapter_dirs, tmp_path, capsys):
     assert bundle.names() == ["shared", "task0", "task1", "task9"]
     assert set(bundle.dtypes("task9").values()) == {"BF16"}
     assert set(bundle.dtypes("task0").values()) == {"F32"}
+    # --overwrite starts afresh.
+    assert main(["pack", str(extra), "-o", str(out), "--overwrite"]) == 0
+    assert dl.Bundle(out).names() == ["task9"]
 
 
 def test_cli_errors_are_one_line_and_non_zero(adapter_dirs, bundle_path, tmp_path, capsys):
@@ -532,6 +540,9 @@ def test_cli_errors_are_one_line_and_non_zero(adapter_dirs, bundle_path, tmp_pat
     assert main(["verify", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "checksum mismatch" in err and "bad.dl" in err and t["name"] in err
+
+    assert main(["pack", str(bundle_path), "-o", str(tmp_path / "f.dl")]) == 2
+    assert "not a directory" in capsys.readouterr().err
 
     (tmp_path / "junk.dl").write_bytes(b"hello world, not a bundle at all" * 4)
     for command in (["verify"], ["inspect"], ["unpack", "-o", str(tmp_path / "u")]):

@@ -148,9 +148,9 @@ def pack(
     """Write the bundle ``dest`` from ``{name: source}`` (sources: adapter directories or
     ``(config, tensors)`` pairs), streaming and atomically: on failure ``dest`` is untouched.
 
-    ``dtype`` (``"f32"``, ``"f16"``, ``"bf16"``) converts tensors at pack time (recorded in the
-    catalog). With ``keep_existing`` the adapters already in ``dest`` stay, those of the same name
-    are replaced. Returns sizes: adapters, tensors, deduplicated, logical/stored/file bytes.
+    ``dtype`` (``"f32"``, ``"f16"``, ``"bf16"``) converts the given adapters' tensors at pack time
+    (recorded in the bundle). With ``keep_existing`` the adapters already in ``dest`` stay as stored,
+    those of the same name are replaced. Returns sizes: adapters, tensors, deduplicated, logical/stored/file bytes.
     """
     items = adapters.items() if isinstance(adapters, Mapping) else adapters
     entries = [_entry(name, source) for name, source in items]

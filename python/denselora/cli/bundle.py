@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="a directory of adapter directories, or one adapter directory")
     p.add_argument("-o", "--output", required=True, type=Path, help="the bundle to write (e.g. adapters.dl)")
-    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="convert tensors to this dtype (recorded in the bundle)")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="convert the packed adapters' tensors to this dtype (recorded in the bundle; adapters already in the bundle are kept as stored)")
     p.add_argument("--overwrite", action="store_true", help="start a new bundle instead of adding to an existing one")
     p.set_defaults(handler=_pack)
 
@@ -55,6 +55,8 @@ def find_adapters(sources: list[Path]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for source in sources:
         if not source.is_dir():
+            if source.exists():
+                raise NotADirectoryError(f"{source}: not a directory (give a directory of adapter directories, or one adapter directory)")
             raise FileNotFoundError(f"{source}: no such directory")
         if _is_adapter_dir(source):
             candidates = [source]

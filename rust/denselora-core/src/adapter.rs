@@ -57,52 +57,31 @@ pub struct GroupLayout {
 }
 
 /// `groups` of a config: module path -> group name.
-pub fn config_groups(
-    config: &Map<String, Value>,
-    context: &str,
-) -> Result<BTreeMap<String, String>> {
+pub fn config_groups(config: &Map<String, Value>, context: &str) -> Result<BTreeMap<String, String>> {
     let groups = config
         .get("groups")
         .and_then(Value::as_object)
-        .ok_or_else(|| {
-            Error::incompatible(
-                context,
-                "config has no \"groups\" object (module path -> group)",
-            )
-        })?;
+        .ok_or_else(|| Error::incompatible(context, "config has no \"groups\" object (module path -> group)"))?;
     let mut out = BTreeMap::new();
     for (module, group) in groups {
         let group = group.as_str().ok_or_else(|| {
-            Error::incompatible(
-                context,
-                format!("group of module {module:?} is not a string"),
-            )
+            Error::incompatible(context, format!("group of module {module:?} is not a string"))
         })?;
         out.insert(module.clone(), group.to_string());
     }
     if out.is_empty() {
-        return Err(Error::incompatible(
-            context,
-            "config adapts no module (\"groups\" is empty)",
-        ));
+        return Err(Error::incompatible(context, "config adapts no module (\"groups\" is empty)"));
     }
     Ok(out)
 }
 
-fn matrix_shape(
-    tensors: &BTreeMap<String, TensorRef<'_>>,
-    key: &str,
-    context: &str,
-) -> Result<(usize, usize)> {
+fn matrix_shape(tensors: &BTreeMap<String, TensorRef<'_>>, key: &str, context: &str) -> Result<(usize, usize)> {
     let t = tensors
         .get(key)
         .ok_or_else(|| Error::incompatible(context, format!("tensor {key:?} is missing")))?;
     match t.shape {
         [rows, cols] if *rows > 0 && *cols > 0 => Ok((*rows, *cols)),
-        shape => Err(Error::incompatible(
-            context,
-            format!("tensor {key:?} has shape {shape:?}; expected a non-empty matrix"),
-        )),
+        shape => Err(Error::incompatible(context, format!("tensor {key:?} has shape {shape:?}; expected a non-empty matrix"))),
     }
 }
 
@@ -116,10 +95,7 @@ pub fn validate_layout(
     let groups = config_groups(config, context)?;
     let mut by_group: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (module, group) in &groups {
-        by_group
-            .entry(group.as_str())
-            .or_default()
-            .push(module.clone());
+        by_group.entry(group.as_str()).or_default().push(module.clone());
     }
     let mut expected: BTreeSet<String> = BTreeSet::new();
     let mut layouts = Vec::with_capacity(by_group.len());
@@ -174,8 +150,8 @@ fn check_format_version(config: &Map<String, Value>, path: &Path) -> Result<()> 
 
 /// Parse JSON text that must be an object (named `path` in errors), without version checks.
 pub fn parse_config_object(text: &str, path: &Path) -> Result<ConfigMap> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
     match value {
         Value::Object(config) => Ok(config),
         _ => Err(Error::format(path, "the config must be a JSON object")),
@@ -199,40 +175,23 @@ pub fn config_to_string(config: &ConfigMap) -> String {
 /// Read and validate an adapter directory.
 pub fn read_adapter_dir(dir: &Path) -> Result<Adapter> {
     if !dir.is_dir() {
-        let kind = if dir.exists() {
-            std::io::ErrorKind::NotADirectory
-        } else {
-            std::io::ErrorKind::NotFound
-        };
-        return Err(Error::io(
-            dir,
-            std::io::Error::new(kind, "not an adapter directory"),
-        ));
+        let kind = if dir.exists() { std::io::ErrorKind::NotADirectory } else { std::io::ErrorKind::NotFound };
+        return Err(Error::io(dir, std::io::Error::new(kind, "not an adapter directory")));
     }
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
     let config = parse_config(&text, &config_path)?;
     let tensors_path = dir.join(TENSORS_FILE);
     let contents = load_safetensors(&tensors_path)?;
-    let views: BTreeMap<String, TensorRef<'_>> = contents
-        .tensors
-        .iter()
-        .map(|(k, t)| (k.clone(), t.view()))
-        .collect();
+    let views: BTreeMap<String, TensorRef<'_>> =
+        contents.tensors.iter().map(|(k, t)| (k.clone(), t.view())).collect();
     validate_layout(&config, &views, &dir.display().to_string())?;
-    Ok(Adapter {
-        config,
-        tensors: contents.tensors,
-    })
+    Ok(Adapter { config, tensors: contents.tensors })
 }
 
 /// Write an adapter directory (created if needed). The layout is validated first, so an
 /// inconsistent adapter is never written; each file is replaced atomically, tensors first.
-pub fn write_adapter_dir(
-    dir: &Path,
-    config: &Map<String, Value>,
-    tensors: &BTreeMap<String, TensorRef<'_>>,
-) -> Result<()> {
+pub fn write_adapter_dir(dir: &Path, config: &Map<String, Value>, tensors: &BTreeMap<String, TensorRef<'_>>) -> Result<()> {
     let mut config = config.clone();
     config.insert("format_version".into(), Value::from(FORMAT_VERSION));
     validate_layout(&config, tensors, &dir.display().to_string())?;
@@ -252,10 +211,7 @@ pub fn write_adapter_dir(
 
 impl Adapter {
     pub fn views(&self) -> BTreeMap<String, TensorRef<'_>> {
-        self.tensors
-            .iter()
-            .map(|(k, t)| (k.clone(), t.view()))
-            .collect()
+        self.tensors.iter().map(|(k, t)| (k.clone(), t.view())).collect()
     }
 
     pub fn layout(&self, context: &str) -> Result<Vec<GroupLayout>> {
@@ -275,27 +231,11 @@ pub(crate) mod tests {
     /// A two-group adapter: q (8 -> 8, two layers) and up (8 -> 12, one layer), rank 4.
     pub fn sample_adapter() -> Adapter {
         let mut tensors = BTreeMap::new();
-        let fill = |n: usize, seed: f32| {
-            (0..n)
-                .map(|i| ((i as f32 + seed) * 0.37).sin())
-                .collect::<Vec<_>>()
-        };
-        tensors.insert(
-            encoder_key("q_proj"),
-            Tensor::from_f32(DType::F32, vec![4, 8], &fill(32, 1.0)),
-        );
-        tensors.insert(
-            decoder_key("q_proj"),
-            Tensor::from_f32(DType::F32, vec![8, 4], &fill(32, 2.0)),
-        );
-        tensors.insert(
-            encoder_key("up_proj"),
-            Tensor::from_f32(DType::F32, vec![4, 8], &fill(32, 3.0)),
-        );
-        tensors.insert(
-            decoder_key("up_proj"),
-            Tensor::from_f32(DType::F32, vec![12, 4], &fill(48, 4.0)),
-        );
+        let fill = |n: usize, seed: f32| (0..n).map(|i| ((i as f32 + seed) * 0.37).sin()).collect::<Vec<_>>();
+        tensors.insert(encoder_key("q_proj"), Tensor::from_f32(DType::F32, vec![4, 8], &fill(32, 1.0)));
+        tensors.insert(decoder_key("q_proj"), Tensor::from_f32(DType::F32, vec![8, 4], &fill(32, 2.0)));
+        tensors.insert(encoder_key("up_proj"), Tensor::from_f32(DType::F32, vec![4, 8], &fill(32, 3.0)));
+        tensors.insert(decoder_key("up_proj"), Tensor::from_f32(DType::F32, vec![12, 4], &fill(48, 4.0)));
         let mut groups = Map::new();
         for (i, (module, group)) in [
             ("model.layers.0.self_attn.q_proj", "q_proj"),
@@ -305,10 +245,7 @@ pub(crate) mod tests {
         .into_iter()
         .enumerate()
         {
-            tensors.insert(
-                m_key(module),
-                Tensor::from_f32(DType::F32, vec![4, 4], &fill(16, 5.0 + i as f32)),
-            );
+            tensors.insert(m_key(module), Tensor::from_f32(DType::F32, vec![4, 4], &fill(16, 5.0 + i as f32)));
             groups.insert(module.into(), Value::from(group));
         }
         let mut config = Map::new();
@@ -337,42 +274,24 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let adapter = sample_adapter();
         adapter.write(dir.path()).unwrap();
-        let params: usize = adapter
-            .tensors
-            .values()
-            .map(|t| t.shape.iter().product::<usize>())
-            .sum();
-        let size = std::fs::metadata(dir.path().join(TENSORS_FILE))
-            .unwrap()
-            .len() as usize;
-        assert!(
-            size >= params * 4 && size < params * 4 + 2048,
-            "{size} vs {params} params"
-        );
+        let params: usize = adapter.tensors.values().map(|t| t.shape.iter().product::<usize>()).sum();
+        let size = std::fs::metadata(dir.path().join(TENSORS_FILE)).unwrap().len() as usize;
+        assert!(size >= params * 4 && size < params * 4 + 2048, "{size} vs {params} params");
     }
 
     #[test]
     fn missing_module_tensor_is_named() {
         let mut adapter = sample_adapter();
-        adapter
-            .tensors
-            .remove(&m_key("model.layers.1.self_attn.q_proj"));
+        adapter.tensors.remove(&m_key("model.layers.1.self_attn.q_proj"));
         let err = adapter.layout("adapter-x").unwrap_err();
         assert!(matches!(err, Error::Incompatible { .. }));
-        assert!(
-            err.to_string()
-                .contains("model.layers.1.self_attn.q_proj.m"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("model.layers.1.self_attn.q_proj.m"), "{err}");
     }
 
     #[test]
     fn extra_tensor_is_named() {
         let mut adapter = sample_adapter();
-        adapter.tensors.insert(
-            "stray".into(),
-            Tensor::from_f32(DType::F32, vec![1, 1], &[0.0]),
-        );
+        adapter.tensors.insert("stray".into(), Tensor::from_f32(DType::F32, vec![1, 1], &[0.0]));
         let err = adapter.layout("adapter-x").unwrap_err();
         assert!(err.to_string().contains("stray"), "{err}");
     }
@@ -385,10 +304,7 @@ pub(crate) mod tests {
             Tensor::from_f32(DType::F32, vec![3, 4], &[0.0; 12]),
         );
         let err = adapter.layout("adapter-x").unwrap_err();
-        assert!(
-            err.to_string().contains("model.layers.0.mlp.up_proj"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("model.layers.0.mlp.up_proj"), "{err}");
     }
 
     #[test]
@@ -406,10 +322,7 @@ pub(crate) mod tests {
         sample_adapter().write(dir.path()).unwrap();
         let cfg = dir.path().join(CONFIG_FILE);
         std::fs::write(&cfg, r#"{"format_version": 99, "groups": {}}"#).unwrap();
-        assert!(matches!(
-            read_adapter_dir(dir.path()),
-            Err(Error::Format { .. })
-        ));
+        assert!(matches!(read_adapter_dir(dir.path()), Err(Error::Format { .. })));
         std::fs::write(&cfg, "{not json").unwrap();
         let err = read_adapter_dir(dir.path()).unwrap_err();
         assert!(err.to_string().contains(CONFIG_FILE), "{err}");

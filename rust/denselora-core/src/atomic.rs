@@ -11,10 +11,7 @@ use crate::error::{Error, Result};
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn temp_path_for(dest: &Path) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let unique = format!(
         ".{name}.tmp-{}-{}",
         std::process::id(),
@@ -44,10 +41,7 @@ where
     F: FnOnce(&mut BufWriter<File>) -> Result<()>,
 {
     let tmp = temp_path_for(dest);
-    let mut guard = TempGuard {
-        path: tmp.clone(),
-        armed: true,
-    };
+    let mut guard = TempGuard { path: tmp.clone(), armed: true };
     // Readable too: the bundle writer reads back stored blobs to confirm deduplication matches.
     let file = fs::OpenOptions::new()
         .read(true)
@@ -59,9 +53,7 @@ where
     let mut writer = BufWriter::with_capacity(1 << 20, file);
     write(&mut writer)?;
     writer.flush().map_err(|e| Error::io(&tmp, e))?;
-    let file = writer
-        .into_inner()
-        .map_err(|e| Error::io(&tmp, e.into_error()))?;
+    let file = writer.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     drop(file);
     fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))?;
@@ -98,10 +90,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("out.bin");
         fs::write(&dest, b"old").unwrap();
-        write_atomically(&dest, |w| {
-            w.write_all(b"new").map_err(|e| Error::io(&dest, e))
-        })
-        .unwrap();
+        write_atomically(&dest, |w| w.write_all(b"new").map_err(|e| Error::io(&dest, e))).unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"new");
     }
 }

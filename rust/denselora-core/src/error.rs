@@ -46,42 +46,22 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     pub fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Format {
-            path: path.into(),
-            message: message.into(),
-        }
+        Error::Format { path: path.into(), message: message.into() }
     }
 
     pub fn incompatible(context: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Incompatible {
-            context: context.into(),
-            message: message.into(),
-        }
+        Error::Incompatible { context: context.into(), message: message.into() }
     }
 
-    pub fn argument(
-        argument: impl Into<String>,
-        kind: ArgumentKind,
-        message: impl Into<String>,
-    ) -> Self {
-        Error::InvalidArgument {
-            argument: argument.into(),
-            kind,
-            message: message.into(),
-        }
+    pub fn argument(argument: impl Into<String>, kind: ArgumentKind, message: impl Into<String>) -> Self {
+        Error::InvalidArgument { argument: argument.into(), kind, message: message.into() }
     }
 
     pub fn non_finite(context: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::NonFinite {
-            context: context.into(),
-            message: message.into(),
-        }
+        Error::NonFinite { context: context.into(), message: message.into() }
     }
 }

@@ -23,10 +23,7 @@ pub struct SafetensorsContents {
 fn header_bytes(tensors: &[(&str, TensorRef<'_>)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).expect("string map"),
-        );
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
     }
     let mut offset = 0usize;
     for (name, t) in tensors {
@@ -55,29 +52,20 @@ pub fn write_safetensors<W: Write>(
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     for pair in sorted.windows(2) {
         if pair[0].0 == pair[1].0 {
-            return Err(Error::format(
-                path,
-                format!("tensor {:?} is given twice", pair[0].0),
-            ));
+            return Err(Error::format(path, format!("tensor {:?} is given twice", pair[0].0)));
         }
     }
     for (name, t) in &sorted {
         if t.numel() * t.dtype.size() != t.data.len() {
             return Err(Error::format(
                 path,
-                format!(
-                    "tensor {name:?}: {} bytes do not hold shape {:?} of {}",
-                    t.data.len(),
-                    t.shape,
-                    t.dtype
-                ),
+                format!("tensor {name:?}: {} bytes do not hold shape {:?} of {}", t.data.len(), t.shape, t.dtype),
             ));
         }
     }
     let header = header_bytes(&sorted, metadata);
     let io = |e| Error::io(path, e);
-    w.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&header).map_err(io)?;
     for (_, t) in &sorted {
         w.write_all(t.data).map_err(io)?;
@@ -108,25 +96,17 @@ fn dtype_from_st(dtype: StDtype, path: &Path, name: &str) -> Result<DType> {
 
 /// Parse safetensors bytes read from `path` (named in errors).
 pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsContents> {
-    let bad = |e: safetensors::SafeTensorError| {
-        Error::format(path, format!("not a valid safetensors file: {e}"))
-    };
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(bad)?;
-    let file = SafeTensors::deserialize(bytes).map_err(bad)?;
-    let metadata = meta
-        .metadata()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+    let bad = |e: safetensors::SafeTensorError| Error::format(path, format!("not a valid safetensors file: {e}"));
+    // `read_metadata` validates every offset against the buffer; parsing the header once is
+    // enough (`SafeTensors::deserialize` would parse it again).
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(bad)?;
+    let data = &bytes[8 + header_len..];
+    let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
     let mut tensors = BTreeMap::new();
-    for (name, view) in file.tensors() {
-        let dtype = dtype_from_st(view.dtype(), path, &name)?;
-        let tensor = Tensor {
-            dtype,
-            shape: view.shape().to_vec(),
-            data: view.data().to_vec(),
-        };
+    for (name, info) in meta.tensors() {
+        let dtype = dtype_from_st(info.dtype, path, &name)?;
+        let (start, end) = info.data_offsets;
+        let tensor = Tensor { dtype, shape: info.shape.clone(), data: data[start..end].to_vec() };
         tensors.insert(name, tensor);
     }
     Ok(SafetensorsContents { metadata, tensors })
@@ -152,11 +132,7 @@ mod tests {
         save_safetensors(&path, &[("b", b.view()), ("a", a.view())], &meta).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        assert_eq!(
-            (8 + header_len) % 8,
-            0,
-            "data section must be 8-byte aligned"
-        );
+        assert_eq!((8 + header_len) % 8, 0, "data section must be 8-byte aligned");
         let back = load_safetensors(&path).unwrap();
         assert_eq!(back.metadata, meta);
         assert_eq!(back.tensors["a"], a);
@@ -181,11 +157,7 @@ mod tests {
     fn mismatched_byte_length_is_refused_before_writing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
-        let bad = TensorRef {
-            dtype: DType::F32,
-            shape: &[3],
-            data: &[0u8; 8],
-        };
+        let bad = TensorRef { dtype: DType::F32, shape: &[3], data: &[0u8; 8] };
         assert!(save_safetensors(&path, &[("x", bad)], &BTreeMap::new()).is_err());
         assert!(!path.exists());
     }

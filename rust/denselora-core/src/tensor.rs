@@ -25,19 +25,11 @@ pub fn numel(shape: &[usize]) -> usize {
 impl Tensor {
     pub fn from_f32(dtype: DType, shape: Vec<usize>, values: &[f32]) -> Self {
         debug_assert_eq!(numel(&shape), values.len());
-        Tensor {
-            dtype,
-            shape,
-            data: dtype::from_f32(dtype, values),
-        }
+        Tensor { dtype, shape, data: dtype::from_f32(dtype, values) }
     }
 
     pub fn view(&self) -> TensorRef<'_> {
-        TensorRef {
-            dtype: self.dtype,
-            shape: &self.shape,
-            data: &self.data,
-        }
+        TensorRef { dtype: self.dtype, shape: &self.shape, data: &self.data }
     }
 
     pub fn to_f32(&self) -> Vec<f32> {
@@ -55,10 +47,6 @@ impl<'a> TensorRef<'a> {
     }
 
     pub fn to_owned(&self) -> Tensor {
-        Tensor {
-            dtype: self.dtype,
-            shape: self.shape.to_vec(),
-            data: self.data.to_vec(),
-        }
+        Tensor { dtype: self.dtype, shape: self.shape.to_vec(), data: self.data.to_vec() }
     }
 }

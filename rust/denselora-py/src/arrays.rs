@@ -8,36 +8,20 @@ use pyo3::types::PyTuple;
 
 /// A borrowed view of a C-contiguous numpy array's bytes. The returned slice is valid while
 /// `array` is alive and unmodified; callers hold the array for that long.
-pub fn array_bytes<'py>(
-    array: &Bound<'py, PyUntypedArray>,
-    name: &str,
-    dtype: DType,
-) -> Result<&'py [u8], Error> {
+pub fn array_bytes<'py>(array: &Bound<'py, PyUntypedArray>, name: &str, dtype: DType) -> Result<&'py [u8], Error> {
     if !array.is_c_contiguous() {
-        return Err(Error::argument(
-            name,
-            ArgumentKind::Layout,
-            "array must be C-contiguous",
-        ));
+        return Err(Error::argument(name, ArgumentKind::Layout, "array must be C-contiguous"));
     }
     let len = array.len() * dtype.size();
     // SAFETY: a C-contiguous array owns `len` readable bytes at `data`; numpy keeps them alive
     // as long as the array object, which outlives the borrow through `'py`.
     let ptr = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
-    Ok(if len == 0 {
-        &[]
-    } else {
-        unsafe { std::slice::from_raw_parts(ptr, len) }
-    })
+    Ok(if len == 0 { &[] } else { unsafe { std::slice::from_raw_parts(ptr, len) } })
 }
 
 /// The storage dtype of a numpy array: float32, float16, or uint16 standing for bfloat16 when
 /// `bf16_bits` says so.
-pub fn array_dtype(
-    array: &Bound<'_, PyUntypedArray>,
-    name: &str,
-    bf16_bits: bool,
-) -> Result<DType, Error> {
+pub fn array_dtype(array: &Bound<'_, PyUntypedArray>, name: &str, bf16_bits: bool) -> Result<DType, Error> {
     let py = array.py();
     let dtype = array.dtype();
     if dtype.is_equiv_to(&numpy::dtype::<f32>(py)) {
@@ -64,24 +48,14 @@ pub fn tensor_to_py<'py>(py: Python<'py>, tensor: Tensor) -> PyResult<Bound<'py,
             PyArray1::from_vec(py, v).reshape(shape)?.into_any()
         }
         DType::F16 => {
-            let v: Vec<half::f16> = tensor
-                .data
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                .collect();
+            let v: Vec<half::f16> =
+                tensor.data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
             PyArray1::from_vec(py, v).reshape(shape)?.into_any()
         }
         DType::BF16 => {
-            let v: Vec<u16> = tensor
-                .data
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect();
+            let v: Vec<u16> = tensor.data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
             PyArray1::from_vec(py, v).reshape(shape)?.into_any()
         }
     };
-    PyTuple::new(
-        py,
-        [tensor.dtype.name().into_pyobject(py)?.into_any(), array],
-    )
+    PyTuple::new(py, [tensor.dtype.name().into_pyobject(py)?.into_any(), array])
 }

@@ -4,9 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use denselora_core::bundle::{
-    self, Bundle, PackEntry, PackOptions, PackSource, PackStats, TensorEntry,
-};
+use denselora_core::bundle::{self, Bundle, PackEntry, PackOptions, PackSource, PackStats, TensorEntry};
 use denselora_core::{adapter, ArgumentKind, DType, Error};
 use numpy::ndarray::{ArrayView, IxDyn};
 use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
@@ -36,17 +34,9 @@ pub struct PyBundle {
 }
 
 /// A read-only numpy view of one tensor's bytes inside the map, owned by `owner`.
-fn view<'py, T: Element>(
-    owner: &Bound<'py, MappedBundle>,
-    bundle: &Bundle,
-    t: &TensorEntry,
-) -> Bound<'py, PyAny> {
+fn view<'py, T: Element>(owner: &Bound<'py, MappedBundle>, bundle: &Bundle, t: &TensorEntry) -> Bound<'py, PyAny> {
     let ptr = bundle.bytes()[t.offset..t.offset + t.length].as_ptr() as *const T;
-    debug_assert_eq!(
-        ptr as usize % std::mem::align_of::<T>(),
-        0,
-        "blobs are 64-byte aligned in a page-aligned map"
-    );
+    debug_assert_eq!(ptr as usize % std::mem::align_of::<T>(), 0, "blobs are 64-byte aligned in a page-aligned map");
     // SAFETY: the catalog was validated: `length == product(shape) * size_of::<T>()` bytes lie
     // inside the map at a 64-byte aligned offset. The map lives as long as `owner`, which numpy
     // keeps as the array's base object; the array is made read-only because the map is.
@@ -74,9 +64,7 @@ fn stats_dict<'py>(py: Python<'py>, s: &PackStats) -> PyResult<Bound<'py, PyDict
 fn with_progress<T: Send>(
     py: Python<'_>,
     progress: Option<Py<PyAny>>,
-    work: impl FnOnce(
-            &mut dyn FnMut(&dyn Fn(Python<'_>) -> PyResult<Py<PyTuple>>) -> Result<(), Error>,
-        ) -> Result<T, Error>
+    work: impl FnOnce(&mut dyn FnMut(&dyn Fn(Python<'_>) -> PyResult<Py<PyTuple>>) -> Result<(), Error>) -> Result<T, Error>
         + Send,
 ) -> BindingResult<T> {
     let mut raised: Option<PyErr> = None;
@@ -84,15 +72,10 @@ fn with_progress<T: Send>(
         let mut call = |args: &dyn Fn(Python<'_>) -> PyResult<Py<PyTuple>>| -> Result<(), Error> {
             let Some(cb) = &progress else { return Ok(()) };
             Python::attach(|py| {
-                let outcome =
-                    args(py).and_then(|a| cb.bind(py).call1(a.bind(py).clone()).map(|_| ()));
+                let outcome = args(py).and_then(|a| cb.bind(py).call1(a.bind(py).clone()).map(|_| ()));
                 outcome.map_err(|e| {
                     raised = Some(e);
-                    Error::argument(
-                        "progress",
-                        ArgumentKind::Value,
-                        "the progress callback raised",
-                    )
+                    Error::argument("progress", ArgumentKind::Value, "the progress callback raised")
                 })
             })
         };
@@ -110,9 +93,7 @@ impl PyBundle {
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> BindingResult<Self> {
         let bundle = py.detach(|| Bundle::open(&path))?;
-        Ok(PyBundle {
-            bundle: Arc::new(bundle),
-        })
+        Ok(PyBundle { bundle: Arc::new(bundle) })
     }
 
     #[getter]
@@ -134,32 +115,18 @@ impl PyBundle {
 
     /// The adapter's config as JSON text.
     fn config_json(&self, name: &str) -> BindingResult<String> {
-        Ok(adapter::config_to_string(
-            &self.bundle.adapter(name)?.config,
-        ))
+        Ok(adapter::config_to_string(&self.bundle.adapter(name)?.config))
     }
 
     /// `{tensor name: (dtype, read-only ndarray viewing the map)}`; bfloat16 comes as uint16 bits.
     /// With `verify`, blob checksums are checked the first time each blob is handed out.
     #[pyo3(signature = (name, verify = true))]
-    fn tensors<'py>(
-        &self,
-        py: Python<'py>,
-        name: &str,
-        verify: bool,
-    ) -> BindingResult<Bound<'py, PyDict>> {
+    fn tensors<'py>(&self, py: Python<'py>, name: &str, verify: bool) -> BindingResult<Bound<'py, PyDict>> {
         let bundle = &self.bundle;
         let entries = py.detach(|| {
-            bundle
-                .tensors(name, verify)
-                .map(|ts| ts.into_iter().map(|(t, _)| t.clone()).collect::<Vec<_>>())
+            bundle.tensors(name, verify).map(|ts| ts.into_iter().map(|(t, _)| t.clone()).collect::<Vec<_>>())
         })?;
-        let owner = Bound::new(
-            py,
-            MappedBundle {
-                _bundle: Arc::clone(bundle),
-            },
-        )?;
+        let owner = Bound::new(py, MappedBundle { _bundle: Arc::clone(bundle) })?;
         let dict = PyDict::new(py);
         for t in &entries {
             let array = match t.dtype {
@@ -167,55 +134,30 @@ impl PyBundle {
                 DType::F16 => view::<half::f16>(&owner, bundle, t),
                 DType::BF16 => view::<u16>(&owner, bundle, t),
             };
-            dict.set_item(
-                &t.name,
-                PyTuple::new(py, [PyString::new(py, t.dtype.name()).into_any(), array])?,
-            )?;
+            dict.set_item(&t.name, PyTuple::new(py, [PyString::new(py, t.dtype.name()).into_any(), array])?)?;
         }
         Ok(dict)
     }
 
     /// Per tensor: `(name, dtype, shape, offset, length, converted_from or None)`.
-    fn tensor_info(
-        &self,
-        name: &str,
-    ) -> BindingResult<Vec<TensorInfo>> {
+    fn tensor_info(&self, name: &str) -> BindingResult<Vec<TensorInfo>> {
         let entry = self.bundle.adapter(name)?;
         Ok(entry
             .tensors
             .iter()
             .map(|t| {
-                (
-                    t.name.clone(),
-                    t.dtype.name(),
-                    t.shape.clone(),
-                    t.offset,
-                    t.length,
-                    t.converted_from.map(DType::name),
-                )
+                (t.name.clone(), t.dtype.name(), t.shape.clone(), t.offset, t.length, t.converted_from.map(DType::name))
             })
             .collect())
     }
 
     /// Per group: `(group, in_features, out_features, encoder_rank, decoder_rank, modules)`.
-    fn groups(
-        &self,
-        name: &str,
-    ) -> BindingResult<Vec<GroupInfo>> {
+    fn groups(&self, name: &str) -> BindingResult<Vec<GroupInfo>> {
         let entry = self.bundle.adapter(name)?;
         Ok(entry
             .groups
             .iter()
-            .map(|g| {
-                (
-                    g.name.clone(),
-                    g.in_features,
-                    g.out_features,
-                    g.encoder_rank,
-                    g.decoder_rank,
-                    g.modules.len(),
-                )
-            })
+            .map(|g| (g.name.clone(), g.in_features, g.out_features, g.encoder_rank, g.decoder_rank, g.modules.len()))
             .collect())
     }
 
@@ -238,9 +180,7 @@ impl PyBundle {
     fn verify(&self, py: Python<'_>, progress: Option<Py<PyAny>>) -> BindingResult<()> {
         let bundle = Arc::clone(&self.bundle);
         with_progress(py, progress, move |call| {
-            bundle.verify_with(&mut |done, total| {
-                call(&|py| Ok(PyTuple::new(py, [done, total])?.unbind()))
-            })
+            bundle.verify_with(&mut |done, total| call(&|py| Ok(PyTuple::new(py, [done, total])?.unbind())))
         })
     }
 
@@ -255,18 +195,12 @@ impl PyBundle {
     ) -> BindingResult<Vec<PathBuf>> {
         let bundle = Arc::clone(&self.bundle);
         with_progress(py, progress, move |call| {
-            bundle::unpack(&bundle, &out, &names, &mut |name| {
-                call(&|py| Ok(PyTuple::new(py, [name])?.unbind()))
-            })
+            bundle::unpack(&bundle, &out, &names, &mut |name| call(&|py| Ok(PyTuple::new(py, [name])?.unbind())))
         })
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "<denselora._core.Bundle {} ({} adapters)>",
-            self.bundle.path().display(),
-            self.bundle.len()
-        )
+        format!("<denselora._core.Bundle {} ({} adapters)>", self.bundle.path().display(), self.bundle.len())
     }
 }
 
@@ -289,17 +223,12 @@ pub fn pack_bundle<'py>(
     keep_existing: bool,
     progress: Option<Py<PyAny>>,
 ) -> BindingResult<Bound<'py, PyDict>> {
-    let dtype = dtype
-        .map(|d| {
-            d.parse::<DType>()
-                .map_err(|m| Error::argument("dtype", ArgumentKind::DType, m))
-        })
-        .transpose()?;
+    let dtype =
+        dtype.map(|d| d.parse::<DType>().map_err(|m| Error::argument("dtype", ArgumentKind::DType, m))).transpose()?;
     let mut owned: Vec<(String, OwnedSource<'py>)> = Vec::with_capacity(entries.len());
     for item in entries.iter() {
-        let (name, source): (String, Bound<'py, PyAny>) = item
-            .extract()
-            .map_err(|_| PyTypeError::new_err("each entry must be a (name, source) tuple"))?;
+        let (name, source): (String, Bound<'py, PyAny>) =
+            item.extract().map_err(|_| PyTypeError::new_err("each entry must be a (name, source) tuple"))?;
         if let Ok(path) = source.extract::<PathBuf>() {
             owned.push((name, OwnedSource::Dir(path)));
             continue;
@@ -311,15 +240,9 @@ pub fn pack_bundle<'py>(
         })?;
         let context = PathBuf::from(format!("config of adapter {name:?}"));
         let config = adapter::parse_config_object(&config_json, &context)?;
-        owned.push((
-            name,
-            OwnedSource::Memory(config, BorrowedTensors::from_dict(&tensors, false)?),
-        ));
+        owned.push((name, OwnedSource::Memory(config, BorrowedTensors::from_dict(&tensors, false)?)));
     }
-    let options = PackOptions {
-        dtype,
-        keep_existing,
-    };
+    let options = PackOptions { dtype, keep_existing };
     let stats = with_progress(py, progress, move |call| {
         let entries: Vec<PackEntry<'_>> = owned
             .iter()
@@ -327,16 +250,13 @@ pub fn pack_bundle<'py>(
                 name: name.clone(),
                 source: match source {
                     OwnedSource::Dir(p) => PackSource::Dir(p.clone()),
-                    OwnedSource::Memory(config, tensors) => PackSource::Memory {
-                        config: config.clone(),
-                        tensors: tensors.views(),
-                    },
+                    OwnedSource::Memory(config, tensors) => {
+                        PackSource::Memory { config: config.clone(), tensors: tensors.views() }
+                    }
                 },
             })
             .collect();
-        bundle::pack(&dest, &entries, &options, &mut |name| {
-            call(&|py| Ok(PyTuple::new(py, [name])?.unbind()))
-        })
+        bundle::pack(&dest, &entries, &options, &mut |name| call(&|py| Ok(PyTuple::new(py, [name])?.unbind())))
     })?;
     Ok(stats_dict(py, &stats)?)
 }

@@ -30,9 +30,9 @@ impl<'py> BorrowedTensors<'py> {
             let name: String = key
                 .extract()
                 .map_err(|_| Error::argument("tensors", ArgumentKind::Value, "keys must be str"))?;
-            let array = value.cast_into::<PyUntypedArray>().map_err(|_| {
-                Error::argument(&name, ArgumentKind::DType, "value is not a numpy array")
-            })?;
+            let array = value
+                .cast_into::<PyUntypedArray>()
+                .map_err(|_| Error::argument(&name, ArgumentKind::DType, "value is not a numpy array"))?;
             let dtype = array_dtype(&array, &name, bf16_bits)?;
             let bytes = array_bytes(&array, &name, dtype)?;
             entries.push((name, dtype, array.shape().to_vec(), bytes));
@@ -43,16 +43,7 @@ impl<'py> BorrowedTensors<'py> {
     pub(crate) fn views(&self) -> BTreeMap<String, TensorRef<'_>> {
         self.entries
             .iter()
-            .map(|(n, d, s, b)| {
-                (
-                    n.clone(),
-                    TensorRef {
-                        dtype: *d,
-                        shape: s,
-                        data: b,
-                    },
-                )
-            })
+            .map(|(n, d, s, b)| (n.clone(), TensorRef { dtype: *d, shape: s, data: b }))
             .collect()
     }
 }
@@ -60,12 +51,7 @@ impl<'py> BorrowedTensors<'py> {
 /// Write an adapter directory from a config JSON text and `{name: array}` (float32 or float16,
 /// C-contiguous; read in place, without a copy).
 #[pyfunction]
-fn save_adapter(
-    py: Python<'_>,
-    path: PathBuf,
-    config_json: &str,
-    tensors: &Bound<'_, PyDict>,
-) -> BindingResult<()> {
+fn save_adapter(py: Python<'_>, path: PathBuf, config_json: &str, tensors: &Bound<'_, PyDict>) -> BindingResult<()> {
     let mut config = adapter::parse_config_object(config_json, Path::new("config_json"))?;
     config.insert("format_version".into(), adapter::FORMAT_VERSION.into());
     let borrowed = BorrowedTensors::from_dict(tensors, false)?;
@@ -99,8 +85,7 @@ fn save_safetensors(
     let metadata = metadata.unwrap_or_default();
     py.detach(|| {
         let views = borrowed.views();
-        let named: Vec<(&str, TensorRef<'_>)> =
-            views.iter().map(|(k, t)| (k.as_str(), *t)).collect();
+        let named: Vec<(&str, TensorRef<'_>)> = views.iter().map(|(k, t)| (k.as_str(), *t)).collect();
         safetensors_io::save_safetensors(&path, &named, &metadata)
     })?;
     Ok(())
@@ -110,9 +95,7 @@ fn save_safetensors(
 #[pyfunction]
 fn write_text_atomic(py: Python<'_>, path: PathBuf, text: &str) -> BindingResult<()> {
     py.detach(|| {
-        atomic::write_atomically(&path, |w| {
-            std::io::Write::write_all(w, text.as_bytes()).map_err(|e| Error::io(&path, e))
-        })
+        atomic::write_atomically(&path, |w| std::io::Write::write_all(w, text.as_bytes()).map_err(|e| Error::io(&path, e)))
     })?;
     Ok(())
 }

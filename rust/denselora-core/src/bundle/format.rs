@@ -72,11 +72,7 @@ impl Footer {
             return None;
         }
         let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
-        Some(Footer {
-            catalog_offset: word(0),
-            catalog_len: word(8),
-            catalog_xxh3: word(16),
-        })
+        Some(Footer { catalog_offset: word(0), catalog_len: word(8), catalog_xxh3: word(16) })
     }
 }
 
@@ -150,15 +146,12 @@ pub fn check_adapter_name(name: &str) -> Result<(), String> {
         return Err(format!("adapter name is longer than {MAX_NAME_LEN} bytes"));
     }
     if name == "." || name == ".." {
-        return Err(format!(
-            "adapter name {name:?} is not a usable directory name"
-        ));
+        return Err(format!("adapter name {name:?} is not a usable directory name"));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| matches!(c, '/' | '\\' | ':') || c.is_control())
-    {
-        return Err(format!("adapter name {name:?} contains {c:?} (names must not contain '/', '\\', ':' or control characters)"));
+    if let Some(c) = name.chars().find(|c| matches!(c, '/' | '\\' | ':') || c.is_control()) {
+        return Err(format!(
+            "adapter name {name:?} contains {c:?} (names must not contain '/', '\\', ':' or control characters)"
+        ));
     }
     Ok(())
 }

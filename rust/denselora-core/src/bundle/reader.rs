@@ -17,9 +17,7 @@ use memmap2::Mmap;
 use serde_json::Value;
 
 use super::format::*;
-use crate::adapter::{
-    validate_layout, ConfigMap, GroupLayout, FORMAT_VERSION as ADAPTER_FORMAT_VERSION,
-};
+use crate::adapter::{validate_layout, ConfigMap, GroupLayout, FORMAT_VERSION as ADAPTER_FORMAT_VERSION};
 use crate::dtype::DType;
 use crate::error::{ArgumentKind, Error, Result};
 use crate::tensor::TensorRef;
@@ -104,35 +102,31 @@ pub struct BundleStats {
 
 impl std::fmt::Debug for Bundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bundle")
-            .field("path", &self.path)
-            .field("adapters", &self.records.len())
-            .finish()
+        f.debug_struct("Bundle").field("path", &self.path).field("adapters", &self.records.len()).finish()
     }
 }
 
 impl Bundle {
     /// Open and validate the bundle at `path` (memory-mapped; no tensor data is read).
     pub fn open(path: &Path) -> Result<Self> {
+        // Checked before opening: opening a FIFO would block until a writer appears.
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_dir() && !meta.is_file() {
+            return Err(Error::format(path, "not a regular file, so not a bundle"));
+        }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
             return Err(Error::io(
                 path,
-                std::io::Error::new(
-                    std::io::ErrorKind::IsADirectory,
-                    "a directory, not a bundle file",
-                ),
+                std::io::Error::new(std::io::ErrorKind::IsADirectory, "a directory, not a bundle file"),
             ));
         }
         // Mapping an empty file fails on some platforms; such a file is no bundle anyway.
         if meta.len() < PREAMBLE_LEN + FOOTER_LEN {
             let mut head = Vec::new();
-            std::io::Read::read_to_end(
-                &mut std::io::Read::take(&file, PREAMBLE_LEN + FOOTER_LEN),
-                &mut head,
-            )
-            .map_err(|e| Error::io(path, e))?;
+            std::io::Read::read_to_end(&mut std::io::Read::take(&file, PREAMBLE_LEN + FOOTER_LEN), &mut head)
+                .map_err(|e| Error::io(path, e))?;
             return Self::from_storage(path, Storage::Bytes(head));
         }
         // SAFETY: the map is read-only. Writers in this library never modify a bundle in place
@@ -151,16 +145,10 @@ impl Bundle {
         let bytes = storage.bytes();
         let fail = |m: String| Error::format(path, m);
         if bytes.len() < MAGIC.len() || bytes[..8] != MAGIC {
-            return Err(fail(
-                "not a denselora bundle (the file does not start with the bundle magic bytes)"
-                    .into(),
-            ));
+            return Err(fail("not a denselora bundle (the file does not start with the bundle magic bytes)".into()));
         }
         if bytes.len() < (PREAMBLE_LEN + FOOTER_LEN) as usize {
-            return Err(fail(format!(
-                "truncated bundle: {} bytes, less than preamble and footer",
-                bytes.len()
-            )));
+            return Err(fail(format!("truncated bundle: {} bytes, less than preamble and footer", bytes.len())));
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
         if version != FORMAT_VERSION {
@@ -174,9 +162,7 @@ impl Bundle {
         let file_len = bytes.len() as u64;
         let footer_at = (file_len - FOOTER_LEN) as usize;
         let footer = Footer::from_bytes(bytes[footer_at..].try_into().expect("footer length"))
-            .ok_or_else(|| {
-                fail("truncated or damaged bundle: the footer magic bytes are missing".into())
-            })?;
+            .ok_or_else(|| fail("truncated or damaged bundle: the footer magic bytes are missing".into()))?;
         if footer.catalog_len > MAX_CATALOG_LEN {
             return Err(fail(format!(
                 "catalog length {} exceeds the limit of {MAX_CATALOG_LEN} bytes",
@@ -193,18 +179,12 @@ impl Bundle {
         let catalog_offset = footer.catalog_offset as usize;
         let catalog_bytes = &bytes[catalog_offset..footer_at];
         if checksum(catalog_bytes) != footer.catalog_xxh3 {
-            return Err(Error::Checksum {
-                path: path.to_path_buf(),
-                what: "the catalog".into(),
-            });
+            return Err(Error::Checksum { path: path.to_path_buf(), what: "the catalog".into() });
         }
-        let catalog: Catalog = serde_json::from_slice(catalog_bytes)
-            .map_err(|e| fail(format!("invalid catalog JSON: {e}")))?;
+        let catalog: Catalog =
+            serde_json::from_slice(catalog_bytes).map_err(|e| fail(format!("invalid catalog JSON: {e}")))?;
         if catalog.format != FORMAT_NAME {
-            return Err(fail(format!(
-                "catalog format is {:?}, expected {FORMAT_NAME:?}",
-                catalog.format
-            )));
+            return Err(fail(format!("catalog format is {:?}, expected {FORMAT_NAME:?}", catalog.format)));
         }
         if catalog.format_version != FORMAT_VERSION {
             return Err(fail(format!(
@@ -232,24 +212,13 @@ impl Bundle {
                 )));
             }
             let xxh3 = parse_hash(&entry.xxh3).ok_or_else(|| {
-                fail(format!(
-                    "adapter {name:?}: record checksum {:?} is not 16 hex digits",
-                    entry.xxh3
-                ))
+                fail(format!("adapter {name:?}: record checksum {:?} is not 16 hex digits", entry.xxh3))
             })?;
             index.insert(name.clone(), records.len());
-            records.push(RecordLocation {
-                name,
-                offset: entry.offset as usize,
-                length: entry.length as usize,
-                xxh3,
-            });
+            records.push(RecordLocation { name, offset: entry.offset as usize, length: entry.length as usize, xxh3 });
         }
-        let mut record_ranges: Vec<(usize, usize, usize)> = records
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.offset, r.offset + r.length, i))
-            .collect();
+        let mut record_ranges: Vec<(usize, usize, usize)> =
+            records.iter().enumerate().map(|(i, r)| (r.offset, r.offset + r.length, i)).collect();
         record_ranges.sort_unstable();
         for pair in record_ranges.windows(2) {
             if pair[1].0 < pair[0].1 {
@@ -303,11 +272,7 @@ impl Bundle {
             Error::argument(
                 "adapter_name",
                 ArgumentKind::Value,
-                format!(
-                    "{}: no adapter {name:?} in this bundle (it holds {})",
-                    self.path.display(),
-                    known.join(", ")
-                ),
+                format!("{}: no adapter {name:?} in this bundle (it holds {})", self.path.display(), known.join(", ")),
             )
         })?;
         self.adapter_at(i)
@@ -325,9 +290,7 @@ impl Bundle {
 
     /// Every adapter, validated (parses all records).
     pub fn adapters(&self) -> Result<Vec<&AdapterEntry>> {
-        (0..self.records.len())
-            .map(|i| self.adapter_at(i))
-            .collect()
+        (0..self.records.len()).map(|i| self.adapter_at(i)).collect()
     }
 
     fn overlaps_record(&self, start: usize, end: usize) -> bool {
@@ -342,21 +305,14 @@ impl Bundle {
         let bytes = self.storage.bytes();
         let record_bytes = &bytes[loc.offset..loc.offset + loc.length];
         if checksum(record_bytes) != loc.xxh3 {
-            return Err(Error::Checksum {
-                path: path.clone(),
-                what: format!("the record of adapter {name:?}"),
-            });
+            return Err(Error::Checksum { path: path.clone(), what: format!("the record of adapter {name:?}") });
         }
         let fail = |m: String| Error::format(path, format!("adapter {name:?}: {m}"));
-        let record: AdapterRecord = serde_json::from_slice(record_bytes)
-            .map_err(|e| fail(format!("invalid record JSON: {e}")))?;
+        let record: AdapterRecord =
+            serde_json::from_slice(record_bytes).map_err(|e| fail(format!("invalid record JSON: {e}")))?;
         match record.config.get("format_version").and_then(Value::as_u64) {
             Some(v) if v <= ADAPTER_FORMAT_VERSION => {}
-            Some(v) => {
-                return Err(fail(format!(
-                    "adapter format_version {v} is newer than this library reads"
-                )))
-            }
+            Some(v) => return Err(fail(format!("adapter format_version {v} is newer than this library reads"))),
             None => return Err(fail("config has no integer \"format_version\"".into())),
         }
         let mut tensor_names = HashSet::new();
@@ -369,10 +325,7 @@ impl Bundle {
                 return Err(fail(format!("tensor {:?} is named twice", t.name)));
             }
             if self.overlaps_record(tail.offset, tail.offset + tail.length) {
-                return Err(fail(format!(
-                    "tensor {:?}: its bytes overlap an adapter record",
-                    t.name
-                )));
+                return Err(fail(format!("tensor {:?}: its bytes overlap an adapter record", t.name)));
             }
             match by_offset.get(&tail.offset) {
                 Some(&(len, h, owner)) if (len, h) != (tail.length, tail.xxh3) => {
@@ -392,7 +345,9 @@ impl Bundle {
         for (&offset, &(length, _, owner)) in &by_offset {
             if let Some((p_end, p_owner)) = prev {
                 if offset < p_end {
-                    return Err(fail(format!("tensor {owner:?} at {offset} overlaps tensor {p_owner:?} (ends at {p_end})")));
+                    return Err(fail(format!(
+                        "tensor {owner:?} at {offset} overlaps tensor {p_owner:?} (ends at {p_end})"
+                    )));
                 }
             }
             prev = Some((offset + length, owner));
@@ -403,27 +358,15 @@ impl Bundle {
             .map(|t| {
                 (
                     t.name.clone(),
-                    TensorRef {
-                        dtype: t.dtype,
-                        shape: &t.shape,
-                        data: &bytes[t.offset..t.offset + t.length],
-                    },
+                    TensorRef { dtype: t.dtype, shape: &t.shape, data: &bytes[t.offset..t.offset + t.length] },
                 )
             })
             .collect();
-        let groups = validate_layout(&record.config, &views, &format!("adapter {name:?}"))
-            .map_err(|e| match e {
-                Error::Incompatible { context, message } => {
-                    Error::format(path, format!("{context}: {message}"))
-                }
-                other => other,
-            })?;
-        Ok(AdapterEntry {
-            name: name.clone(),
-            config: record.config,
-            tensors,
-            groups,
-        })
+        let groups = validate_layout(&record.config, &views, &format!("adapter {name:?}")).map_err(|e| match e {
+            Error::Incompatible { context, message } => Error::format(path, format!("{context}: {message}")),
+            other => other,
+        })?;
+        Ok(AdapterEntry { name: name.clone(), config: record.config, tensors, groups })
     }
 
     /// The bytes of a tensor, without checking them.
@@ -441,10 +384,7 @@ impl Bundle {
             return ok;
         }
         let ok = checksum(self.raw_bytes(t)) == t.xxh3;
-        self.checked
-            .lock()
-            .expect("checksum cache")
-            .insert(t.offset, ok);
+        self.checked.lock().expect("checksum cache").insert(t.offset, ok);
         ok
     }
 
@@ -460,25 +400,14 @@ impl Bundle {
                     what: format!("adapter {:?}, tensor {:?}", adapter.name, t.name),
                 });
             }
-            out.push((
-                t,
-                TensorRef {
-                    dtype: t.dtype,
-                    shape: &t.shape,
-                    data: self.raw_bytes(t),
-                },
-            ));
+            out.push((t, TensorRef { dtype: t.dtype, shape: &t.shape, data: self.raw_bytes(t) }));
         }
         Ok(out)
     }
 
     /// An adapter's tensors by name (checked), for writers and algebra.
     pub fn tensor_map(&self, name: &str) -> Result<BTreeMap<String, TensorRef<'_>>> {
-        Ok(self
-            .tensors(name, true)?
-            .into_iter()
-            .map(|(t, r)| (t.name.clone(), r))
-            .collect())
+        Ok(self.tensors(name, true)?.into_iter().map(|(t, r)| (t.name.clone(), r)).collect())
     }
 
     /// Distinct blobs of all adapters: offset -> (length, xxh3, "adapter/tensor"), after checking
@@ -491,15 +420,15 @@ impl Bundle {
                     Some((len, h, owner)) if (*len, *h) != (t.length, t.xxh3) => {
                         return Err(Error::format(
                             &self.path,
-                            format!("tensor {}/{} overlaps tensor {owner} with a different length or checksum", a.name, t.name),
+                            format!(
+                                "tensor {}/{} overlaps tensor {owner} with a different length or checksum",
+                                a.name, t.name
+                            ),
                         ));
                     }
                     Some(_) => {}
                     None => {
-                        blobs.insert(
-                            t.offset,
-                            (t.length, t.xxh3, format!("{}/{}", a.name, t.name)),
-                        );
+                        blobs.insert(t.offset, (t.length, t.xxh3, format!("{}/{}", a.name, t.name)));
                     }
                 }
             }
@@ -508,10 +437,7 @@ impl Bundle {
         for (&offset, (length, _, owner)) in &blobs {
             if let Some((p_end, p_owner)) = prev {
                 if offset < p_end {
-                    return Err(Error::format(
-                        &self.path,
-                        format!("tensor {owner} overlaps tensor {p_owner}"),
-                    ));
+                    return Err(Error::format(&self.path, format!("tensor {owner} overlaps tensor {p_owner}")));
                 }
             }
             prev = Some((offset + length, owner));
@@ -535,10 +461,7 @@ impl Bundle {
         let mut bad: HashSet<usize> = HashSet::new();
         for (i, (&offset, (length, hash, _))) in blobs.iter().enumerate() {
             let ok = checksum(&bytes[offset..offset + length]) == *hash;
-            self.checked
-                .lock()
-                .expect("checksum cache")
-                .insert(offset, ok);
+            self.checked.lock().expect("checksum cache").insert(offset, ok);
             if !ok {
                 bad.insert(offset);
             }
@@ -557,19 +480,14 @@ impl Bundle {
             }
             let count = what.len();
             what.truncate(32);
-            let more = if count > 32 {
-                format!(" and {} more", count - 32)
-            } else {
-                String::new()
-            };
+            let more = if count > 32 { format!(" and {} more", count - 32) } else { String::new() };
             return Err(Error::Checksum {
                 path: self.path.clone(),
                 what: format!("{count} tensor(s): {}{more}", what.join(", ")),
             });
         }
         // Padding: everything outside the preamble, blobs, records and catalog must be zero.
-        let mut used: Vec<(usize, usize)> =
-            blobs.iter().map(|(&o, (l, _, _))| (o, o + l)).collect();
+        let mut used: Vec<(usize, usize)> = blobs.iter().map(|(&o, (l, _, _))| (o, o + l)).collect();
         used.extend(self.record_ranges.iter().copied());
         used.push((self.catalog_offset, self.catalog_offset));
         used.sort_unstable();
@@ -614,26 +532,17 @@ fn parse_dtype(text: &str) -> Option<DType> {
 }
 
 /// Check one tensor record against the data section `[64, data_end)` of a file of `file_len` bytes.
-fn validate_tensor(
-    t: &CatalogTensor,
-    data_end: usize,
-    file_len: u64,
-) -> std::result::Result<TensorEntry, String> {
+fn validate_tensor(t: &CatalogTensor, data_end: usize, file_len: u64) -> std::result::Result<TensorEntry, String> {
     if t.name.is_empty() || t.name.len() > MAX_NAME_LEN {
         return Err("tensor name is empty or too long".into());
     }
     let dtype = parse_dtype(&t.dtype).ok_or_else(|| format!("unknown dtype {:?}", t.dtype))?;
     let converted_from = match &t.converted_from {
         None => None,
-        Some(d) => {
-            Some(parse_dtype(d).ok_or_else(|| format!("unknown converted_from dtype {d:?}"))?)
-        }
+        Some(d) => Some(parse_dtype(d).ok_or_else(|| format!("unknown converted_from dtype {d:?}"))?),
     };
     if t.shape.is_empty() || t.shape.len() > MAX_NDIM {
-        return Err(format!(
-            "shape {:?} must have 1 to {MAX_NDIM} dimensions",
-            t.shape
-        ));
+        return Err(format!("shape {:?} must have 1 to {MAX_NDIM} dimensions", t.shape));
     }
     let mut numel: u64 = 1;
     let mut shape = Vec::with_capacity(t.shape.len());
@@ -649,28 +558,15 @@ fn validate_tensor(
     }
     let expected = numel * dtype.size() as u64;
     if t.length != expected {
-        return Err(format!(
-            "length {} does not match shape {:?} of {dtype} ({expected} bytes)",
-            t.length, t.shape
-        ));
+        return Err(format!("length {} does not match shape {:?} of {dtype} ({expected} bytes)", t.length, t.shape));
     }
     if t.offset % ALIGN != 0 || t.offset < PREAMBLE_LEN {
-        return Err(format!(
-            "offset {} is not a 64-byte aligned position after the preamble",
-            t.offset
-        ));
+        return Err(format!("offset {} is not a 64-byte aligned position after the preamble", t.offset));
     }
-    if t.offset
-        .checked_add(t.length)
-        .map_or(true, |e| e > data_end as u64)
-    {
-        return Err(format!(
-            "bytes {}..+{} run past the data section (ends at {data_end})",
-            t.offset, t.length
-        ));
+    if t.offset.checked_add(t.length).map_or(true, |e| e > data_end as u64) {
+        return Err(format!("bytes {}..+{} run past the data section (ends at {data_end})", t.offset, t.length));
     }
-    let xxh3 =
-        parse_hash(&t.xxh3).ok_or_else(|| format!("checksum {:?} is not 16 hex digits", t.xxh3))?;
+    let xxh3 = parse_hash(&t.xxh3).ok_or_else(|| format!("checksum {:?} is not 16 hex digits", t.xxh3))?;
     Ok(TensorEntry {
         name: t.name.clone(),
         dtype,

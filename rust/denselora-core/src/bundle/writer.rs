@@ -12,9 +12,10 @@ use serde_json::Value;
 
 use super::format::*;
 use super::reader::Bundle;
+use rayon::prelude::*;
+
 use crate::adapter::{
-    read_adapter_dir, validate_layout, write_adapter_dir, ConfigMap,
-    FORMAT_VERSION as ADAPTER_FORMAT_VERSION,
+    read_adapter_dir, validate_layout, write_adapter_dir, Adapter, ConfigMap, FORMAT_VERSION as ADAPTER_FORMAT_VERSION,
 };
 use crate::atomic::write_atomically;
 use crate::dtype::{self, DType};
@@ -53,16 +54,46 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::R
     Ok(())
 }
 
-/// What identifies a candidate duplicate: dtype, shape and the xxh3 of the bytes.
-type BlobKey = (DType, Vec<usize>, u64);
+/// A stored blob, as a candidate for deduplication. Kept compact (one flat table, shapes in a
+/// shared arena): the table is the only state that grows with the number of distinct tensors.
+struct StoredBlob {
+    offset: u64,
+    len: u64,
+    /// Start of the shape in `BundleWriter::shapes`.
+    shape_at: u32,
+    /// Next blob with the same hash (`u32::MAX`: none).
+    next: u32,
+    ndim: u8,
+    dtype: DType,
+}
+
+/// Hashes the `u64` keys of `seen` as they are: they are already xxh3 values.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
 
 /// Streams a bundle into an open file (normally the temporary file of `write_atomically`).
 pub struct BundleWriter<'w> {
     out: &'w mut BufWriter<File>,
     path: PathBuf,
     pos: u64,
-    /// (dtype, shape, xxh3) -> offsets of blobs with that key; a byte comparison settles a match.
-    seen: HashMap<BlobKey, Vec<(u64, u64)>>,
+    /// xxh3 -> first stored blob with that hash; same dtype, shape and bytes settle a match.
+    seen: HashMap<u64, u32, std::hash::BuildHasherDefault<PassThrough>>,
+    stored: Vec<StoredBlob>,
+    shapes: Vec<usize>,
     adapters: Vec<IndexEntry>,
     names: HashSet<String>,
     stats: PackStats,
@@ -71,13 +102,14 @@ pub struct BundleWriter<'w> {
 impl<'w> BundleWriter<'w> {
     /// Start a bundle: writes the preamble. `path` names the destination in errors.
     pub fn new(out: &'w mut BufWriter<File>, path: &Path) -> Result<Self> {
-        out.write_all(&preamble(FORMAT_VERSION))
-            .map_err(|e| Error::io(path, e))?;
+        out.write_all(&preamble(FORMAT_VERSION)).map_err(|e| Error::io(path, e))?;
         Ok(BundleWriter {
             out,
             path: path.to_path_buf(),
             pos: PREAMBLE_LEN,
-            seen: HashMap::new(),
+            seen: HashMap::default(),
+            stored: Vec::new(),
+            shapes: Vec::new(),
             adapters: Vec::new(),
             names: HashSet::new(),
             stats: PackStats::default(),
@@ -97,27 +129,39 @@ impl<'w> BundleWriter<'w> {
 
     /// Store `data` (or find it already stored); returns its offset.
     fn put_blob(&mut self, dtype: DType, shape: &[usize], data: &[u8], hash: u64) -> Result<u64> {
-        let key = (dtype, shape.to_vec(), hash);
-        let candidates = self.seen.get(&key).cloned().unwrap_or_default();
-        for (offset, len) in candidates {
-            if len == data.len() as u64 && self.stored_equals(offset, data)? {
+        let first = self.seen.get(&hash).copied();
+        let mut at = first.unwrap_or(u32::MAX);
+        while at != u32::MAX {
+            let b = &self.stored[at as usize];
+            let (offset, next) = (b.offset, b.next);
+            let b_shape = &self.shapes[b.shape_at as usize..b.shape_at as usize + b.ndim as usize];
+            if b.dtype == dtype && b.len == data.len() as u64 && b_shape == shape && self.stored_equals(offset, data)? {
                 self.stats.deduplicated += 1;
                 return Ok(offset);
             }
+            at = next;
         }
-        let start =
-            align_up(self.pos).ok_or_else(|| Error::format(&self.path, "bundle too large"))?;
+        let start = align_up(self.pos).ok_or_else(|| Error::format(&self.path, "bundle too large"))?;
         let pad = (start - self.pos) as usize;
-        self.out
-            .write_all(&[0u8; ALIGN as usize][..pad])
-            .map_err(|e| self.io(e))?;
+        self.out.write_all(&[0u8; ALIGN as usize][..pad]).map_err(|e| self.io(e))?;
         self.out.write_all(data).map_err(|e| self.io(e))?;
         self.pos = start + data.len() as u64;
         self.stats.stored_bytes += data.len() as u64;
-        self.seen
-            .entry(key)
-            .or_default()
-            .push((start, data.len() as u64));
+        let index = u32::try_from(self.stored.len()).ok();
+        let shape_at = u32::try_from(self.shapes.len()).ok();
+        let (Some(index), Some(shape_at)) = (index, shape_at) else {
+            return Err(Error::format(&self.path, "too many distinct tensors for one bundle"));
+        };
+        self.shapes.extend_from_slice(shape);
+        self.stored.push(StoredBlob {
+            offset: start,
+            len: data.len() as u64,
+            shape_at,
+            next: first.unwrap_or(u32::MAX),
+            ndim: shape.len() as u8,
+            dtype,
+        });
+        self.seen.insert(hash, index);
         Ok(start)
     }
 
@@ -143,8 +187,7 @@ impl<'w> BundleWriter<'w> {
         convert_to: Option<DType>,
         converted_from: &BTreeMap<String, DType>,
     ) -> Result<()> {
-        check_adapter_name(name)
-            .map_err(|m| Error::argument("adapter_name", ArgumentKind::Value, m))?;
+        check_adapter_name(name).map_err(|m| Error::argument("adapter_name", ArgumentKind::Value, m))?;
         if !self.names.insert(name.to_string()) {
             return Err(Error::argument(
                 "adapter_name",
@@ -161,12 +204,7 @@ impl<'w> BundleWriter<'w> {
                 return Err(Error::argument(
                     format!("adapter {name:?}, tensor {tname:?}"),
                     ArgumentKind::Shape,
-                    format!(
-                        "{} bytes do not hold shape {:?} of {}",
-                        t.data.len(),
-                        t.shape,
-                        t.dtype
-                    ),
+                    format!("{} bytes do not hold shape {:?} of {}", t.data.len(), t.shape, t.dtype),
                 ));
             }
             let (data, stored, from): (Cow<'_, [u8]>, DType, Option<DType>) = match convert_to {
@@ -175,11 +213,7 @@ impl<'w> BundleWriter<'w> {
                     target,
                     Some(converted_from.get(tname).copied().unwrap_or(t.dtype)),
                 ),
-                _ => (
-                    Cow::Borrowed(t.data),
-                    t.dtype,
-                    converted_from.get(tname).copied(),
-                ),
+                _ => (Cow::Borrowed(t.data), t.dtype, converted_from.get(tname).copied()),
             };
             let hash = checksum(&data);
             let offset = self.put_blob(stored, t.shape, &data, hash)?;
@@ -196,20 +230,13 @@ impl<'w> BundleWriter<'w> {
             });
         }
         // The record follows the adapter's blobs; the catalog at the end points to it.
-        let record = AdapterRecord {
-            config,
-            tensors: records,
-        };
-        let text = serde_json::to_vec(&record)
-            .map_err(|e| Error::format(&self.path, format!("record: {e}")))?;
+        let record = AdapterRecord { config, tensors: records };
+        let text = serde_json::to_vec(&record).map_err(|e| Error::format(&self.path, format!("record: {e}")))?;
         if text.len() as u64 > MAX_RECORD_LEN {
             return Err(Error::argument(
                 format!("adapter {name:?}"),
                 ArgumentKind::Value,
-                format!(
-                    "its record would be {} bytes, over the limit of {MAX_RECORD_LEN}",
-                    text.len()
-                ),
+                format!("its record would be {} bytes, over the limit of {MAX_RECORD_LEN}", text.len()),
             ));
         }
         self.out.write_all(&text).map_err(|e| self.io(e))?;
@@ -225,51 +252,29 @@ impl<'w> BundleWriter<'w> {
     }
 
     /// Copy one adapter of an open bundle (checksums are checked on the way).
-    pub fn copy_from(
-        &mut self,
-        bundle: &Bundle,
-        name: &str,
-        convert_to: Option<DType>,
-    ) -> Result<()> {
+    pub fn copy_from(&mut self, bundle: &Bundle, name: &str, convert_to: Option<DType>) -> Result<()> {
         let entry = bundle.adapter(name)?;
         let tensors = bundle.tensor_map(name)?;
-        let record: BTreeMap<String, DType> = entry
-            .tensors
-            .iter()
-            .filter_map(|t| t.converted_from.map(|d| (t.name.clone(), d)))
-            .collect();
+        let record: BTreeMap<String, DType> =
+            entry.tensors.iter().filter_map(|t| t.converted_from.map(|d| (t.name.clone(), d))).collect();
         self.add_adapter_recorded(name, &entry.config, &tensors, convert_to, &record)
     }
 
     /// Write the catalog and the footer. The caller (normally `write_atomically`) then syncs and
     /// renames the file.
     pub fn finish(self) -> Result<PackStats> {
-        let catalog = Catalog {
-            format: FORMAT_NAME.into(),
-            format_version: FORMAT_VERSION,
-            adapters: self.adapters,
-        };
-        let text = serde_json::to_vec(&catalog)
-            .map_err(|e| Error::format(&self.path, format!("catalog: {e}")))?;
+        let catalog = Catalog { format: FORMAT_NAME.into(), format_version: FORMAT_VERSION, adapters: self.adapters };
+        let text = serde_json::to_vec(&catalog).map_err(|e| Error::format(&self.path, format!("catalog: {e}")))?;
         if text.len() as u64 > MAX_CATALOG_LEN {
             return Err(Error::format(
                 &self.path,
-                format!(
-                    "the catalog would be {} bytes, over the limit of {MAX_CATALOG_LEN}",
-                    text.len()
-                ),
+                format!("the catalog would be {} bytes, over the limit of {MAX_CATALOG_LEN}", text.len()),
             ));
         }
-        let footer = Footer {
-            catalog_offset: self.pos,
-            catalog_len: text.len() as u64,
-            catalog_xxh3: checksum(&text),
-        };
+        let footer = Footer { catalog_offset: self.pos, catalog_len: text.len() as u64, catalog_xxh3: checksum(&text) };
         let path = self.path;
         self.out.write_all(&text).map_err(|e| Error::io(&path, e))?;
-        self.out
-            .write_all(&footer.to_bytes())
-            .map_err(|e| Error::io(&path, e))?;
+        self.out.write_all(&footer.to_bytes()).map_err(|e| Error::io(&path, e))?;
         let mut stats = self.stats;
         stats.file_bytes = self.pos + text.len() as u64 + FOOTER_LEN;
         Ok(stats)
@@ -281,10 +286,7 @@ pub enum PackSource<'a> {
     /// An adapter directory (`adapter_config.json` + `adapter.safetensors`).
     Dir(PathBuf),
     /// An adapter in memory (e.g. numpy buffers borrowed by the Python binding).
-    Memory {
-        config: ConfigMap,
-        tensors: BTreeMap<String, TensorRef<'a>>,
-    },
+    Memory { config: ConfigMap, tensors: BTreeMap<String, TensorRef<'a>> },
 }
 
 pub struct PackEntry<'a> {
@@ -302,18 +304,31 @@ pub struct PackOptions {
     pub keep_existing: bool,
 }
 
-fn add_entry(
+/// Adapter directories read ahead of the writer, in parallel: enough to keep the cores busy,
+/// few enough that memory stays bounded by a handful of adapters.
+const READ_AHEAD: usize = 8;
+
+/// One adapter to write, in bundle order.
+enum Item<'e, 'a> {
+    /// An adapter kept from the existing bundle.
+    Keep(&'e str),
+    Add(&'e PackEntry<'a>),
+}
+
+fn add_loaded(
     writer: &mut BundleWriter<'_>,
     entry: &PackEntry<'_>,
+    loaded: Option<Result<Adapter>>,
     dtype: Option<DType>,
 ) -> Result<()> {
-    match &entry.source {
-        PackSource::Dir(dir) => {
-            let adapter = read_adapter_dir(dir)?;
+    match (&entry.source, loaded) {
+        (PackSource::Memory { config, tensors }, _) => writer.add_adapter(&entry.name, config, tensors, dtype),
+        (PackSource::Dir(dir), loaded) => {
+            let adapter = match loaded {
+                Some(result) => result?,
+                None => read_adapter_dir(dir)?,
+            };
             writer.add_adapter(&entry.name, &adapter.config, &adapter.views(), dtype)
-        }
-        PackSource::Memory { config, tensors } => {
-            writer.add_adapter(&entry.name, config, tensors, dtype)
         }
     }
 }
@@ -329,8 +344,7 @@ pub fn pack(
 ) -> Result<PackStats> {
     let mut names = HashSet::new();
     for e in entries {
-        check_adapter_name(&e.name)
-            .map_err(|m| Error::argument("adapter_name", ArgumentKind::Value, m))?;
+        check_adapter_name(&e.name).map_err(|m| Error::argument("adapter_name", ArgumentKind::Value, m))?;
         if !names.insert(e.name.as_str()) {
             return Err(Error::argument(
                 "adapter_name",
@@ -339,11 +353,7 @@ pub fn pack(
             ));
         }
     }
-    let base = if options.keep_existing && dest.exists() {
-        Some(Bundle::open(dest)?)
-    } else {
-        None
-    };
+    let base = if options.keep_existing && dest.exists() { Some(Bundle::open(dest)?) } else { None };
     if entries.is_empty() && base.is_none() {
         return Err(Error::argument(
             "adapters",
@@ -354,24 +364,42 @@ pub fn pack(
     let mut stats = PackStats::default();
     write_atomically(dest, |w| {
         let mut writer = BundleWriter::new(w, dest)?;
-        let by_name: HashMap<&str, &PackEntry<'_>> =
-            entries.iter().map(|e| (e.name.as_str(), e)).collect();
-        let mut done = HashSet::new();
+        let by_name: HashMap<&str, &PackEntry<'_>> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
+        let mut items: Vec<Item<'_, '_>> = Vec::with_capacity(entries.len());
+        let mut replaced = HashSet::new();
         if let Some(base) = &base {
             for name in base.names() {
                 match by_name.get(name) {
                     Some(entry) => {
-                        add_entry(&mut writer, entry, options.dtype)?;
-                        done.insert(name);
+                        items.push(Item::Add(entry));
+                        replaced.insert(name);
                     }
-                    None => writer.copy_from(base, name, None)?,
+                    None => items.push(Item::Keep(name)),
                 }
-                progress(name)?;
             }
         }
-        for entry in entries.iter().filter(|e| !done.contains(e.name.as_str())) {
-            add_entry(&mut writer, entry, options.dtype)?;
-            progress(&entry.name)?;
+        items.extend(entries.iter().filter(|e| !replaced.contains(e.name.as_str())).map(Item::Add));
+        for chunk in items.chunks(READ_AHEAD) {
+            let mut loaded: Vec<Option<Result<Adapter>>> = chunk
+                .par_iter()
+                .map(|item| match item {
+                    Item::Add(PackEntry { source: PackSource::Dir(dir), .. }) => Some(read_adapter_dir(dir)),
+                    _ => None,
+                })
+                .collect();
+            for (item, loaded) in chunk.iter().zip(loaded.drain(..)) {
+                match item {
+                    Item::Keep(name) => {
+                        let base = base.as_ref().expect("kept adapters come from a base bundle");
+                        writer.copy_from(base, name, None)?;
+                        progress(name)?;
+                    }
+                    Item::Add(entry) => {
+                        add_loaded(&mut writer, entry, loaded, options.dtype)?;
+                        progress(&entry.name)?;
+                    }
+                }
+            }
         }
         stats = writer.finish()?;
         Ok(())
@@ -387,11 +415,8 @@ pub fn unpack(
     names: &[String],
     progress: &mut dyn FnMut(&str) -> Result<()>,
 ) -> Result<Vec<PathBuf>> {
-    let chosen: Vec<String> = if names.is_empty() {
-        bundle.names().map(String::from).collect()
-    } else {
-        names.to_vec()
-    };
+    let chosen: Vec<String> =
+        if names.is_empty() { bundle.names().map(String::from).collect() } else { names.to_vec() };
     for name in &chosen {
         bundle.adapter(name)?;
     }
