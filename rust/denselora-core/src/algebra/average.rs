@@ -394,7 +394,9 @@ fn average_group(
         runs.iter().map(GroupFactors::clone).collect()
     };
     let enc_res = |set: &[GroupFactors]| -> Vec<f64> {
-        set.iter().map(|r| relative_distance(&[r.encoder.clone()], &[reference.encoder.clone()])).collect()
+        set.iter()
+            .map(|r| relative_distance(std::slice::from_ref(&r.encoder), std::slice::from_ref(&reference.encoder)))
+            .collect()
     };
     let prod_res = |set: &[GroupFactors]| product_residuals(set, linear_encoder);
     let before_set = if linear_encoder { &matched } else { runs };

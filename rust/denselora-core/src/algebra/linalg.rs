@@ -290,7 +290,8 @@ pub fn gauge_inverse(t: &Mat) -> Option<Mat> {
     let sv = singular_values(t);
     let max = sv.iter().cloned().fold(0.0, f64::max);
     let min = sv.iter().cloned().fold(f64::INFINITY, f64::min);
-    if !(max > 0.0) || min < max * 1e-10 {
+    // `max` is NaN-free (finite inputs); a zero or tiny spread means no usable inverse.
+    if max <= 0.0 || min < max * 1e-10 {
         return None;
     }
     t.clone().try_inverse()
