@@ -7,6 +7,7 @@ each run, of the `linear` soup of the same-init runs, of the `aligned` (and, for
 `linear`) average of the different-seed runs, and of one run truncated from r=32 to 16 and 8.
 
 Usage: python benches/average_seeds.py [--steps 25] [--test 100]   (writes benches/results/average_seeds.json)
+Runs on CUDA when available; on a small shared CPU it takes hours.
 The task file defaults to /work/shared/data/bigbench/social_iqa/task.json (--task to change).
 """
 
@@ -29,6 +30,7 @@ from denselora.models import load_model
 from denselora.optim import create_optimizer
 
 HERE = Path(__file__).resolve().parent
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_task(path: Path, n_test: int, seed: int = 0):
@@ -64,7 +66,7 @@ def _pristine():
 def fresh_model():
     """(a fresh copy of the base model, tokenizer): loaded once, copied for every run."""
     base, tokenizer = _pristine()
-    return copy.deepcopy(base), tokenizer
+    return copy.deepcopy(base).to(DEVICE), tokenizer
 
 
 def causal_lm(model):
@@ -90,7 +92,7 @@ def train_run(init_seed: int, data_seed: int, train, args, out: Path) -> Path:
             p, a = encode(tokenizer, prompt), encode(tokenizer, options[label]) + [tokenizer.eos_token_id]
             seqs.append(p + a)
             labels.append([-100] * len(p) + a)
-        ids, mask = padded(seqs, pad)
+        ids, mask = (t.to(DEVICE) for t in padded(seqs, pad))
         hidden = causal_lm(model).model(input_ids=ids, attention_mask=mask).last_hidden_state
         rows, cols, targets = [], [], []
         for i, lab in enumerate(labels):
@@ -98,7 +100,7 @@ def train_run(init_seed: int, data_seed: int, train, args, out: Path) -> Path:
                 if lab[t] != -100:
                     rows.append(i), cols.append(t - 1), targets.append(lab[t])
         logits = causal_lm(model).lm_head(hidden[rows, cols])
-        loss = F.cross_entropy(logits.float(), torch.tensor(targets))
+        loss = F.cross_entropy(logits.float(), torch.tensor(targets, device=DEVICE))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -121,12 +123,12 @@ def accuracy(model, tokenizer, test, batch: int = 32) -> float:
     scores = [[0.0] * len(ex[1]) for ex in test]
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        ids, mask = padded([s for *_, s in chunk], pad)
+        ids, mask = (t.to(DEVICE) for t in padded([s for *_, s in chunk], pad))
         hidden = causal_lm(model).model(input_ids=ids, attention_mask=mask).last_hidden_state
         for row, (e, o, plen, seq) in enumerate(chunk):
             # Only the positions that predict the option's tokens go through the vocabulary head.
             logp = F.log_softmax(causal_lm(model).lm_head(hidden[row, plen - 1 : len(seq) - 1]).float(), dim=-1)
-            targets = torch.tensor(seq[plen:])
+            targets = torch.tensor(seq[plen:], device=DEVICE)
             scores[e][o] = float(logp.gather(1, targets[:, None]).sum())
     right = sum(max(range(len(s)), key=s.__getitem__) == ex[2] for s, ex in zip(scores, test))
     return right / len(test)
