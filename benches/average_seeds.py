@@ -6,13 +6,16 @@ different-seed runs. Reported: multiple-choice accuracy on a held-out split of t
 each run, of the `linear` soup of the same-init runs, of the `aligned` (and, for contrast, the
 `linear`) average of the different-seed runs, and of one run truncated from r=32 to 16 and 8.
 
-Usage: python benches/average_seeds.py [--steps 40] [--test 150]   (writes benches/results/average_seeds.json)
+Usage: python benches/average_seeds.py [--steps 25] [--test 100]   (writes benches/results/average_seeds.json)
+Runs on CUDA when available; on a small shared CPU it takes hours.
 The task file defaults to /work/shared/data/bigbench/social_iqa/task.json (--task to change).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import random
 import sys
@@ -27,6 +30,7 @@ from denselora.models import load_model
 from denselora.optim import create_optimizer
 
 HERE = Path(__file__).resolve().parent
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_task(path: Path, n_test: int, seed: int = 0):
@@ -34,7 +38,7 @@ def load_task(path: Path, n_test: int, seed: int = 0):
     for record in json.loads(path.read_text())["examples"]:
         options = list(record["target_scores"])
         label = max(range(len(options)), key=lambda i: record["target_scores"][options[i]])
-        prompt = f"{record['input'].strip()}\nChoices: {'; '.join(options)}\nAnswer:"
+        prompt = f"Question: {record['input'].strip()}\nAnswer:"
         examples.append((prompt, [" " + o for o in options], label))
     random.Random(seed).shuffle(examples)
     return examples[n_test:], examples[:n_test]
@@ -54,10 +58,26 @@ def padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
+@functools.lru_cache(maxsize=1)
+def _pristine():
+    return load_model()
+
+
+def fresh_model():
+    """(a fresh copy of the base model, tokenizer): loaded once, copied for every run."""
+    base, tokenizer = _pristine()
+    return copy.deepcopy(base).to(DEVICE), tokenizer
+
+
+def causal_lm(model):
+    """The transformers causal LM inside a DenseLoRA wrapper (adapted in place) or itself."""
+    return model.get_base_model() if isinstance(model, dl.DenseLoRAModel) else model
+
+
 def train_run(init_seed: int, data_seed: int, train, args, out: Path) -> Path:
     if (out / "adapter.safetensors").is_file():
         return out
-    base, tokenizer = load_model()
+    base, tokenizer = fresh_model()
     torch.manual_seed(init_seed)
     config = dl.DenseLoRAConfig(r=args.r, alpha=2.0 * args.r, dropout=0.05)
     model = dl.get_denselora_model(base, config)
@@ -72,11 +92,15 @@ def train_run(init_seed: int, data_seed: int, train, args, out: Path) -> Path:
             p, a = encode(tokenizer, prompt), encode(tokenizer, options[label]) + [tokenizer.eos_token_id]
             seqs.append(p + a)
             labels.append([-100] * len(p) + a)
-        ids, mask = padded(seqs, pad)
-        target = torch.full_like(ids, -100)
+        ids, mask = (t.to(DEVICE) for t in padded(seqs, pad))
+        hidden = causal_lm(model).model(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows, cols, targets = [], [], []
         for i, lab in enumerate(labels):
-            target[i, : len(lab)] = torch.tensor(lab)
-        loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
+            for t in range(1, len(lab)):
+                if lab[t] != -100:
+                    rows.append(i), cols.append(t - 1), targets.append(lab[t])
+        logits = causal_lm(model).lm_head(hidden[rows, cols])
+        loss = F.cross_entropy(logits.float(), torch.tensor(targets, device=DEVICE))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -87,7 +111,7 @@ def train_run(init_seed: int, data_seed: int, train, args, out: Path) -> Path:
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, test, batch: int = 48) -> float:
+def accuracy(model, tokenizer, test, batch: int = 32) -> float:
     """Multiple-choice accuracy: the option with the highest total log-probability wins."""
     model.eval()
     pad = tokenizer.pad_token_id
@@ -99,17 +123,19 @@ def accuracy(model, tokenizer, test, batch: int = 48) -> float:
     scores = [[0.0] * len(ex[1]) for ex in test]
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        ids, mask = padded([s for *_, s in chunk], pad)
-        logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        ids, mask = (t.to(DEVICE) for t in padded([s for *_, s in chunk], pad))
+        hidden = causal_lm(model).model(input_ids=ids, attention_mask=mask).last_hidden_state
         for row, (e, o, plen, seq) in enumerate(chunk):
-            targets = torch.tensor(seq[plen:])
-            scores[e][o] = float(logp[row, plen - 1 : len(seq) - 1].gather(1, targets[:, None]).sum())
+            # Only the positions that predict the option's tokens go through the vocabulary head.
+            logp = F.log_softmax(causal_lm(model).lm_head(hidden[row, plen - 1 : len(seq) - 1]).float(), dim=-1)
+            targets = torch.tensor(seq[plen:], device=DEVICE)
+            scores[e][o] = float(logp.gather(1, targets[:, None]).sum())
     right = sum(max(range(len(s)), key=s.__getitem__) == ex[2] for s, ex in zip(scores, test))
     return right / len(test)
 
 
 def adapter_accuracy(path, test) -> float:
-    base, tokenizer = load_model()
+    base, tokenizer = fresh_model()
     model = dl.DenseLoRAModel.from_pretrained(base, path)
     return accuracy(model, tokenizer, test)
 
@@ -117,11 +143,11 @@ def adapter_accuracy(path, test) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", type=Path, default=Path("/work/shared/data/bigbench/social_iqa/task.json"))
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--r", type=int, default=32)
-    parser.add_argument("--test", type=int, default=150)
+    parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--work", type=Path, default=Path("/tmp/denselora_average_seeds"))
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -130,7 +156,7 @@ def main(argv=None) -> int:
     results: dict = {"model": "SmolLM2-135M-Instruct", "task": "BIG-bench social_iqa", "test_examples": len(test),
                      "r": args.r, "steps": args.steps, "batch": args.batch, "lr": args.lr, "accuracy": {}}
     acc = results["accuracy"]
-    base, tokenizer = load_model()
+    base, tokenizer = fresh_model()
     acc["base model"] = accuracy(base, tokenizer, test)
     print(f"base model: {acc['base model']:.3f}", flush=True)
 

@@ -134,7 +134,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--adapters", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the Rust core runs one task per group on all cores)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     adapters = [random_adapter(seed) for seed in range(args.adapters)]
     config = adapters[0][0]
     rows = []

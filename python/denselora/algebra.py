@@ -171,14 +171,23 @@ def _is_bundle_target(target: adapter_io.PathLike) -> bool:
     return entry is not None or path.suffix == adapter_io.BUNDLE_SUFFIX
 
 
+def _check_target(target: Optional[adapter_io.PathLike]) -> None:
+    """Refuse, before any work, a bundle target this build cannot write."""
+    if target is None or getattr(adapter_io, "save_adapter_to", None) is not None:
+        return
+    if not isinstance(target, (str, os.PathLike)):
+        raise ArgumentError(f"output must be a path, got {type(target).__name__}")
+    if _is_bundle_target(target):
+        raise ArgumentError(f"{os.fspath(target)}: writing into a bundle is not supported by this build; give a directory")
+
+
 def save_to(target: adapter_io.PathLike, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
     """Write an adapter to a directory or a bundle entry (``bundle.dl:name``)."""
     writer = getattr(adapter_io, "save_adapter_to", None)
     if writer is not None:
         writer(target, config, tensors)
         return
-    if _is_bundle_target(target):
-        raise ArgumentError(f"{os.fspath(target)}: writing into a bundle is not supported by this build; give a directory")
+    _check_target(target)
     adapter_io.save_adapter(target, config, tensors)
 
 
@@ -217,6 +226,7 @@ def average(
         raise ArgumentError(f"decoder_alignment must be one of {DECODER_ALIGNMENTS}, got {decoder_alignment!r}")
     if weights is not None and ema is not None:
         raise ArgumentError("give weights or ema, not both")
+    _check_target(output)
     loaded = [_core_args(*_load(source, i)) for i, source in enumerate(inputs)]
     weight_list = None if weights is None else [float(w) for w in weights]
     config_json, raw, report_json = _core.average_adapters(
@@ -251,6 +261,7 @@ def truncate(
         raise ArgumentError(f"rank must be a positive integer, got {rank!r}")
     if energy is not None and not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0):
         raise ArgumentError(f"energy must be in (0, 1], got {energy!r}")
+    _check_target(output)
     name, config_json, arrays = _core_args(*_load(input, 0))
     config_out, raw, report_json = _core.truncate_adapter(
         name, config_json, arrays, rank=rank, energy=None if energy is None else float(energy)

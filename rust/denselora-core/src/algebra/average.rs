@@ -16,6 +16,7 @@
 //! alignment (relative Frobenius distance of the encoder rows, and of the products that define the
 //! function), and for `product` the relative error of the rank-r refactorization.
 
+use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -393,7 +394,9 @@ fn average_group(
         runs.iter().map(GroupFactors::clone).collect()
     };
     let enc_res = |set: &[GroupFactors]| -> Vec<f64> {
-        set.iter().map(|r| relative_distance(&[r.encoder.clone()], &[reference.encoder.clone()])).collect()
+        set.iter()
+            .map(|r| relative_distance(std::slice::from_ref(&r.encoder), std::slice::from_ref(&reference.encoder)))
+            .collect()
     };
     let prod_res = |set: &[GroupFactors]| product_residuals(set, linear_encoder);
     let before_set = if linear_encoder { &matched } else { runs };
@@ -488,10 +491,16 @@ pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Resul
     let (ref_name, reference) = &inputs[0];
     let encoder_activation = activations(&reference.config, ref_name)?.0;
     let mut out = if aligned { (*reference).clone() } else { linear_mean(inputs, &weights) };
+    // Groups are independent: one task each.
+    let results: Vec<GroupResult> = layouts
+        .par_iter()
+        .map(|layout| {
+            let runs: Vec<GroupFactors> = inputs.iter().map(|(_, a)| group_factors(a, layout)).collect();
+            average_group(layout, &runs, &weights, encoder_activation, aligned, options.decoder)
+        })
+        .collect();
     let mut groups = Vec::with_capacity(layouts.len());
-    for layout in &layouts {
-        let runs: Vec<GroupFactors> = inputs.iter().map(|(_, a)| group_factors(a, layout)).collect();
-        let result = average_group(layout, &runs, &weights, encoder_activation, aligned, options.decoder);
+    for (layout, result) in layouts.iter().zip(results) {
         if let Some(factors) = &result.factors {
             put_group(&mut out, reference, layout, factors);
         }

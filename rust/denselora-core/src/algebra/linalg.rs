@@ -63,13 +63,18 @@ pub fn vstack(blocks: &[Mat]) -> Mat {
 /// accurate for every singular value, including exactly rank-deficient inputs.
 fn jacobi_columns(w: &mut Mat, v: &mut Mat) {
     let n = w.ncols();
+    let (wr, vr) = (w.nrows(), v.nrows());
+    // Column-major storage: column c is the contiguous slice [c * rows, (c + 1) * rows).
+    let (ws, vs) = (w.as_mut_slice(), v.as_mut_slice());
+    let mut norms: Vec<f64> = (0..n).map(|c| ws[c * wr..(c + 1) * wr].iter().map(|x| x * x).sum()).collect();
     for _sweep in 0..60 {
         let mut rotated = false;
         for i in 0..n {
             for j in (i + 1)..n {
-                let alpha = w.column(i).norm_squared();
-                let beta = w.column(j).norm_squared();
-                let gamma = w.column(i).dot(&w.column(j));
+                let (alpha, beta) = (norms[i], norms[j]);
+                let (head, tail) = ws.split_at_mut(j * wr);
+                let (ci, cj) = (&mut head[i * wr..(i + 1) * wr], &mut tail[..wr]);
+                let gamma: f64 = ci.iter().zip(cj.iter()).map(|(a, b)| a * b).sum();
                 if gamma == 0.0 || gamma.abs() <= 1e-15 * (alpha * beta).sqrt() {
                     continue;
                 }
@@ -78,18 +83,29 @@ fn jacobi_columns(w: &mut Mat, v: &mut Mat) {
                 let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
                 let c = 1.0 / (1.0 + t * t).sqrt();
                 let s = c * t;
-                for m in [&mut *w, &mut *v] {
-                    for r in 0..m.nrows() {
-                        let (a, b) = (m[(r, i)], m[(r, j)]);
-                        m[(r, i)] = c * a - s * b;
-                        m[(r, j)] = s * a + c * b;
-                    }
-                }
+                rotate(ci, cj, c, s);
+                let (vhead, vtail) = vs.split_at_mut(j * vr);
+                rotate(&mut vhead[i * vr..(i + 1) * vr], &mut vtail[..vr], c, s);
+                // Exact updates of the two squared norms under this rotation.
+                norms[i] = alpha - t * gamma;
+                norms[j] = beta + t * gamma;
             }
         }
         if !rotated {
             break;
         }
+        // Refresh the norms once a sweep so that rounding in the updates cannot accumulate.
+        for (c, norm) in norms.iter_mut().enumerate() {
+            *norm = ws[c * wr..(c + 1) * wr].iter().map(|x| x * x).sum();
+        }
+    }
+}
+
+fn rotate(a: &mut [f64], b: &mut [f64], c: f64, s: f64) {
+    for (x, y) in a.iter_mut().zip(b.iter_mut()) {
+        let (p, q) = (*x, *y);
+        *x = c * p - s * q;
+        *y = s * p + c * q;
     }
 }
 
@@ -274,7 +290,8 @@ pub fn gauge_inverse(t: &Mat) -> Option<Mat> {
     let sv = singular_values(t);
     let max = sv.iter().cloned().fold(0.0, f64::max);
     let min = sv.iter().cloned().fold(f64::INFINITY, f64::min);
-    if !(max > 0.0) || min < max * 1e-10 {
+    // `max` is NaN-free (finite inputs); a zero or tiny spread means no usable inverse.
+    if max <= 0.0 || min < max * 1e-10 {
         return None;
     }
     t.clone().try_inverse()

@@ -12,6 +12,7 @@
 //! `r` and `alpha` in the config are kept, so the branch keeps the scale `alpha / r` it was trained
 //! with. A group whose ranks do not change is copied bit for bit.
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::linalg::{hstack, left_singular, rank_for_energy, sq, thin_qr, tucker2, gauge_inverse, Mat};
@@ -213,14 +214,20 @@ pub fn truncate(adapter: &Adapter, name: &str, target: RankTarget) -> Result<(Ad
     }
     let encoder_activation = activations(&adapter.config, name)?.0;
     let mut out = adapter.clone();
+    // Groups are independent: one task each.
+    let done_all: Vec<Truncated> = layouts
+        .par_iter()
+        .map(|layout| {
+            let f = group_factors(adapter, layout);
+            if encoder_activation.is_linear() {
+                truncate_linear_encoder(&layout.name, &layout.modules, &f, target)
+            } else {
+                truncate_nonlinear_encoder(&layout.name, &layout.modules, &f, target)
+            }
+        })
+        .collect();
     let mut groups = Vec::with_capacity(layouts.len());
-    for layout in &layouts {
-        let f = group_factors(adapter, layout);
-        let done = if encoder_activation.is_linear() {
-            truncate_linear_encoder(&layout.name, &layout.modules, &f, target)
-        } else {
-            truncate_nonlinear_encoder(&layout.name, &layout.modules, &f, target)
-        };
+    for (layout, done) in layouts.iter().zip(done_all) {
         if let Some(factors) = &done.factors {
             // put_group keeps each tensor's dtype; shapes come from the new factors.
             for key in [encoder_key(&layout.name), decoder_key(&layout.name)] {
