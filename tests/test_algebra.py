@@ -367,20 +367,21 @@ def test_bad_arguments_raise_argument_errors(tmp_path):
         dl.average([a, tmp_path / "missing"], tmp_path / "o")
 
 
-def test_bundle_target_without_bundle_support_is_an_argument_error(tmp_path, monkeypatch):
-    a = make_adapter(tmp_path / "a")
-    monkeypatch.delattr(adapter_io, "save_adapter_to", raising=False)
-    with pytest.raises(ArgumentError, match="bundle"):
-        dl.average([a, a], f"{tmp_path}/all.dl:merged")
-    assert not (tmp_path / "all.dl").exists()
-
-
-def test_outputs_go_through_save_adapter_to_when_available(tmp_path, monkeypatch):
-    a = make_adapter(tmp_path / "a")
-    seen = []
-    monkeypatch.setattr(adapter_io, "save_adapter_to", lambda target, config, tensors: seen.append((target, set(tensors))), raising=False)
-    dl.truncate(a, "x.dl:small", rank=2)
-    assert seen and seen[0][0] == "x.dl:small" and "shared.q_proj.encoder" in seen[0][1]
+def test_bundle_entries_in_and_out(tmp_path):
+    """Inputs read from a bundle, outputs written into one, and the same numbers as directories."""
+    a = make_adapter(tmp_path / "a", seed=1)
+    b = make_adapter(tmp_path / "b", seed=2)
+    bundle = tmp_path / "runs.dl"
+    dl.bundle.pack(bundle, {"a": a, "b": b})
+    from_dirs = dl.average([a, b], mode="linear", weights=[1, 3])
+    dl.average([f"{bundle}:a", f"{bundle}:b"], f"{bundle}:mean", mode="linear", weights=[1, 3])
+    dl.truncate(f"{bundle}:mean", f"{bundle}:small", rank=2)
+    assert sorted(dl.Bundle(bundle).names()) == ["a", "b", "mean", "small"]
+    _, merged = dl.load_adapter(bundle, "mean")
+    for name, tensor in from_dirs.tensors.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=0)
+    _, small = dl.load_adapter(f"{bundle}:small")
+    assert small["shared.q_proj.encoder"].shape[0] == 2
 
 
 # -- command line --------------------------------------------------------------------------------

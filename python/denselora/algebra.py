@@ -166,29 +166,10 @@ def _from_core(config_json: str, raw: Mapping[str, tuple[str, np.ndarray]]) -> t
     return json.loads(config_json), {k: adapter_io.numpy_to_tensor(d, a) for k, (d, a) in raw.items()}
 
 
-def _is_bundle_target(target: adapter_io.PathLike) -> bool:
-    path, entry = adapter_io.split_source(target)
-    return entry is not None or path.suffix == adapter_io.BUNDLE_SUFFIX
-
-
 def _check_target(target: Optional[adapter_io.PathLike]) -> None:
-    """Refuse, before any work, a bundle target this build cannot write."""
-    if target is None or getattr(adapter_io, "save_adapter_to", None) is not None:
-        return
-    if not isinstance(target, (str, os.PathLike)):
+    """Refuse, before any work, an output that is not a path."""
+    if target is not None and not isinstance(target, (str, os.PathLike)):
         raise ArgumentError(f"output must be a path, got {type(target).__name__}")
-    if _is_bundle_target(target):
-        raise ArgumentError(f"{os.fspath(target)}: writing into a bundle is not supported by this build; give a directory")
-
-
-def save_to(target: adapter_io.PathLike, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write an adapter to a directory or a bundle entry (``bundle.dl:name``)."""
-    writer = getattr(adapter_io, "save_adapter_to", None)
-    if writer is not None:
-        writer(target, config, tensors)
-        return
-    _check_target(target)
-    adapter_io.save_adapter(target, config, tensors)
 
 
 # -- operations ---------------------------------------------------------------------------------
@@ -234,7 +215,7 @@ def average(
     )
     config, tensors = _from_core(config_json, raw)
     if output is not None:
-        save_to(output, config, tensors)
+        adapter_io.save_adapter_to(output, config, tensors)
     data = json.loads(report_json)
     groups = [GroupAlignment(**g) for g in data.pop("groups")]
     return AverageReport(
@@ -268,7 +249,7 @@ def truncate(
     )
     config, tensors = _from_core(config_out, raw)
     if output is not None:
-        save_to(output, config, tensors)
+        adapter_io.save_adapter_to(output, config, tensors)
     data = json.loads(report_json)
     groups = [
         GroupTruncation(**{**g, "layers": [LayerError(**layer) for layer in g["layers"]]}) for g in data.pop("groups")
