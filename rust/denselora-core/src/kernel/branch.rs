@@ -205,36 +205,64 @@ pub unsafe fn middle<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, rows:
 }
 
 /// Decode step 3: `out[:, os] += scale · act_d(g Dᵀ)` for outputs `os` (start a multiple of 8).
+/// Half-precision decoder rows are widened to f32 once per block of eight outputs, not once per
+/// row of `g`.
 #[inline(always)]
 pub unsafe fn decode_cols<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, os: Range<usize>, g: &[f32]) {
     let rd = job.r_d;
     let d = job.decoder.as_ptr();
+    let widen = std::mem::size_of::<W>() != std::mem::size_of::<f32>() && job.n > 1;
+    let mut block = if widen { vec![0.0f32; LANES * rd] } else { Vec::new() };
     let mut o = os.start;
     while o < os.end {
         let cnt = LANES.min(os.end - o);
         // Past the end, repeat the last row; those lanes are never stored.
         let rows: [*const W; LANES] = core::array::from_fn(|t| d.add((o + t.min(cnt - 1)) * rd));
-        for i in 0..job.n {
-            let gi = g.as_ptr().add(i * rd);
-            let mut acc = [s.zero(); LANES];
-            let mut k = 0;
-            while k + LANES <= rd {
-                let gv = s.load(gi.add(k));
-                for t in 0..LANES {
-                    acc[t] = s.fma(W::load(s, rows[t].add(k)), gv, acc[t]);
-                }
-                k += LANES;
-            }
-            if k < rd {
-                let rem = rd - k;
-                let gv = f32::load_partial(s, gi.add(k), rem);
-                for t in 0..LANES {
-                    acc[t] = s.fma(W::load_partial(s, rows[t].add(k), rem), gv, acc[t]);
+        if widen {
+            for t in 0..LANES {
+                for k in 0..rd {
+                    block[t * rd + k] = (*rows[t].add(k)).to_f32();
                 }
             }
-            epilogue(s, job.act_d, job.scale, s.hsum8(acc), job.out.add(i * job.d_out + o), cnt);
+            let wide: [*const f32; LANES] = core::array::from_fn(|t| block.as_ptr().add(t * rd));
+            decode_tile(s, job, wide, o, cnt, g);
+        } else {
+            decode_tile(s, job, rows, o, cnt, g);
         }
         o += cnt;
+    }
+}
+
+/// Eight decoder rows (`rows`, length `r_d`) against every row of `g`, into `out[:, o..o+cnt]`.
+#[inline(always)]
+unsafe fn decode_tile<S: Simd, X: Elem, W: Elem, R: Elem>(
+    s: S,
+    job: &Job<'_, X, W>,
+    rows: [*const R; LANES],
+    o: usize,
+    cnt: usize,
+    g: &[f32],
+) {
+    let rd = job.r_d;
+    for i in 0..job.n {
+        let gi = g.as_ptr().add(i * rd);
+        let mut acc = [s.zero(); LANES];
+        let mut k = 0;
+        while k + LANES <= rd {
+            let gv = s.load(gi.add(k));
+            for t in 0..LANES {
+                acc[t] = s.fma(R::load(s, rows[t].add(k)), gv, acc[t]);
+            }
+            k += LANES;
+        }
+        if k < rd {
+            let rem = rd - k;
+            let gv = f32::load_partial(s, gi.add(k), rem);
+            for t in 0..LANES {
+                acc[t] = s.fma(R::load_partial(s, rows[t].add(k), rem), gv, acc[t]);
+            }
+        }
+        epilogue(s, job.act_d, job.scale, s.hsum8(acc), job.out.add(i * job.d_out + o), cnt);
     }
 }
 
