@@ -20,7 +20,7 @@ pub const PANEL: usize = 16;
 /// Rows per micro-kernel tile.
 const MR: usize = 6;
 /// Slice of the input dimension kept hot while the encoder is applied to a block of rows.
-const KC: usize = 512;
+pub const KC: usize = 512;
 
 /// One call's operands. `out` is a raw pointer because tasks write disjoint parts of it.
 pub struct Job<'a, X, W> {
@@ -320,23 +320,47 @@ unsafe fn micro<S: Simd, X: Elem, W: Elem, const R: usize>(
     }
 }
 
-/// Prefill for the rows `rows`: all three steps, with `h` and `g` scratch sized for them.
+/// Prefill for the rows `rows`: all three steps, with `h`, `g` and `xbuf` scratch sized for
+/// them. `encoder` is the job's encoder, possibly already widened to f32; half-precision rows of
+/// `x` are widened into `xbuf` once per slice of the input dimension, so the encoder's tiles
+/// read plain f32.
 #[inline(always)]
-pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem>(
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem, E: Elem>(
     s: S,
     job: &Job<'_, X, W>,
+    encoder: &[E],
     rows: Range<usize>,
     packed: &[f32],
     h: &mut [f32],
     g: &mut [f32],
+    xbuf: &mut [f32],
 ) {
     let nb = rows.len();
     let (re, rd) = (job.r_e, job.r_d);
     let x = job.x.as_ptr().add(rows.start * job.d_in);
+    let widen = std::mem::size_of::<X>() != std::mem::size_of::<f32>();
     let mut k0 = 0;
-    while k0 < job.d_in || k0 == 0 {
+    loop {
         let len = KC.min(job.d_in - k0);
-        dot_block(s, x, job.d_in, 0..nb, job.encoder.as_ptr(), job.d_in, 0..re, k0, len, h.as_mut_ptr(), re, k0 > 0);
+        if widen {
+            for i in 0..nb {
+                let src = x.add(i * job.d_in + k0);
+                let dst = xbuf.as_mut_ptr().add(i * KC);
+                let mut k = 0;
+                while k + LANES <= len {
+                    s.store(dst.add(k), X::load(s, src.add(k)));
+                    k += LANES;
+                }
+                while k < len {
+                    *dst.add(k) = (*src.add(k)).to_f32();
+                    k += 1;
+                }
+            }
+            dot_block(s, xbuf.as_ptr(), KC, 0..nb, encoder.as_ptr().add(k0), job.d_in, 0..re, 0, len, h.as_mut_ptr(), re, k0 > 0);
+        } else {
+            dot_block(s, x, job.d_in, 0..nb, encoder.as_ptr(), job.d_in, 0..re, k0, len, h.as_mut_ptr(), re, k0 > 0);
+        }
         k0 += KC;
         if k0 >= job.d_in {
             break;
@@ -362,5 +386,19 @@ pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem>(
             1 => micro::<S, X, W, 1>(s, job, gi, panel, r0, c0),
             _ => {}
         }
+    }
+}
+
+/// `dst = src` widened to f32.
+#[inline(always)]
+pub unsafe fn widen<S: Simd, T: Elem>(s: S, src: &[T], dst: *mut f32) {
+    let mut k = 0;
+    while k + LANES <= src.len() {
+        s.store(dst.add(k), T::load(s, src.as_ptr().add(k)));
+        k += LANES;
+    }
+    while k < src.len() {
+        *dst.add(k) = src[k].to_f32();
+        k += 1;
     }
 }
