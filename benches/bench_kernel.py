@@ -64,11 +64,12 @@ def timeit(fn: Callable[[], object], budget: float) -> float:
 
 
 def peak_gflops(budget: float) -> dict:
+    """The best float32 matmul rate torch reaches here (its own GEMM, on the same threads)."""
     best, where = 0.0, None
     for size in (512, 1024, 2048):
         a, b = torch.randn(size, size), torch.randn(size, size)
         c = torch.empty(size, size)
-        t = timeit(lambda: torch.mm(a, b, out=c), budget)
+        t = compare(lambda: torch.mm(a, b, out=c), lambda: None, budget, rounds=9)[0]
         rate = 2 * size**3 / t / 1e9
         if rate > best:
             best, where = rate, f"torch.mm {size}x{size}x{size} float32"
@@ -221,6 +222,13 @@ def main() -> None:
     peak = peak_gflops(max(budget, 0.3))
     print(f"peak: {peak['gflops']:.1f} GFLOP/s ({peak['how']}, {args.threads} thread(s)); kernel ISA: {kernels.isa()}")
     results = micro(budget, shapes, ranks, ROWS, ["float32", "bfloat16"], peak["gflops"])
+    # Measured again after the runs: on a shared machine the best of the two is the closer one.
+    again = peak_gflops(max(budget, 0.3))
+    if again["gflops"] > peak["gflops"]:
+        for row in results:
+            row["rust_peak_share"] *= peak["gflops"] / again["gflops"]
+        peak = again
+    print(f"peak (best of two measurements): {peak['gflops']:.1f} GFLOP/s")
     table = summary(results)
     print()
     print(f"{'dtype':9s} {'n':>4s} {'min x':>7s} {'geomean x':>10s} {'max x':>7s} {'goal':>5s} {'peak share (best)':>18s}")
@@ -244,6 +252,7 @@ def main() -> None:
         "quick": args.quick,
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "kernel_isa": kernels.isa()},
         "peak": peak,
+        "note": "ratios are torch time / rust time on the same thread count; shares are of the peak above",
         "summary": table,
         "micro": results,
         "end_to_end": e2e,
