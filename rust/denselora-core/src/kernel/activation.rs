@@ -78,6 +78,7 @@ pub fn exp<S: Simd>(s: S, x: S::V) -> S::V {
 fn exp_reduced<S: Simd>(s: S, x: S::V) -> S::V {
     let n = s.round(s.mul(x, s.splat(std::f32::consts::LOG2_E)));
     // x - n·ln2 in two steps (Cody-Waite), so the reduced argument stays exact.
+    #[allow(clippy::excessive_precision)]
     let r = s.fma(n, s.splat(-0.693_359_375), x);
     let r = s.fma(n, s.splat(2.121_944_4e-4), r);
     const TAYLOR: [f32; 8] =

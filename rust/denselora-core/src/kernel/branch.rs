@@ -290,6 +290,7 @@ pub unsafe fn pack_decoder<S: Simd, X: Elem, W: Elem>(_s: S, job: &Job<'_, X, W>
 
 /// `R` rows of `g` (stride `r_d`) against one packed panel, then the fused epilogue.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // `r` also offsets `g` and `out`
 unsafe fn micro<S: Simd, X: Elem, W: Elem, const R: usize>(
     s: S,
     job: &Job<'_, X, W>,
