@@ -322,6 +322,26 @@ def test_kernel_sees_adapter_updates(tokens):
     np.testing.assert_allclose(logits(model, tokens, "auto").numpy(), logits(model, tokens, "torch").numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_copies_and_pickles_after_kernel_use(tokens):
+    import copy
+    import io
+
+    model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4))
+    randomize_adapter(model)
+    first = logits(model, tokens, "auto")
+    clone = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (clone, loaded):
+        assert torch.equal(logits(other, tokens, "auto"), first)
+    with torch.no_grad():  # the clone's kernel reads the clone's own parameters
+        next(layer for _, layer in clone.adapter_layers()).m.zero_()
+    assert not torch.equal(logits(clone, tokens, "auto"), first)
+    assert torch.equal(logits(model, tokens, "auto"), first)
+
+
 def test_backend_names_are_checked(tokens):
     model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4))
     with pytest.raises(ConfigError, match="inference backend"):

@@ -204,6 +204,13 @@ class DenseLoRALayer(nn.Module):
             or shared.decoder.requires_grad
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The kernel's prepared weights point into this process's memory: copies and pickles
+        # start without them and prepare their own on first use.
+        state = self.__dict__.copy()
+        state["_kernel_cache"] = None
+        return state
+
     def _kernel_weights(self) -> Optional[_core.PreparedBranch]:
         """The kernel's view of E, M, D (no copy), rebuilt only when a parameter is replaced or
         changed in place, or the scaling or activations change; None when the kernel cannot
