@@ -10,6 +10,7 @@ from scipy.special import erfc
 
 import denselora as dl
 from denselora import _core, kernels
+from denselora.layer import DenseLoRALayer
 from denselora.errors import ArgumentError, ConfigError, DTypeError, LayoutError, NonFiniteError, ShapeError
 
 from conftest import randomize_adapter, tiny_gpt2, tiny_llama
@@ -223,14 +224,17 @@ def test_thread_setting_gives_identical_results():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
+    """The input dtype of every layer call the kernel served."""
     calls = []
-    real = _core.dense_branch
+    real = DenseLoRALayer._add_branch_with_kernel
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].dtype)
-        return real(*args, **kwargs)
+    def counting(self, x, result):
+        used = real(self, x, result)
+        if used:
+            calls.append(x.dtype)
+        return used
 
-    monkeypatch.setattr(_core, "dense_branch", counting)
+    monkeypatch.setattr(DenseLoRALayer, "_add_branch_with_kernel", counting)
     return calls
 
 
@@ -273,7 +277,7 @@ def test_model_outputs_agree_in_bfloat16(tokens, kernel_calls):
     model.to(torch.bfloat16)  # adapter and base both in bfloat16
     kernel_calls.clear()
     rust_out = logits(model, tokens, "auto")
-    assert kernel_calls and all(dt == np.uint16 for dt in kernel_calls)
+    assert kernel_calls and all(dt == torch.bfloat16 for dt in kernel_calls)
     torch_out = logits(model, tokens, "torch")
     scale = torch_f32.abs().max().item()
     assert (rust_out - torch_out).abs().max().item() < 0.05 * scale
@@ -320,6 +324,26 @@ def test_kernel_sees_adapter_updates(tokens):
     np.testing.assert_allclose(logits(model, tokens, "auto").numpy(), logits(model, tokens, "torch").numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_copies_and_pickles_after_kernel_use(tokens):
+    import copy
+    import io
+
+    model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4))
+    randomize_adapter(model)
+    first = logits(model, tokens, "auto")
+    clone = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (clone, loaded):
+        assert torch.equal(logits(other, tokens, "auto"), first)
+    with torch.no_grad():  # the clone's kernel reads the clone's own parameters
+        next(layer for _, layer in clone.adapter_layers()).m.zero_()
+    assert not torch.equal(logits(clone, tokens, "auto"), first)
+    assert torch.equal(logits(model, tokens, "auto"), first)
+
+
 def test_backend_names_are_checked(tokens):
     model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4))
     with pytest.raises(ConfigError, match="inference backend"):
@@ -336,3 +360,19 @@ def test_backend_names_are_checked(tokens):
     model.set_inference_backend("auto")
     with torch.no_grad():
         assert model(tokens).logits.dtype == torch.float64
+
+
+def test_prepared_branch_checks_its_weights():
+    x, e, m, d = small()
+    with pytest.raises(ShapeError, match="^m:"):
+        _core.PreparedBranch(e, m[:, :3].copy(), d, scale=1.0, encoder_activation="gelu", decoder_activation="gelu")
+    with pytest.raises(ArgumentError, match="^encoder_activation:"):
+        _core.PreparedBranch(e, m, d, scale=1.0, encoder_activation="tanh", decoder_activation="gelu")
+    prepared = _core.PreparedBranch(e, m, d, scale=0.5, encoder_activation="gelu", decoder_activation="silu")
+    assert (prepared.in_features, prepared.out_features) == (8, 6)
+    xt, out = torch.from_numpy(x), torch.zeros(3, 6)
+    prepared.add_unchecked(xt.data_ptr(), out.data_ptr(), 3, 0, 1)
+    want = reference(x.astype(np.float64), e.astype(np.float64), m.astype(np.float64), d.astype(np.float64), 0.5, ("gelu", "silu"))
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(DTypeError, match="dtype code"):
+        prepared.add_unchecked(xt.data_ptr(), out.data_ptr(), 3, 7, 1)

@@ -73,3 +73,22 @@ def dense_branch(
     check_finite: bool = False,
 ) -> None: ...
 def kernel_isa() -> str: ...
+
+class PreparedBranch:
+    """One layer's E, M, D held for the inference fast path (see denselora.layer)."""
+
+    def __init__(
+        self,
+        encoder: np.ndarray,
+        m: np.ndarray,
+        decoder: np.ndarray,
+        *,
+        scale: float,
+        encoder_activation: str,
+        decoder_activation: str,
+    ) -> None: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+    def add_unchecked(self, x_ptr: int, out_ptr: int, rows: int, dtype_code: int, num_threads: int) -> None: ...

@@ -8,6 +8,8 @@
 - numpy arrays are read in place (bfloat16 travels as ``uint16`` bit patterns, numpy having no
   bfloat16); CPU torch tensors are accepted too and viewed without a copy. Inputs must be
   C-contiguous: anything else raises `LayoutError` naming the argument.
+- The vector code is chosen at run time (`isa`); ``DENSELORA_KERNEL_PORTABLE=1`` in the
+  environment forces the portable path.
 - The GIL is released while the kernel runs; it uses `get_num_threads` threads (by default
   ``torch.get_num_threads()``), and only splits work large enough to gain from it.
 - NaN policy: non-finite values propagate as in IEEE arithmetic (and as in PyTorch): a NaN in

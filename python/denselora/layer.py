@@ -16,12 +16,14 @@ from .functional import dense_branch, split_activations
 
 INFERENCE_BACKENDS = ("auto", "torch", "rust")
 
-# Activation dtypes the Rust kernel takes, and the integer dtype that carries bfloat16 bits.
+# Weight dtypes the Rust kernel takes (with the integer dtype that carries bfloat16 bits), and
+# the codes of activation dtypes in `PreparedBranch.add_unchecked`.
 _KERNEL_VIEWS: dict[torch.dtype, Optional[torch.dtype]] = {
     torch.float32: None,
     torch.float16: None,
     torch.bfloat16: torch.uint16,
 }
+_KERNEL_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -132,8 +134,8 @@ class DenseLoRALayer(nn.Module):
         self.disabled = False
         self.merged = False
         self._inference_backend = "auto"
-        # ((data_ptr, _version) of M, E, D), (numpy views of E, M, D) or None when unusable.
-        self._kernel_cache: Optional[tuple[tuple[int, ...], Optional[tuple[Any, Any, Any]]]] = None
+        # (what the prepared weights were built from, the kernel's prepared weights or None).
+        self._kernel_cache: Optional[tuple[tuple[Any, ...], Optional[_core.PreparedBranch]]] = None
 
     @property
     def inference_backend(self) -> str:
@@ -235,30 +237,64 @@ class DenseLoRALayer(nn.Module):
             or shared.decoder.requires_grad
         )
 
-    def _kernel_weights(self) -> Optional[tuple[Any, Any, Any]]:
-        """numpy views of E, M, D, cached until a parameter is replaced or changed in place."""
+    def __getstate__(self) -> dict[str, Any]:
+        # The kernel's prepared weights point into this process's memory: copies and pickles
+        # start without them and prepare their own on first use.
+        state = self.__dict__.copy()
+        state["_kernel_cache"] = None
+        return state
+
+    def _kernel_weights(self) -> Optional[_core.PreparedBranch]:
+        """The kernel's view of E, M, D (no copy), rebuilt only when a parameter is replaced or
+        changed in place, or the scaling or activations change; None when the kernel cannot
+        take them."""
         m = self._parameters["m"]
         shared_params = self._shared_ref[0]._parameters
         encoder, decoder = shared_params["encoder"], shared_params["decoder"]
-        key = (m.data_ptr(), encoder.data_ptr(), decoder.data_ptr(), m._version, encoder._version, decoder._version)
+        key = (
+            m.data_ptr(),
+            encoder.data_ptr(),
+            decoder.data_ptr(),
+            m._version,
+            encoder._version,
+            decoder._version,
+            self.scaling,
+            self.encoder_activation,
+            self.decoder_activation,
+        )
         cache = self._kernel_cache
         if cache is not None and cache[0] == key:
             return cache[1]
-        views = None
+        prepared = None
         tensors = (encoder, m, decoder)
         if all(t.is_cpu and t.dtype == encoder.dtype for t in tensors) and encoder.dtype in _KERNEL_VIEWS:
-            # Views share memory with the parameters (and keep their storage alive, so a new
-            # parameter cannot reuse the address the key remembers).
-            views = tuple(kernels.as_array(t.detach().contiguous(), name) for t, name in zip(tensors, ("encoder", "m", "decoder")))
-        self._kernel_cache = (key, views)
-        return views
+            # The arrays share memory with the parameters and keep their storage alive, so a new
+            # parameter cannot reuse an address the key remembers.
+            arrays = [kernels.as_array(t.detach().contiguous(), name) for t, name in zip(tensors, ("encoder", "m", "decoder"))]
+            prepared = _core.PreparedBranch(
+                *arrays,
+                scale=self.scaling,
+                encoder_activation=self.encoder_activation,
+                decoder_activation=self.decoder_activation,
+            )
+        self._kernel_cache = (key, prepared)
+        return prepared
 
     def _add_branch_with_kernel(self, x: torch.Tensor, result: torch.Tensor) -> bool:
         """Add the branch into ``result`` in place with the Rust kernel. False when this call
         cannot use it (and the backend is "auto")."""
-        weights = self._kernel_weights()
-        bits = _KERNEL_VIEWS.get(x.dtype, torch.float64)
-        if weights is None or bits is torch.float64 or result.dtype != x.dtype or not result.is_contiguous():
+        prepared = self._kernel_weights()
+        code = _KERNEL_CODES.get(x.dtype)
+        rows = result.numel() // result.shape[-1] if result.dim() else 0
+        if (
+            prepared is None
+            or code is None
+            or result.dtype != x.dtype
+            or not result.is_contiguous()
+            or x.shape[-1] != prepared.in_features
+            or result.shape[-1] != prepared.out_features
+            or x.numel() != rows * prepared.in_features
+        ):
             if self._inference_backend == "rust":
                 raise ArgumentError(
                     f"inference_backend 'rust': the kernel cannot run this call (input {x.dtype}, output "
@@ -267,21 +303,8 @@ class DenseLoRALayer(nn.Module):
             return False
         if not x.is_contiguous():
             x = x.contiguous()
-        if bits is None:
-            xa, ra = x.numpy(), result.numpy()
-        else:
-            xa, ra = x.view(bits).numpy(), result.view(bits).numpy()
-        _core.dense_branch(
-            xa,
-            weights[0],
-            weights[1],
-            weights[2],
-            ra,
-            scale=self.scaling,
-            encoder_activation=self.encoder_activation,
-            decoder_activation=self.decoder_activation,
-            num_threads=kernels.get_num_threads(),
-        )
+        # Addresses of tensors checked above: CPU, contiguous, the kernel's dtype and sizes.
+        prepared.add_unchecked(x.data_ptr(), result.data_ptr(), rows, code, kernels.get_num_threads())
         return True
 
     # -- merging (linear branch only) ---------------------------------------------------------

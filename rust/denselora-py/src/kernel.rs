@@ -107,3 +107,135 @@ pub fn dense_branch<'py>(
 pub fn kernel_isa() -> &'static str {
     kernel::isa()
 }
+
+/// The weights of one adapted layer, checked once, for the layer's inference fast path: each
+/// call then passes only the addresses of `x` and `out`. The arrays are held (so their memory
+/// stays valid) for the object's lifetime.
+#[pyclass(frozen, module = "denselora._core")]
+pub struct PreparedBranch {
+    _arrays: [Py<PyUntypedArray>; 3],
+    weights: [(usize, usize); 3],
+    dtype: denselora_core::DType,
+    shapes: [[usize; 2]; 3],
+    params: BranchParams,
+}
+
+fn dtype_from_code(code: u8) -> Result<denselora_core::DType, Error> {
+    match code {
+        0 => Ok(denselora_core::DType::F32),
+        1 => Ok(denselora_core::DType::F16),
+        2 => Ok(denselora_core::DType::BF16),
+        _ => Err(Error::argument("dtype", ArgumentKind::DType, format!("unknown dtype code {code} (0 f32, 1 f16, 2 bf16)"))),
+    }
+}
+
+#[pymethods]
+impl PreparedBranch {
+    #[new]
+    #[pyo3(signature = (encoder, m, decoder, *, scale, encoder_activation, decoder_activation))]
+    fn new(
+        encoder: &Bound<'_, PyUntypedArray>,
+        m: &Bound<'_, PyUntypedArray>,
+        decoder: &Bound<'_, PyUntypedArray>,
+        scale: f32,
+        encoder_activation: &str,
+        decoder_activation: &str,
+    ) -> BindingResult<Self> {
+        let params = BranchParams {
+            scale,
+            encoder_activation: activation(encoder_activation, "encoder_activation")?,
+            decoder_activation: activation(decoder_activation, "decoder_activation")?,
+            num_threads: 1,
+            check_finite: false,
+        };
+        let mut weights = [(0, 0); 3];
+        let mut shapes = [[0; 2]; 3];
+        let mut dtype = None;
+        for (i, (a, name)) in [(encoder, "encoder"), (m, "m"), (decoder, "decoder")].into_iter().enumerate() {
+            let (shape, dt, bytes) = view(a, name)?;
+            if shape.len() != 2 {
+                return Err(Error::argument(name, ArgumentKind::Shape, format!("expected a 2-D array, got shape {shape:?}")).into());
+            }
+            // Views with the dtype and alignment checks the kernel applies.
+            Src::from_bytes(dt, bytes, name)?;
+            weights[i] = (bytes.as_ptr() as usize, bytes.len());
+            shapes[i] = [shape[0], shape[1]];
+            dtype.get_or_insert(dt);
+        }
+        let [e, mm, d] = shapes;
+        if mm[1] != e[0] || d[1] != mm[0] {
+            return Err(Error::argument("m", ArgumentKind::Shape, format!("shapes {e:?}, {mm:?}, {d:?} do not chain")).into());
+        }
+        Ok(PreparedBranch {
+            _arrays: [encoder.clone().unbind(), m.clone().unbind(), decoder.clone().unbind()],
+            weights,
+            dtype: dtype.unwrap_or(denselora_core::DType::F32),
+            shapes,
+            params,
+        })
+    }
+
+    #[getter]
+    fn in_features(&self) -> usize {
+        self.shapes[0][1]
+    }
+
+    #[getter]
+    fn out_features(&self) -> usize {
+        self.shapes[2][0]
+    }
+
+    /// `out += branch(x)` for `rows` rows at raw addresses. Unchecked: the caller guarantees that
+    /// `x_ptr` and `out_ptr` address live, C-contiguous, non-overlapping buffers of
+    /// `rows × in_features` and `rows × out_features` elements of dtype `dtype_code`
+    /// (0 float32, 1 float16, 2 bfloat16). Only `denselora.layer` calls it, on tensors it checked.
+    fn add_unchecked(
+        &self,
+        py: Python<'_>,
+        x_ptr: usize,
+        out_ptr: usize,
+        rows: usize,
+        dtype_code: u8,
+        num_threads: usize,
+    ) -> BindingResult<()> {
+        let act = dtype_from_code(dtype_code)?;
+        let [e, m, d] = self.shapes;
+        let (d_in, d_out) = (e[1], d[0]);
+        let size = act.size();
+        if (x_ptr == 0 || out_ptr == 0) && rows > 0 {
+            return Err(Error::argument("x", ArgumentKind::Layout, "null address").into());
+        }
+        // SAFETY: the caller's contract above; the weight buffers are kept alive by `_arrays`.
+        let (xb, ob, wb) = unsafe {
+            let xb = std::slice::from_raw_parts(x_ptr.max(1) as *const u8, rows * d_in * size);
+            let ob = std::slice::from_raw_parts_mut(out_ptr.max(1) as *mut u8, rows * d_out * size);
+            let wb: [&[u8]; 3] = self.weights.map(|(p, len)| std::slice::from_raw_parts(p.max(1) as *const u8, len));
+            (xb, ob, wb)
+        };
+        let xv = Src::from_bytes(act, xb, "x")?;
+        let ov = Dst::from_bytes(act, ob, "out")?;
+        let ev = Src::from_bytes(self.dtype, wb[0], "encoder")?;
+        let mv = Src::from_bytes(self.dtype, wb[1], "m")?;
+        let dv = Src::from_bytes(self.dtype, wb[2], "decoder")?;
+        let params = BranchParams { num_threads, ..self.params };
+        let (xs, os) = ([rows, d_in], [rows, d_out]);
+        let run = || {
+            kernel::dense_branch(
+                Operand { shape: &xs, data: xv },
+                Operand { shape: &e, data: ev },
+                Operand { shape: &m, data: mv },
+                Operand { shape: &d, data: dv },
+                ov,
+                &os,
+                &params,
+            )
+        };
+        // Releasing the GIL costs more than a tiny call takes.
+        if rows * (d_in + d_out) < 1 << 16 {
+            run()?;
+        } else {
+            py.detach(run)?;
+        }
+        Ok(())
+    }
+}

@@ -114,5 +114,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(algebra::linear_assignment, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::dense_branch, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::kernel_isa, m)?)?;
+    m.add_class::<kernel::PreparedBranch>()?;
     Ok(())
 }

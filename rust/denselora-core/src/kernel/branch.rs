@@ -20,7 +20,7 @@ pub const PANEL: usize = 16;
 /// Rows per micro-kernel tile.
 const MR: usize = 6;
 /// Slice of the input dimension kept hot while the encoder is applied to a block of rows.
-const KC: usize = 512;
+pub const KC: usize = 512;
 
 /// One call's operands. `out` is a raw pointer because tasks write disjoint parts of it.
 pub struct Job<'a, X, W> {
@@ -205,36 +205,64 @@ pub unsafe fn middle<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, rows:
 }
 
 /// Decode step 3: `out[:, os] += scale · act_d(g Dᵀ)` for outputs `os` (start a multiple of 8).
+/// Half-precision decoder rows are widened to f32 once per block of eight outputs, not once per
+/// row of `g`.
 #[inline(always)]
 pub unsafe fn decode_cols<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, os: Range<usize>, g: &[f32]) {
     let rd = job.r_d;
     let d = job.decoder.as_ptr();
+    let widen = std::mem::size_of::<W>() != std::mem::size_of::<f32>() && job.n > 1;
+    let mut block = if widen { vec![0.0f32; LANES * rd] } else { Vec::new() };
     let mut o = os.start;
     while o < os.end {
         let cnt = LANES.min(os.end - o);
         // Past the end, repeat the last row; those lanes are never stored.
         let rows: [*const W; LANES] = core::array::from_fn(|t| d.add((o + t.min(cnt - 1)) * rd));
-        for i in 0..job.n {
-            let gi = g.as_ptr().add(i * rd);
-            let mut acc = [s.zero(); LANES];
-            let mut k = 0;
-            while k + LANES <= rd {
-                let gv = s.load(gi.add(k));
-                for t in 0..LANES {
-                    acc[t] = s.fma(W::load(s, rows[t].add(k)), gv, acc[t]);
-                }
-                k += LANES;
-            }
-            if k < rd {
-                let rem = rd - k;
-                let gv = f32::load_partial(s, gi.add(k), rem);
-                for t in 0..LANES {
-                    acc[t] = s.fma(W::load_partial(s, rows[t].add(k), rem), gv, acc[t]);
+        if widen {
+            for t in 0..LANES {
+                for k in 0..rd {
+                    block[t * rd + k] = (*rows[t].add(k)).to_f32();
                 }
             }
-            epilogue(s, job.act_d, job.scale, s.hsum8(acc), job.out.add(i * job.d_out + o), cnt);
+            let wide: [*const f32; LANES] = core::array::from_fn(|t| block.as_ptr().add(t * rd));
+            decode_tile(s, job, wide, o, cnt, g);
+        } else {
+            decode_tile(s, job, rows, o, cnt, g);
         }
         o += cnt;
+    }
+}
+
+/// Eight decoder rows (`rows`, length `r_d`) against every row of `g`, into `out[:, o..o+cnt]`.
+#[inline(always)]
+unsafe fn decode_tile<S: Simd, X: Elem, W: Elem, R: Elem>(
+    s: S,
+    job: &Job<'_, X, W>,
+    rows: [*const R; LANES],
+    o: usize,
+    cnt: usize,
+    g: &[f32],
+) {
+    let rd = job.r_d;
+    for i in 0..job.n {
+        let gi = g.as_ptr().add(i * rd);
+        let mut acc = [s.zero(); LANES];
+        let mut k = 0;
+        while k + LANES <= rd {
+            let gv = s.load(gi.add(k));
+            for t in 0..LANES {
+                acc[t] = s.fma(R::load(s, rows[t].add(k)), gv, acc[t]);
+            }
+            k += LANES;
+        }
+        if k < rd {
+            let rem = rd - k;
+            let gv = f32::load_partial(s, gi.add(k), rem);
+            for t in 0..LANES {
+                acc[t] = s.fma(R::load_partial(s, rows[t].add(k), rem), gv, acc[t]);
+            }
+        }
+        epilogue(s, job.act_d, job.scale, s.hsum8(acc), job.out.add(i * job.d_out + o), cnt);
     }
 }
 
@@ -262,6 +290,7 @@ pub unsafe fn pack_decoder<S: Simd, X: Elem, W: Elem>(_s: S, job: &Job<'_, X, W>
 
 /// `R` rows of `g` (stride `r_d`) against one packed panel, then the fused epilogue.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // `r` also offsets `g` and `out`
 unsafe fn micro<S: Simd, X: Elem, W: Elem, const R: usize>(
     s: S,
     job: &Job<'_, X, W>,
@@ -292,23 +321,47 @@ unsafe fn micro<S: Simd, X: Elem, W: Elem, const R: usize>(
     }
 }
 
-/// Prefill for the rows `rows`: all three steps, with `h` and `g` scratch sized for them.
+/// Prefill for the rows `rows`: all three steps, with `h`, `g` and `xbuf` scratch sized for
+/// them. `encoder` is the job's encoder, possibly already widened to f32; half-precision rows of
+/// `x` are widened into `xbuf` once per slice of the input dimension, so the encoder's tiles
+/// read plain f32.
 #[inline(always)]
-pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem>(
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem, E: Elem>(
     s: S,
     job: &Job<'_, X, W>,
+    encoder: &[E],
     rows: Range<usize>,
     packed: &[f32],
     h: &mut [f32],
     g: &mut [f32],
+    xbuf: &mut [f32],
 ) {
     let nb = rows.len();
     let (re, rd) = (job.r_e, job.r_d);
     let x = job.x.as_ptr().add(rows.start * job.d_in);
+    let widen = std::mem::size_of::<X>() != std::mem::size_of::<f32>();
     let mut k0 = 0;
-    while k0 < job.d_in || k0 == 0 {
+    loop {
         let len = KC.min(job.d_in - k0);
-        dot_block(s, x, job.d_in, 0..nb, job.encoder.as_ptr(), job.d_in, 0..re, k0, len, h.as_mut_ptr(), re, k0 > 0);
+        if widen {
+            for i in 0..nb {
+                let src = x.add(i * job.d_in + k0);
+                let dst = xbuf.as_mut_ptr().add(i * KC);
+                let mut k = 0;
+                while k + LANES <= len {
+                    s.store(dst.add(k), X::load(s, src.add(k)));
+                    k += LANES;
+                }
+                while k < len {
+                    *dst.add(k) = (*src.add(k)).to_f32();
+                    k += 1;
+                }
+            }
+            dot_block(s, xbuf.as_ptr(), KC, 0..nb, encoder.as_ptr().add(k0), job.d_in, 0..re, 0, len, h.as_mut_ptr(), re, k0 > 0);
+        } else {
+            dot_block(s, x, job.d_in, 0..nb, encoder.as_ptr(), job.d_in, 0..re, k0, len, h.as_mut_ptr(), re, k0 > 0);
+        }
         k0 += KC;
         if k0 >= job.d_in {
             break;
@@ -334,5 +387,19 @@ pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem>(
             1 => micro::<S, X, W, 1>(s, job, gi, panel, r0, c0),
             _ => {}
         }
+    }
+}
+
+/// `dst = src` widened to f32.
+#[inline(always)]
+pub unsafe fn widen<S: Simd, T: Elem>(s: S, src: &[T], dst: *mut f32) {
+    let mut k = 0;
+    while k + LANES <= src.len() {
+        s.store(dst.add(k), T::load(s, src.as_ptr().add(k)));
+        k += LANES;
+    }
+    while k < src.len() {
+        *dst.add(k) = src[k].to_f32();
+        k += 1;
     }
 }

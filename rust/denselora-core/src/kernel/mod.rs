@@ -334,14 +334,21 @@ macro_rules! entry_points {
                 branch::pack_decoder::<$simd, X, W>($make, job, ps, packed)
             }
             $(#[target_feature(enable = $feat)])?
-            pub unsafe fn prefill_rows<X: Elem, W: Elem>(
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn prefill_rows<X: Elem, W: Elem, E: Elem>(
                 job: &Job<'_, X, W>,
+                encoder: &[E],
                 rows: std::ops::Range<usize>,
                 packed: &[f32],
                 h: &mut [f32],
                 g: &mut [f32],
+                xbuf: &mut [f32],
             ) {
-                branch::prefill_rows::<$simd, X, W>($make, job, rows, packed, h, g)
+                branch::prefill_rows::<$simd, X, W, E>($make, job, encoder, rows, packed, h, g, xbuf)
+            }
+            $(#[target_feature(enable = $feat)])?
+            pub unsafe fn widen<T: Elem>(src: &[T], dst: *mut f32) {
+                branch::widen::<$simd, T>($make, src, dst)
             }
         }
     };
@@ -450,6 +457,15 @@ fn run<X: Elem, W: Elem>(job: Job<'_, X, W>, threads: usize, isa: Isa) {
         dispatch!(isa, pack_decoder(job, ps, pp.0))
     });
     let packed = &packed;
+    // Half-precision encoders are widened once per call: every row block reads them again.
+    let widened: Vec<f32> = if std::mem::size_of::<W>() != std::mem::size_of::<f32>() {
+        let mut v = vec![0.0f32; job.encoder.len()];
+        dispatch!(isa, widen(job.encoder, v.as_mut_ptr()));
+        v
+    } else {
+        Vec::new()
+    };
+    let x_widen = std::mem::size_of::<X>() != std::mem::size_of::<f32>();
     // Row blocks small enough for h and g to stay in cache, and enough of them for every thread.
     const BLOCK: usize = 96;
     let blocks = n.div_ceil(BLOCK);
@@ -457,9 +473,14 @@ fn run<X: Elem, W: Elem>(job: Job<'_, X, W>, threads: usize, isa: Isa) {
     split(&pool, blocks, tasks, 1, |bs| {
         let mut h = vec![0.0f32; BLOCK * r_e];
         let mut g = vec![0.0f32; BLOCK * r_d];
+        let mut xbuf = if x_widen { vec![0.0f32; BLOCK * branch::KC] } else { Vec::new() };
         for b in bs {
             let rows = b * BLOCK..((b + 1) * BLOCK).min(n);
-            dispatch!(isa, prefill_rows(job, rows, packed, &mut h, &mut g));
+            if widened.is_empty() {
+                dispatch!(isa, prefill_rows(job, job.encoder, rows, packed, &mut h, &mut g, &mut xbuf))
+            } else {
+                dispatch!(isa, prefill_rows(job, &widened, rows, packed, &mut h, &mut g, &mut xbuf))
+            }
         }
     });
 }

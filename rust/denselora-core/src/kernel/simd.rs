@@ -35,7 +35,6 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
-    fn div(self, a: Self::V, b: Self::V) -> Self::V;
     /// `1 / d` to about 1 ulp of f32 precision (not necessarily correctly rounded).
     fn recip(self, d: Self::V) -> Self::V;
     /// `a * b + c` (fused where the hardware has it).
@@ -226,10 +225,6 @@ impl Simd for Portable {
         map2(a, b, |x, y| x * y)
     }
     #[inline(always)]
-    fn div(self, a: A8, b: A8) -> A8 {
-        map2(a, b, |x, y| x / y)
-    }
-    #[inline(always)]
     fn recip(self, d: A8) -> A8 {
         d.map(|v| 1.0 / v)
     }
@@ -374,10 +369,6 @@ mod x86 {
         #[inline(always)]
         fn mul(self, a: __m256, b: __m256) -> __m256 {
             unsafe { _mm256_mul_ps(a, b) }
-        }
-        #[inline(always)]
-        fn div(self, a: __m256, b: __m256) -> __m256 {
-            unsafe { _mm256_div_ps(a, b) }
         }
         #[inline(always)]
         fn recip(self, d: __m256) -> __m256 {
