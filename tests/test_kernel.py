@@ -297,6 +297,23 @@ def test_bfloat16_base_with_float32_adapter_uses_the_kernel(tokens, kernel_calls
     np.testing.assert_allclose(fast.double().numpy(), slow.double().numpy(), rtol=2e-2, atol=2e-2)
 
 
+def test_auto_leaves_half_precision_prefill_to_torch(kernel_calls):
+    model = dl.get_denselora_model(tiny_llama().to(torch.bfloat16), dl.DenseLoRAConfig(r=4))
+    randomize_adapter(model)
+    layer = next(layer for _, layer in model.adapter_layers())
+    decode = torch.randn(1, 4, layer.shared.in_features).bfloat16()
+    prefill = torch.randn(1, 64, layer.shared.in_features).bfloat16()
+    with torch.no_grad():
+        layer(decode)
+        assert len(kernel_calls) == 1
+        auto = layer(prefill)
+        assert len(kernel_calls) == 1  # 64 rows in bfloat16: PyTorch
+        layer.inference_backend = "rust"
+        forced = layer(prefill)
+        assert len(kernel_calls) == 2
+    np.testing.assert_allclose(forced.double().numpy(), auto.double().numpy(), rtol=2e-2, atol=2e-2)
+
+
 def test_training_and_autograd_use_torch(tokens, kernel_calls):
     model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4))
     randomize_adapter(model)

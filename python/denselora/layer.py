@@ -15,6 +15,8 @@ from .errors import ArgumentError, ConfigError, NotMergeableError
 from .functional import dense_branch, split_activations
 
 INFERENCE_BACKENDS = ("auto", "torch", "rust")
+# "auto" sends half-precision calls with more rows than this to PyTorch (prefill); decode stays fused.
+_AUTO_HALF_MAX_ROWS = 32
 
 # Weight dtypes the Rust kernel takes (with the integer dtype that carries bfloat16 bits), and
 # the codes of activation dtypes in `PreparedBranch.add_unchecked`.
@@ -300,6 +302,10 @@ class DenseLoRALayer(nn.Module):
                     f"inference_backend 'rust': the kernel cannot run this call (input {x.dtype}, output "
                     f"{result.dtype}, adapter {self.m.dtype} on {self.m.device}); use 'auto' or 'torch'"
                 )
+            return False
+        if self._inference_backend == "auto" and x.dtype != torch.float32 and rows > _AUTO_HALF_MAX_ROWS:
+            # Large half-precision batches: PyTorch's matmuls use the CPU's native bf16/f16 dot
+            # products, which the kernel measured slower against (benches/results/kernel.json).
             return False
         if not x.is_contiguous():
             x = x.contiguous()
