@@ -70,10 +70,21 @@ VARIANTS: dict[str, Callable[[], Any]] = {
 COMPARED = ["lora", "paper", "default"]
 
 
+def _rounded(value: Any) -> Any:
+    """Floats to 5 significant digits: the per-tensor histories stay small enough to keep."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(_rounded(data), separators=(",", ":")))
     os.replace(tmp, path)
 
 
@@ -138,16 +149,26 @@ def run_one(kind: str, task: str, variant: str, lr: float, seed: int, args: argp
     record["eval_seconds"] = time.perf_counter() - started
     if tracker:
         record["tracker"] = [
-            {"step": h["step"], "grad_groups": h["grad"]["groups"], "update_groups": h["update"]["groups"],
-             "update_tensors": h["update"]["tensors"], "grad_tensors": h["grad"]["tensors"]}
+            {"step": h["step"], "grad_groups": h["grad"]["groups"], "update_groups": h["update"]["groups"]}
             for h in tracker.history
         ]
+        record["tensor_history"] = tensor_history(tracker.history)
         batch = next(iter(torch.utils.data.DataLoader(val_data, batch_size=8, collate_fn=_collate(tokenizer))))
         per_layer = diagnostics.layer_updates(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
         record["layer_updates"] = per_layer
         record["diagnostics_version"] = 2  # layer updates measured without dropout
         record["layer_summary"] = diagnostics.summarize(per_layer)
     return record
+
+
+def tensor_history(history: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per-tensor gradient and update norms as one series per tensor (names stored once)."""
+    out: dict[str, dict[str, list[float]]] = {"grad": {}, "update": {}}
+    for h in history:
+        for kind in ("grad", "update"):
+            for name, value in h[kind]["tensors"].items():
+                out[kind].setdefault(name, []).append(value)
+    return out
 
 
 def _collate(tokenizer: Any) -> Any:
@@ -424,10 +445,43 @@ def stage_report(args: argparse.Namespace) -> None:
                 )
         lines.append("")
         _plot_comparison(comp, Path(args.docs))
+    lines += _summary_table(args, comp)
     text = "\n".join(lines)
     print(text)
     Path(args.docs).mkdir(parents=True, exist_ok=True)
-    (Path(args.docs) / "tables.md").write_text(text + "\n")
+    (Path(args.docs) / f"tables_{args.steps}steps.md").write_text(text + "\n")
+
+
+def _summary_table(args: argparse.Namespace, comp: list[dict[str, Any]]) -> list[str]:
+    """One row per method: what a user compares (the README's table)."""
+    gains = {}
+    for data in _load(args, "gain"):
+        rows = data["rows"]
+        lora = statistics.mean(r["first_step_decrease_per_lr"] for r in rows if r["variant"] == "lora")
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            gains[variant] = statistics.mean(r["first_step_decrease_per_lr"] for r in rows if r["variant"] == variant) / lora
+    if not comp:
+        return []
+    labels = {"lora": "PEFT LoRA r16", "paper": "DenseLoRA, paper preset", "default": "DenseLoRA, default"}
+    lines = [
+        f"### Summary ({args.steps} steps, batch {comp[0]['batch']})",
+        "",
+        "| task | method | trainable | first step vs LoRA (same lr) | lr (picked on validation) | test accuracy | seeds | s / step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task in dict.fromkeys(r["task"] for r in comp):
+        for variant in [v for v in VARIANTS if any(r["variant"] == v and r["task"] == task for r in comp)]:
+            rows = [r for r in comp if r["task"] == task and r["variant"] == variant]
+            lr = best_lr([r for r in rows if r["seed"] == 0])
+            chosen = [r for r in rows if r["lr"] == lr]
+            accs = [r["test_accuracy"] for r in chosen]
+            gain = f"{gains[variant]:.2f}" if variant in gains else "–"
+            lines.append(
+                f"| {task} | {labels.get(variant, variant)} | {chosen[0]['trainable']:,} | {gain} | {lr:g} | {_mean_std(accs)} | "
+                f"{len(accs)} | {statistics.mean(r['step_seconds'] for r in chosen):.1f} |"
+            )
+    lines.append("")
+    return lines
 
 
 def _plot_diagnosis(diag: list[dict[str, Any]], docs: Path) -> None:
@@ -440,13 +494,13 @@ def _plot_diagnosis(diag: list[dict[str, Any]], docs: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for r in diag:
         steps = [t["step"] for t in r["tracker"]]
-        axes[0].plot(steps, r["loss_curve"][: len(steps)], label=r["variant"])
+        axes[0].plot(steps, r["loss_curve"][: len(steps)], label=f"{r['variant']} lr {r['lr']:g}")
         # The size of each step's change of the adapter, all groups together.
         total = [math.sqrt(sum(v * v for v in t["update_groups"].values())) for t in r["tracker"]]
-        axes[1].plot(steps, total, label=r["variant"])
+        axes[1].plot(steps, total, label=f"{r['variant']} lr {r['lr']:g}")
     axes[0].set(title="training loss", xlabel="step")
     axes[1].set(title="update norm per step (all adapter tensors)", xlabel="step", yscale="log")
-    names = [r["variant"] for r in diag]
+    names = [f"{r['variant']} lr {r['lr']:g}" for r in diag]
     rel = [r["layer_summary"]["all"]["relative_norm"] for r in diag]
     axes[2].barh(names, rel)
     axes[2].set(title="|layer update| / |W0 x| after training (mean)", xscale="log")
@@ -460,10 +514,10 @@ def _plot_diagnosis(diag: list[dict[str, Any]], docs: Path) -> None:
         for group in ("shared", "m", "lora_A", "lora_B"):
             series = [t["grad_groups"].get(group) for t in r["tracker"]]
             if any(v for v in series if v):
-                axes[0].plot([v or float("nan") for v in series], label=f"{r['variant']}:{group}")
+                axes[0].plot([v or float("nan") for v in series], label=f"{r['variant']} {r['lr']:g}:{group}")
             series = [t["update_groups"].get(group) for t in r["tracker"]]
             if any(v for v in series if v):
-                axes[1].plot([v or float("nan") for v in series], label=f"{r['variant']}:{group}")
+                axes[1].plot([v or float("nan") for v in series], label=f"{r['variant']} {r['lr']:g}:{group}")
     axes[0].set(title="gradient norm per group", xlabel="step", yscale="log")
     axes[1].set(title="update norm per group", xlabel="step", yscale="log")
     axes[1].legend(fontsize=6, ncol=2)
@@ -487,7 +541,7 @@ def _plot_comparison(comp: list[dict[str, Any]], docs: Path) -> None:
         ax.set(title=f"{task}: validation accuracy vs lr (seed 0)", xscale="log", xlabel="lr")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(docs / "lr_sweep.png", dpi=110)
+    fig.savefig(docs / "lr_sweep.png", dpi=110)  # the last report's step budget
     plt.close(fig)
 
 
