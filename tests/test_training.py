@@ -412,3 +412,27 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(model_dir, tmp_path):
     assert summary["test_examples"] == 12 and 0 <= summary["accuracy_after"] <= 1
     assert (tmp_path / "demo" / "adapter" / "adapter.safetensors").is_file()
     assert (tmp_path / "demo" / "run" / "loss_curve.png").is_file()
+
+
+def test_generation_matches_a_manual_greedy_loop_and_scores_answers(tok):
+    from denselora.evaluation import generate, generation_accuracy
+
+    model = char_llama()
+    prompts = ["Q: 1", "Question: longer 22"]  # different lengths: left padding must not change the result
+    texts = generate(model, tok, prompts, max_new_tokens=5, batch_size=2)
+    for prompt, text in zip(prompts, texts):
+        ids = tok.encode(prompt)
+        new = []
+        with torch.no_grad():
+            for _ in range(5):
+                nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                new.append(nxt)
+        assert text == tok.decode(new, skip_special_tokens=True)
+    examples = [Example(p, "x", meta={"answer": "true"}) for p in prompts]
+    result = generation_accuracy(model, tok, examples, "boolq", max_new_tokens=5)
+    expected = sum(extract_answer("boolq", t) == "true" for t in texts)
+    assert result.correct == expected and result.outputs == texts
+    with pytest.raises(ArgumentError, match="answer"):
+        generation_accuracy(model, tok, [Example("q", "a")], "boolq")
