@@ -1,5 +1,6 @@
 """Training step time and memory: PEFT LoRA vs DenseLoRA (plain autograd path) vs DenseLoRA
-(efficient path), side by side in one process.
+(efficient path), in the library's default and in the paper's configuration, side by side in one
+process.
 
 Two models: SmolLM2-135M (`denselora.models.load_model()`) and a stack of LLaMA-7B-shaped decoder
 layers built from a config (hidden 4096, intermediate 11008, 32 heads; random weights, small
@@ -41,7 +42,9 @@ sys.path.insert(0, str(ROOT / "python"))
 import denselora as dl  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-VARIANTS = ("peft-lora", "denselora-plain", "denselora-efficient")
+# DenseLoRA in the library's default configuration (identity on both sides, rsLoRA scaling) and in
+# the paper's (GELU on both sides, s = alpha / r), each on the plain and the efficient path.
+VARIANTS = ("peft-lora", "default-plain", "default-efficient", "paper-plain", "paper-efficient")
 
 
 def fix_malloc_threshold() -> bool:
@@ -132,8 +135,10 @@ def make_variant(base: torch.nn.Module, variant: str, r: int) -> torch.nn.Module
         config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=TARGETS, bias="none")
         wrapped = get_peft_model(model, config)
     else:
-        wrapped = dl.get_denselora_model(model, dl.DenseLoRAConfig(r=r, alpha=2 * r, dropout=0.05, target_modules=TARGETS))
-        wrapped.set_branch_impl(variant.split("-", 1)[1])
+        preset, impl = variant.split("-", 1)
+        config = dl.DenseLoRAConfig.from_preset(preset, r=r, alpha=2 * r, dropout=0.05, target_modules=TARGETS)
+        wrapped = dl.get_denselora_model(model, config)
+        wrapped.set_branch_impl(impl)
     wrapped.train()
     return wrapped
 
@@ -298,7 +303,7 @@ def main() -> None:
         print_table(results[-1], peak_name)
 
     payload = {
-        "benchmark": "train step: PEFT LoRA vs DenseLoRA plain vs DenseLoRA efficient",
+        "benchmark": "train step: PEFT LoRA vs DenseLoRA plain vs efficient path, default and paper configs",
         "device": args.device,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": args.threads,
