@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -432,17 +432,12 @@ def stage_report(args: argparse.Namespace) -> None:
             "| task | method | trainable | lr | test accuracy | seeds | step s |",
             "|---|---|---|---|---|---|---|",
         ]
-        for task in dict.fromkeys(r["task"] for r in comp):
-            for variant in [v for v in VARIANTS if any(r["variant"] == v and r["task"] == task for r in comp)]:
-                rows = [r for r in comp if r["task"] == task and r["variant"] == variant]
-                lr = best_lr([r for r in rows if r["seed"] == 0])
-                chosen = [r for r in rows if r["lr"] == lr]
-                accs = [r["test_accuracy"] for r in chosen]
-                sweep = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in sorted(rows, key=lambda r: r["lr"]) if r["seed"] == 0)
-                lines.append(
-                    f"| {task} | {variant} | {chosen[0]['trainable']:,} | {lr:g} (val: {sweep}) | {_mean_std(accs)} | "
-                    f"{len(accs)} | {statistics.mean(r['step_seconds'] for r in chosen):.2f} |"
-                )
+        for task, variant, rows, lr, chosen, accs in _selected_runs(comp):
+            sweep = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in sorted(rows, key=lambda r: r["lr"]) if r["seed"] == 0)
+            lines.append(
+                f"| {task} | {variant} | {chosen[0]['trainable']:,} | {lr:g} (val: {sweep}) | {_mean_std(accs)} | "
+                f"{len(accs)} | {statistics.mean(r['step_seconds'] for r in chosen):.2f} |"
+            )
         lines.append("")
         _plot_comparison(comp, Path(args.docs))
     lines += _summary_table(args, comp)
@@ -450,6 +445,17 @@ def stage_report(args: argparse.Namespace) -> None:
     print(text)
     Path(args.docs).mkdir(parents=True, exist_ok=True)
     (Path(args.docs) / f"tables_{args.steps}steps.md").write_text(text + "\n")
+
+
+def _selected_runs(comp: list[dict[str, Any]]) -> Iterator[tuple[str, str, list[dict[str, Any]], float, list[dict[str, Any]], list[float]]]:
+    """Per task and variant: all runs, the lr picked on validation (seed 0), the runs at that lr and
+    their test accuracies."""
+    for task in dict.fromkeys(r["task"] for r in comp):
+        for variant in [v for v in VARIANTS if any(r["variant"] == v and r["task"] == task for r in comp)]:
+            rows = [r for r in comp if r["task"] == task and r["variant"] == variant]
+            lr = best_lr([r for r in rows if r["seed"] == 0])
+            chosen = [r for r in rows if r["lr"] == lr]
+            yield task, variant, rows, lr, chosen, [r["test_accuracy"] for r in chosen]
 
 
 def _summary_table(args: argparse.Namespace, comp: list[dict[str, Any]]) -> list[str]:
@@ -469,17 +475,12 @@ def _summary_table(args: argparse.Namespace, comp: list[dict[str, Any]]) -> list
         "| task | method | trainable | first step vs LoRA (same lr) | lr (picked on validation) | test accuracy | seeds | s / step |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for task in dict.fromkeys(r["task"] for r in comp):
-        for variant in [v for v in VARIANTS if any(r["variant"] == v and r["task"] == task for r in comp)]:
-            rows = [r for r in comp if r["task"] == task and r["variant"] == variant]
-            lr = best_lr([r for r in rows if r["seed"] == 0])
-            chosen = [r for r in rows if r["lr"] == lr]
-            accs = [r["test_accuracy"] for r in chosen]
-            gain = f"{gains[variant]:.2f}" if variant in gains else "–"
-            lines.append(
-                f"| {task} | {labels.get(variant, variant)} | {chosen[0]['trainable']:,} | {gain} | {lr:g} | {_mean_std(accs)} | "
-                f"{len(accs)} | {statistics.mean(r['step_seconds'] for r in chosen):.1f} |"
-            )
+    for task, variant, _, lr, chosen, accs in _selected_runs(comp):
+        gain = f"{gains[variant]:.2f}" if variant in gains else "–"
+        lines.append(
+            f"| {task} | {labels.get(variant, variant)} | {chosen[0]['trainable']:,} | {gain} | {lr:g} | {_mean_std(accs)} | "
+            f"{len(accs)} | {statistics.mean(r['step_seconds'] for r in chosen):.1f} |"
+        )
     lines.append("")
     return lines
 
