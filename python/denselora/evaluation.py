@@ -83,6 +83,16 @@ def option_scores(
     return scores
 
 
+def _right_padded(seqs: Sequence[Sequence[int]], width: int, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded to ``width`` with ``pad``, and the attention mask, on ``device``."""
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _score_with_shared_prompt(
     model: nn.Module, prompts: list[list[int]], options: list[list[list[int]]], pad: int, device: torch.device
 ) -> list[list[float]]:
@@ -90,23 +100,13 @@ def _score_with_shared_prompt(
     prompts with a cache, then one pass over all options, each reading its prompt's cache rows."""
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max())
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-        mask[r, : len(p)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = _right_padded(prompts, width, pad, device)
     out = model(input_ids=ids, attention_mask=mask, use_cache=True)
     first = F.log_softmax(out.logits[torch.arange(len(prompts), device=device), lengths - 1].float(), dim=-1)
     owner = [r for r, opts in enumerate(options) for _ in opts]
     flat = [opt for opts in options for opt in opts]
     span = max(len(o) for o in flat)
-    opt_ids = torch.full((len(flat), span), pad, dtype=torch.long)
-    opt_mask = torch.zeros((len(flat), span), dtype=torch.long)
-    for k, opt in enumerate(flat):
-        opt_ids[k, : len(opt)] = torch.tensor(opt, dtype=torch.long)
-        opt_mask[k, : len(opt)] = 1
-    opt_ids, opt_mask = opt_ids.to(device), opt_mask.to(device)
+    opt_ids, opt_mask = _right_padded(flat, span, pad, device)
     index = torch.tensor(owner, device=device)
     cache_arg = _cache_argument(model)
     cache = getattr(out, cache_arg)
