@@ -145,14 +145,18 @@ def main(argv=None) -> int:
     acc: dict[str, float] = {}
     acc["base model"] = bench.accuracy("base model", None)
 
-    same = [bench.run(0, d) for d in range(3)]  # one initial adapter, three data orders
+    # Each run is scored as soon as it is trained, so a stopped invocation still leaves results.
+    def run_and_score(init_seed: int, data_seed: int) -> Path:
+        adapter = bench.run(init_seed, data_seed)
+        acc[f"run {adapter.parent.name}"] = bench.accuracy(f"run {adapter.parent.name}", adapter)
+        return adapter
+
+    same = [run_and_score(0, 0)]
     if args.only_base_and_one_run:
-        bench.accuracy("run init0_data0", same[0])
         print(f"{time.time() - t0:.0f} s", flush=True)
         return 0
-    different = [same[0]] + [bench.run(s, s) for s in (1, 2)]  # initial adapter and data order both differ
-    for adapter in same + different[1:]:
-        acc[f"run {adapter.parent.name}"] = bench.accuracy(f"run {adapter.parent.name}", adapter)
+    same += [run_and_score(0, d) for d in (1, 2)]  # one initial adapter, three data orders
+    different = [same[0]] + [run_and_score(s, s) for s in (1, 2)]  # initial adapter and data order both differ
 
     w = args.work
     soup = dl.average(same, w / "linear_same_init")  # auto: equal init fingerprints -> linear
