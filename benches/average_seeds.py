@@ -1,196 +1,206 @@
-"""Averaging and truncating real runs: SmolLM2-135M-Instruct + DenseLoRA on BIG-bench social_iqa.
+"""Averaging and truncating real runs: SmolLM2-135M-Instruct + DenseLoRA on a BIG-bench task.
 
-Five short runs are trained: three from one initial adapter with different data orders (same
-init), and two more from other initial adapters and data orders, which with the first make three
-different-seed runs. Reported: multiple-choice accuracy on a held-out split of the base model, of
+Five short runs are trained with `denselora.training.train`: three from one initial adapter with
+different data orders (same init), and two more from other initial adapters and data orders, which
+with the first make three different-seed runs. Reported: multiple-choice accuracy
+(`denselora.evaluation.multiple_choice_accuracy`) on a held-out test split of the base model, of
 each run, of the `linear` soup of the same-init runs, of the `aligned` (and, for contrast, the
-`linear`) average of the different-seed runs, and of one run truncated from r=32 to 16 and 8.
+`linear`) average of the different-seed runs, and of the first run truncated from r=32 to 16 and 8.
 
-Usage: python benches/average_seeds.py [--steps 25] [--test 100]   (writes benches/results/average_seeds.json)
-Runs on CUDA when available; on a small shared CPU it takes hours.
-The task file defaults to /work/shared/data/bigbench/social_iqa/task.json (--task to change).
+Usage: python benches/average_seeds.py [--steps 40] [--batch 8] [--lr 1e-3] [--test 100]
+                                       [--task PATH/task.json] [--work DIR] [--preset default|paper]
+Writes benches/results/average_seeds.json and prints a table. Runs on CUDA when available.
+Resumable: every run, average and truncation is kept under --work (one folder each, with the
+settings that made it in settings.json); a rerun with the same settings skips what is finished,
+and refuses a work dir made with other settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import denselora as dl
+from denselora.data import TokenizedDataset, load_examples, split_examples
+from denselora.evaluation import multiple_choice_accuracy
 from denselora.models import load_model
-from denselora.optim import create_optimizer
+from denselora.training import TrainConfig, build_adapter_model, train
 
 HERE = Path(__file__).resolve().parent
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ADAPTER_FILE = "adapter.safetensors"
 
 
-def load_task(path: Path, n_test: int, seed: int = 0):
-    examples = []
-    for record in json.loads(path.read_text())["examples"]:
-        options = list(record["target_scores"])
-        label = max(range(len(options)), key=lambda i: record["target_scores"][options[i]])
-        prompt = f"Question: {record['input'].strip()}\nAnswer:"
-        examples.append((prompt, [" " + o for o in options], label))
-    random.Random(seed).shuffle(examples)
-    return examples[n_test:], examples[:n_test]
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work: Path = args.work
+        self.base, self.tokenizer = load_model(device=DEVICE)
+        examples = load_examples(args.task)
+        # The test split depends only on (seed, size): every run and average is scored on the same one.
+        self.splits = split_examples(examples, seed=args.split_seed, validation=args.validation, test=args.test)
+        self.train_data = TokenizedDataset(self.splits.train, self.tokenizer, cutoff_len=args.cutoff)
+        self.val_data = (
+            TokenizedDataset(self.splits.validation, self.tokenizer, cutoff_len=args.cutoff) if args.validation else None
+        )
+        self.scores_path = self.work / "accuracy.json"
+        self.scores: dict[str, dict] = json.loads(self.scores_path.read_text()) if self.scores_path.is_file() else {}
+
+    def fresh_base(self):
+        return copy.deepcopy(self.base)
+
+    def run(self, init_seed: int, data_seed: int) -> Path:
+        """Train (or reuse) the run whose initial adapter comes from ``init_seed`` and whose data
+        order comes from ``data_seed``; returns its adapter directory."""
+        out = self.work / f"init{init_seed}_data{data_seed}"
+        adapter = out / "adapter"
+        if (adapter / ADAPTER_FILE).is_file():
+            print(f"{out.name}: already trained", flush=True)
+            return adapter
+        a = self.args
+        torch.manual_seed(init_seed)  # the initial adapter is a function of init_seed alone
+        model = build_adapter_model(self.fresh_base(), "denselora", r=a.r, alpha=a.alpha, preset=a.preset)
+        config = TrainConfig(
+            lr=a.lr, max_steps=a.steps, micro_batch_size=a.batch, warmup_steps=max(1, a.steps // 10),
+            schedule="linear", seed=data_seed, eval_batch_size=16, progress=False, plot=False,
+            log_every=max(1, a.steps // 4),
+        )
+        t0 = time.time()
+        result = train(model, self.tokenizer, self.train_data, config, val_data=self.val_data, output_dir=out)
+        print(
+            f"{out.name}: {result.steps} steps in {time.time() - t0:.0f} s, train loss "
+            f"{result.history[0]['loss']:.3f} -> {result.final_train_loss:.3f}",
+            flush=True,
+        )
+        return adapter
+
+    def accuracy(self, name: str, adapter: Path | None) -> float:
+        """Test accuracy of the base model (``adapter`` None) or of it with ``adapter``; cached."""
+        if name not in self.scores:
+            t0 = time.time()
+            model = self.base if adapter is None else dl.DenseLoRAModel.from_pretrained(self.fresh_base(), adapter)
+            result = multiple_choice_accuracy(model, self.tokenizer, self.splits.test, batch_size=self.args.eval_batch)
+            self.scores[name] = {"accuracy": result.accuracy, "correct": result.correct, "total": result.total}
+            dl._core.write_text_atomic(str(self.scores_path), json.dumps(self.scores, indent=2) + "\n")
+            print(f"{name}: {result.accuracy:.3f} ({result.correct}/{result.total}, {time.time() - t0:.0f} s)", flush=True)
+        return self.scores[name]["accuracy"]
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def settings_of(args: argparse.Namespace) -> dict:
+    keys = ("task", "steps", "batch", "lr", "r", "alpha", "preset", "test", "validation", "split_seed", "cutoff")
+    return {k: str(getattr(args, k)) if isinstance(getattr(args, k), Path) else getattr(args, k) for k in keys}
 
 
-def padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-@functools.lru_cache(maxsize=1)
-def _pristine():
-    return load_model()
-
-
-def fresh_model():
-    """(a fresh copy of the base model, tokenizer): loaded once, copied for every run."""
-    base, tokenizer = _pristine()
-    return copy.deepcopy(base).to(DEVICE), tokenizer
-
-
-def causal_lm(model):
-    """The transformers causal LM inside a DenseLoRA wrapper (adapted in place) or itself."""
-    return model.get_base_model() if isinstance(model, dl.DenseLoRAModel) else model
-
-
-def train_run(init_seed: int, data_seed: int, train, args, out: Path) -> Path:
-    if (out / "adapter.safetensors").is_file():
-        return out
-    base, tokenizer = fresh_model()
-    torch.manual_seed(init_seed)
-    config = dl.DenseLoRAConfig(r=args.r, alpha=2.0 * args.r, dropout=0.05)
-    model = dl.get_denselora_model(base, config)
-    model.train()
-    optimizer = create_optimizer(model, lr=args.lr)
-    order = random.Random(data_seed)
-    pad = tokenizer.pad_token_id
-    for step in range(args.steps):
-        batch = order.sample(train, args.batch)
-        seqs, labels = [], []
-        for prompt, options, label in batch:
-            p, a = encode(tokenizer, prompt), encode(tokenizer, options[label]) + [tokenizer.eos_token_id]
-            seqs.append(p + a)
-            labels.append([-100] * len(p) + a)
-        ids, mask = (t.to(DEVICE) for t in padded(seqs, pad))
-        hidden = causal_lm(model).model(input_ids=ids, attention_mask=mask).last_hidden_state
-        rows, cols, targets = [], [], []
-        for i, lab in enumerate(labels):
-            for t in range(1, len(lab)):
-                if lab[t] != -100:
-                    rows.append(i), cols.append(t - 1), targets.append(lab[t])
-        logits = causal_lm(model).lm_head(hidden[rows, cols])
-        loss = F.cross_entropy(logits.float(), torch.tensor(targets, device=DEVICE))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0 or step == args.steps - 1:
-            print(f"  init {init_seed} data {data_seed} step {step:3d} loss {loss.item():.3f}", flush=True)
-    model.save_pretrained(out)
-    return out
-
-
-@torch.no_grad()
-def accuracy(model, tokenizer, test, batch: int = 32) -> float:
-    """Multiple-choice accuracy: the option with the highest total log-probability wins."""
-    model.eval()
-    pad = tokenizer.pad_token_id
-    items = []  # (example index, option index, prompt length, sequence)
-    for e, (prompt, options, _) in enumerate(test):
-        p = encode(tokenizer, prompt)
-        for o, option in enumerate(options):
-            items.append((e, o, len(p), p + encode(tokenizer, option)))
-    scores = [[0.0] * len(ex[1]) for ex in test]
-    for start in range(0, len(items), batch):
-        chunk = items[start : start + batch]
-        ids, mask = (t.to(DEVICE) for t in padded([s for *_, s in chunk], pad))
-        hidden = causal_lm(model).model(input_ids=ids, attention_mask=mask).last_hidden_state
-        for row, (e, o, plen, seq) in enumerate(chunk):
-            # Only the positions that predict the option's tokens go through the vocabulary head.
-            logp = F.log_softmax(causal_lm(model).lm_head(hidden[row, plen - 1 : len(seq) - 1]).float(), dim=-1)
-            targets = torch.tensor(seq[plen:], device=DEVICE)
-            scores[e][o] = float(logp.gather(1, targets[:, None]).sum())
-    right = sum(max(range(len(s)), key=s.__getitem__) == ex[2] for s, ex in zip(scores, test))
-    return right / len(test)
-
-
-def adapter_accuracy(path, test) -> float:
-    base, tokenizer = fresh_model()
-    model = dl.DenseLoRAModel.from_pretrained(base, path)
-    return accuracy(model, tokenizer, test)
+def check_work_dir(args: argparse.Namespace) -> None:
+    """A work dir holds the runs of one setting: refuse to mix settings."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    path = args.work / "settings.json"
+    settings = settings_of(args)
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise SystemExit(f"{args.work} holds runs made with other settings ({', '.join(changed)}); use another --work")
+    else:
+        dl._core.write_text_atomic(str(path), json.dumps(settings, indent=2) + "\n")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", type=Path, default=Path("/work/shared/data/bigbench/social_iqa/task.json"))
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--r", type=int, default=32)
-    parser.add_argument("--test", type=int, default=100)
+    parser.add_argument("--alpha", type=float, default=None, help="default: 2 * r")
+    parser.add_argument("--preset", default="default", choices=("default", "paper"))
+    parser.add_argument("--test", type=int, default=100, help="held-out test examples")
+    parser.add_argument("--validation", type=int, default=0, help="validation examples (0: keep the last step)")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--cutoff", type=int, default=256)
+    parser.add_argument("--eval-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--only-base-and-one-run", action="store_true", help="time one run and stop")
     parser.add_argument("--work", type=Path, default=Path("/tmp/denselora_average_seeds"))
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "average_seeds.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    train, test = load_task(args.task, args.test)
+    if args.alpha is None:
+        args.alpha = 2.0 * args.r
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    check_work_dir(args)
     t0 = time.time()
-    results: dict = {"model": "SmolLM2-135M-Instruct", "task": "BIG-bench social_iqa", "test_examples": len(test),
-                     "r": args.r, "steps": args.steps, "batch": args.batch, "lr": args.lr, "accuracy": {}}
-    acc = results["accuracy"]
-    base, tokenizer = fresh_model()
-    acc["base model"] = accuracy(base, tokenizer, test)
-    print(f"base model: {acc['base model']:.3f}", flush=True)
+    bench = Bench(args)
+    print(
+        f"{args.task.parent.name}: {len(bench.splits.train)} train, {len(bench.splits.validation)} validation, "
+        f"{len(bench.splits.test)} test examples; device {DEVICE}",
+        flush=True,
+    )
+    acc: dict[str, float] = {}
+    acc["base model"] = bench.accuracy("base model", None)
+
+    # Each run is scored as soon as it is trained, so a stopped invocation still leaves results.
+    def run_and_score(init_seed: int, data_seed: int) -> Path:
+        adapter = bench.run(init_seed, data_seed)
+        acc[f"run {adapter.parent.name}"] = bench.accuracy(f"run {adapter.parent.name}", adapter)
+        return adapter
+
+    same = [run_and_score(0, 0)]
+    if args.only_base_and_one_run:
+        print(f"{time.time() - t0:.0f} s", flush=True)
+        return 0
+    same += [run_and_score(0, d) for d in (1, 2)]  # one initial adapter, three data orders
+    different = [same[0]] + [run_and_score(s, s) for s in (1, 2)]  # initial adapter and data order both differ
 
     w = args.work
-    same = [train_run(0, d, train, args, w / f"init0_data{d}") for d in range(3)]
-    different = [same[0]] + [train_run(s, s, train, args, w / f"init{s}_data{s}") for s in (1, 2)]
-    for path in same + different[1:]:
-        acc[f"run {path.name}"] = adapter_accuracy(path, test)
-        print(f"{path.name}: {acc[f'run {path.name}']:.3f}", flush=True)
-
-    soup = dl.average(same, w / "soup_same_init")  # auto: equal init fingerprints -> linear
-    assert soup.mode == "linear"
-    acc["linear soup of same-init runs"] = adapter_accuracy(w / "soup_same_init", test)
-    aligned = dl.average(different, w / "aligned_different_seeds")  # auto -> aligned
-    assert aligned.mode == "aligned"
-    acc["aligned average of different-seed runs"] = adapter_accuracy(w / "aligned_different_seeds", test)
-    dl.average(different, w / "linear_different_seeds", mode="linear")
-    acc["linear average of different-seed runs (wrong)"] = adapter_accuracy(w / "linear_different_seeds", test)
-    results["aligned_report"] = aligned.table()
-    print(aligned.table(), flush=True)
+    soup = dl.average(same, w / "linear_same_init")  # auto: equal init fingerprints -> linear
+    if soup.mode != "linear":
+        raise SystemExit(f"expected auto to pick linear for same-init runs, got {soup.mode}")
+    acc["linear soup of same-init runs"] = bench.accuracy("linear soup of same-init runs", w / "linear_same_init")
+    aligned = dl.average(different, w / "aligned_different_init")  # auto: different fingerprints -> aligned
+    if aligned.mode != "aligned":
+        raise SystemExit(f"expected auto to pick aligned for different-seed runs, got {aligned.mode}")
+    print(aligned, flush=True)
+    acc["aligned average of different-seed runs"] = bench.accuracy(
+        "aligned average of different-seed runs", w / "aligned_different_init"
+    )
+    dl.average(different, w / "linear_different_init", mode="linear")
+    acc["linear average of different-seed runs"] = bench.accuracy(
+        "linear average of different-seed runs", w / "linear_different_init"
+    )
 
     truncation = {}
     for rank in (16, 8):
+        name = f"run init0_data0 truncated r={args.r} -> {rank}"
         report = dl.truncate(same[0], w / f"truncated_r{rank}", rank=rank)
-        acc[f"run {same[0].name} truncated to r={rank}"] = adapter_accuracy(w / f"truncated_r{rank}", test)
+        acc[name] = bench.accuracy(name, w / f"truncated_r{rank}")
         truncation[rank] = {g.group: round(g.relative_error, 4) for g in report.groups}
-    results["truncation_relative_error"] = truncation
-    results["seconds"] = round(time.time() - t0, 1)
-    print("\n| adapter | accuracy |\n|---|---|")
+
+    results = {
+        "model": "SmolLM2-135M-Instruct",
+        "task": f"BIG-bench {args.task.parent.name}",
+        "device": DEVICE,
+        "settings": settings_of(args),
+        "train_examples": len(bench.splits.train),
+        "test_examples": len(bench.splits.test),
+        "accuracy": acc,
+        "correct": {k: bench.scores[k]["correct"] for k in acc},
+        "aligned_report": str(aligned),
+        "truncation_relative_error": truncation,
+        "seconds_this_invocation": round(time.time() - t0, 1),
+    }
+    print(f"\n| adapter ({len(bench.splits.test)} test examples) | accuracy |\n|---|---|")
     for k, v in acc.items():
         print(f"| {k} | {v:.3f} |")
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "average_seeds.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {HERE / 'results' / 'average_seeds.json'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    dl._core.write_text_atomic(str(args.out), json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 
