@@ -2,9 +2,9 @@
 small dense matrix per layer, ``y = W0 x + s * act(D_g @ M_l @ act(E_g @ x))``."""
 
 from . import errors
-from .bundle import Bundle
 from ._core import __version__
 from .algebra import AverageReport, TruncateReport, average, truncate
+from .bundle import Bundle
 from .config import DEFAULT_TARGET_MODULES, DenseLoRAConfig
 from .errors import (
     ChecksumError,
