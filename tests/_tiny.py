@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import string
 
-import torch
-
 SPECIALS = ["<pad>", "</s>", "<unk>"]
 VOCAB = SPECIALS + list(string.printable)
 
@@ -20,20 +18,16 @@ def char_tokenizer():
 
 
 def char_llama(seed: int = 0, layers: int = 2):
-    import transformers
+    """`conftest.tiny_llama` with a vocabulary and special tokens matching `char_tokenizer`."""
+    from conftest import tiny_llama
 
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    return tiny_llama(
+        seed,
+        layers,
         vocab_size=len(VOCAB),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=1,
         initializer_range=0.3,  # large enough that the frozen head can express confident predictions
     )
-    return transformers.LlamaForCausalLM(config).eval()

@@ -8,9 +8,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_llama(seed: int = 0, layers: int = 2) -> "transformers.LlamaForCausalLM":
+def tiny_llama(seed: int = 0, layers: int = 2, **config_overrides) -> "transformers.LlamaForCausalLM":
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    settings = dict(
         vocab_size=96,
         hidden_size=32,
         intermediate_size=48,
@@ -19,6 +19,7 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> "transformers.LlamaForCausalLM
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+    config = transformers.LlamaConfig(**{**settings, **config_overrides})
     return transformers.LlamaForCausalLM(config).eval()
 
 
