@@ -51,7 +51,7 @@ DEFAULT_LR = {"lora": 3e-3, "paper": 1e-2}
 
 def data_path(root: str | None, task: str) -> Path:
     candidates = [Path(root) / task / "task.json"] if root else []
-    candidates.append(Path("/work/shared/data/bigbench") / task / "task.json")
+    candidates.append(HERE.parent.parent / "shared" / "data" / "bigbench" / task / "task.json")
     for path in candidates:
         if path.is_file():
             return path
@@ -203,6 +203,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--fractions", default="1.0,0.1", help="fractions of the training split (the data-efficiency point)")
+    parser.add_argument("--fraction-methods", default="lora-r16,denselora-r16-default", help="methods trained on the reduced fractions")
     parser.add_argument("--test-size", type=int, default=400)
     parser.add_argument("--val-size", type=int, default=200)
     parser.add_argument("--split-seed", type=int, default=0)
@@ -216,24 +217,32 @@ def main() -> int:
         return 0
 
     results = []
+    reduced_methods = args.fraction_methods.split(",")
     for task in args.tasks.split(","):
         data = str(data_path(args.data_root, task))
+        picked: dict[str, float] = {}
         for fraction in [float(f) for f in args.fractions.split(",")]:
-            for name in args.methods.split(","):
+            full = fraction >= 1
+            for name in args.methods.split(",") if full else [m for m in args.methods.split(",") if m in reduced_methods]:
                 family = METHODS[name]["lrs"]
                 base = dict(task=task, data=data, method=name, steps=args.steps, batch_size=args.batch_size, fraction=fraction,
-                            test_size=args.test_size, val_size=args.val_size, split_seed=args.split_seed, threads=args.threads)
-                if args.no_tune:
+                            test_size=args.test_size, val_size=args.val_size, split_seed=args.split_seed, threads=args.threads,
+                            evaluate_validation=True, evaluate_test=True)
+                if not full:
+                    lr = picked.get(name, DEFAULT_LR[family])  # the reduced-data runs keep the full-data choice
+                elif args.no_tune:
                     lr = DEFAULT_LR[family]
                 else:
-                    # Tune on validation accuracy with the first seed; the test split plays no part.
-                    tuned = [ensure(dict(base, lr=lr, seed=0, evaluate_validation=True, evaluate_test=False), args.timeout) for lr in LR_GRID[family]]
+                    # Picked on validation accuracy with the first seed (the test accuracy of these runs
+                    # plays no part in the choice; the chosen one is also the first seed's result).
+                    tuned = [ensure(dict(base, lr=lr, seed=0), args.timeout) for lr in LR_GRID[family]]
                     tuned = [t for t in tuned if t is not None]
                     if not tuned:
                         continue
                     lr = max(tuned, key=lambda t: t["val_accuracy"])["lr"]
+                picked[name] = lr
                 for seed in [int(s) for s in args.seeds.split(",")]:
-                    result = ensure(dict(base, lr=lr, seed=seed, evaluate_validation=False, evaluate_test=True), args.timeout)
+                    result = ensure(dict(base, lr=lr, seed=seed), args.timeout)
                     if result is not None:
                         results.append(result)
     if not results:

@@ -30,6 +30,7 @@ from denselora.training import (
     fsdp_auto_wrap_policy,
     latest_checkpoint,
     lr_lambda,
+    token_loss_sum,
     train,
 )
 
@@ -199,6 +200,26 @@ def test_gradient_accumulation_equals_a_bigger_batch(tok):
         runs.append(adapter_tensors(model))
     for name in runs[0]:
         torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["denselora", "lora"])
+def test_loss_on_labelled_positions_equals_the_full_vocabulary_loss(tok, method):
+    # The loss computes logits only where the next token is labelled; transformers' own loss over
+    # the full logits is the reference (mean over labelled tokens), and so are its gradients.
+    examples = [Example(f"Q{i}: " + "x" * (i % 5), " a" * (1 + i % 3)) for i in range(6)]
+    batch = Collator(0)([TokenizedDataset(examples, tok, cutoff_len=64)[i] for i in range(6)])
+    model = build_adapter_model(char_llama(), method, r=4, alpha=8, dropout=0.0)
+    loss_sum, count = token_loss_sum(model, batch)
+    loss_sum.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    reference = model(**batch).loss
+    (reference * count).backward()
+    assert count == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(loss_sum / count, reference)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tok, tmp_path):

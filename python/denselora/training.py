@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -338,13 +339,33 @@ def batch_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropies over labelled positions, their count)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
+    labels = batch["labels"][:, 1:]
+    kwargs: dict[str, Any] = {}
+    if _accepts_logits_to_keep(model):
+        # Only the positions whose next token is labelled need logits. The vocabulary-wide head is a
+        # large share of a small model's step, and answers are a few tokens of a long prompt.
+        positions = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        kwargs["logits_to_keep"] = positions
+        labels = labels[:, positions]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    if not kwargs:
+        logits = logits[:, :-1, :]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM under the wrappers (DDP/FSDP, PEFT, DenseLoRA) takes a tensor of positions
+    as ``logits_to_keep`` (transformers' causal LMs do)."""
+    inner = model
+    while isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _autocast(device: torch.device, precision: str) -> tuple[Any, Optional[torch.dtype]]:
