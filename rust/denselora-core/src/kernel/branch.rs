@@ -3,22 +3,26 @@
 //! `h = act_e(X Eᵀ)` (n × r_e), `g = h Mᵀ` (n × r_d), `out += scale · act_d(g Dᵀ)` (n × out).
 //! Two shapes of work:
 //! - decode (few rows): dot products straight off the weights, so each weight is read once per
-//!   call; the decoder's outputs are reduced eight at a time into one vector for the epilogue;
-//! - prefill (many rows): the decoder is packed into 16-wide panels of `Dᵀ` once per call and a
-//!   6 × 16 register-blocked micro-kernel streams `g` against them, with the activation, scale
-//!   and accumulation into `out` fused into its epilogue.
+//!   call; the decoder's outputs are reduced one vector's worth at a time into one vector for the
+//!   epilogue;
+//! - prefill (many rows): the decoder is packed into panels of `Dᵀ` two vectors wide once per
+//!   call and an `MR × 2`-vector register-blocked micro-kernel streams `g` against them, with the
+//!   activation, scale and accumulation into `out` fused into its epilogue.
+//!
+//! Where the backend has a bf16 dot product and both operands of a dot product are bf16, pairs
+//! of bf16 products are accumulated in f32 directly (the products are exact in f32).
 
 use std::ops::Range;
 
 use super::activation::{apply, Activation};
-use super::simd::{Elem, Simd, LANES};
+use super::simd::{Elem, Simd, MAX_LANES};
 
 /// Rows of `x` from which the packed (prefill) path is used.
 pub const PREFILL_MIN_ROWS: usize = 32;
-/// Decoder panel width of the prefill micro-kernel.
-pub const PANEL: usize = 16;
-/// Rows per micro-kernel tile.
-const MR: usize = 6;
+/// Decoder panel width of the prefill micro-kernel: two vectors.
+pub const fn panel_width<S: Simd>() -> usize {
+    2 * S::LANES
+}
 /// Slice of the input dimension kept hot while the encoder is applied to a block of rows.
 pub const KC: usize = 512;
 
@@ -53,7 +57,25 @@ unsafe fn dot_tile<S: Simd, P: Elem, Q: Elem, const A: usize, const B: usize>(
 ) -> [[f32; B]; A] {
     let mut acc = [[s.zero(); B]; A];
     let mut k = 0;
-    while k + LANES <= len {
+    if S::DPBF16 && P::IS_BF16 && Q::IS_BF16 {
+        // Pairs of bf16 straight into f32 accumulators; the last step loads only what is left.
+        while k < len {
+            let rem = len - k;
+            let mut bv = [s.zero(); B];
+            for j in 0..B {
+                bv[j] = s.load_bf16_pairs(b[j].add(k) as *const u16, rem);
+            }
+            for i in 0..A {
+                let av = s.load_bf16_pairs(a[i].add(k) as *const u16, rem);
+                for j in 0..B {
+                    acc[i][j] = s.dot_bf16(acc[i][j], av, bv[j]);
+                }
+            }
+            k += 2 * S::LANES;
+        }
+        k = len;
+    }
+    while k + S::LANES <= len {
         let mut bv = [s.zero(); B];
         for j in 0..B {
             bv[j] = Q::load(s, b[j].add(k));
@@ -64,7 +86,7 @@ unsafe fn dot_tile<S: Simd, P: Elem, Q: Elem, const A: usize, const B: usize>(
                 acc[i][j] = s.fma(av, bv[j], acc[i][j]);
             }
         }
-        k += LANES;
+        k += S::LANES;
     }
     if k < len {
         let rem = len - k;
@@ -169,7 +191,7 @@ unsafe fn activate_in_place<S: Simd>(s: S, act: Activation, v: &mut [f32]) {
     if act == Activation::Identity {
         return;
     }
-    let mut chunks = v.chunks_exact_mut(LANES);
+    let mut chunks = v.chunks_exact_mut(S::LANES);
     for c in &mut chunks {
         s.store(c.as_mut_ptr(), apply(s, act, s.load(c.as_ptr())));
     }
@@ -180,11 +202,11 @@ unsafe fn activate_in_place<S: Simd>(s: S, act: Activation, v: &mut [f32]) {
     }
 }
 
-/// `out[..len] += scale · act(y)` for one run of up to eight outputs.
+/// `out[..len] += scale · act(y)` for one run of up to one vector of outputs.
 #[inline(always)]
 unsafe fn epilogue<S: Simd, X: Elem>(s: S, act: Activation, scale: f32, y: S::V, out: *mut X, len: usize) {
     let y = s.mul(apply(s, act, y), s.splat(scale));
-    if len == LANES {
+    if len == S::LANES {
         X::store(s, out, s.add(X::load(s, out), y));
     } else {
         X::store_partial(s, out, s.add(X::load_partial(s, out, len), y), len);
@@ -204,27 +226,27 @@ pub unsafe fn middle<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, rows:
     dot_block(s, h.as_ptr(), job.r_e, 0..rows, job.m.as_ptr(), job.r_e, 0..job.r_d, 0, job.r_e, g.as_mut_ptr(), job.r_d, false);
 }
 
-/// Decode step 3: `out[:, os] += scale · act_d(g Dᵀ)` for outputs `os` (start a multiple of 8).
-/// Half-precision decoder rows are widened to f32 once per block of eight outputs, not once per
+/// Decode step 3: `out[:, os] += scale · act_d(g Dᵀ)` for outputs `os`.
+/// Half-precision decoder rows are widened to f32 once per block of one vector of outputs, not once per
 /// row of `g`.
 #[inline(always)]
 pub unsafe fn decode_cols<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, os: Range<usize>, g: &[f32]) {
     let rd = job.r_d;
     let d = job.decoder.as_ptr();
     let widen = std::mem::size_of::<W>() != std::mem::size_of::<f32>() && job.n > 1;
-    let mut block = if widen { vec![0.0f32; LANES * rd] } else { Vec::new() };
+    let mut block = if widen { vec![0.0f32; S::LANES * rd] } else { Vec::new() };
     let mut o = os.start;
     while o < os.end {
-        let cnt = LANES.min(os.end - o);
+        let cnt = S::LANES.min(os.end - o);
         // Past the end, repeat the last row; those lanes are never stored.
-        let rows: [*const W; LANES] = core::array::from_fn(|t| d.add((o + t.min(cnt - 1)) * rd));
+        let rows: [*const W; MAX_LANES] = core::array::from_fn(|t| d.add((o + t.min(cnt - 1)) * rd));
         if widen {
-            for t in 0..LANES {
+            for t in 0..S::LANES {
                 for k in 0..rd {
                     block[t * rd + k] = (*rows[t].add(k)).to_f32();
                 }
             }
-            let wide: [*const f32; LANES] = core::array::from_fn(|t| block.as_ptr().add(t * rd));
+            let wide: [*const f32; MAX_LANES] = core::array::from_fn(|t| block.as_ptr().add(t.min(S::LANES - 1) * rd));
             decode_tile(s, job, wide, o, cnt, g);
         } else {
             decode_tile(s, job, rows, o, cnt, g);
@@ -233,12 +255,12 @@ pub unsafe fn decode_cols<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, 
     }
 }
 
-/// Eight decoder rows (`rows`, length `r_d`) against every row of `g`, into `out[:, o..o+cnt]`.
+/// One vector's worth of decoder rows (`rows[..LANES]`, length `r_d`) against every row of `g`, into `out[:, o..o+cnt]`.
 #[inline(always)]
 unsafe fn decode_tile<S: Simd, X: Elem, W: Elem, R: Elem>(
     s: S,
     job: &Job<'_, X, W>,
-    rows: [*const R; LANES],
+    rows: [*const R; MAX_LANES],
     o: usize,
     cnt: usize,
     g: &[f32],
@@ -246,42 +268,42 @@ unsafe fn decode_tile<S: Simd, X: Elem, W: Elem, R: Elem>(
     let rd = job.r_d;
     for i in 0..job.n {
         let gi = g.as_ptr().add(i * rd);
-        let mut acc = [s.zero(); LANES];
+        let mut acc = [s.zero(); MAX_LANES];
         let mut k = 0;
-        while k + LANES <= rd {
+        while k + S::LANES <= rd {
             let gv = s.load(gi.add(k));
-            for t in 0..LANES {
+            for t in 0..S::LANES {
                 acc[t] = s.fma(R::load(s, rows[t].add(k)), gv, acc[t]);
             }
-            k += LANES;
+            k += S::LANES;
         }
         if k < rd {
             let rem = rd - k;
             let gv = f32::load_partial(s, gi.add(k), rem);
-            for t in 0..LANES {
+            for t in 0..S::LANES {
                 acc[t] = s.fma(R::load_partial(s, rows[t].add(k), rem), gv, acc[t]);
             }
         }
-        epilogue(s, job.act_d, job.scale, s.hsum8(acc), job.out.add(i * job.d_out + o), cnt);
+        epilogue(s, job.act_d, job.scale, s.hsum_lanes(&acc), job.out.add(i * job.d_out + o), cnt);
     }
 }
 
-/// Prefill: pack decoder panels `ps` as `Dᵀ` in 16-wide column panels, zero-padded, f32.
+/// Prefill: pack decoder panels `ps` as `Dᵀ` in column panels two vectors wide, zero-padded, f32.
 #[inline(always)]
 pub unsafe fn pack_decoder<S: Simd, X: Elem, W: Elem>(_s: S, job: &Job<'_, X, W>, ps: Range<usize>, packed: *mut f32) {
     let rd = job.r_d;
     for p in ps {
-        let panel = packed.add(p * PANEL * rd);
-        for j in 0..PANEL {
-            let o = p * PANEL + j;
+        let panel = packed.add(p * panel_width::<S>() * rd);
+        for j in 0..panel_width::<S>() {
+            let o = p * panel_width::<S>() + j;
             if o < job.d_out {
                 let row = &job.decoder[o * rd..(o + 1) * rd];
                 for (k, v) in row.iter().enumerate() {
-                    *panel.add(k * PANEL + j) = v.to_f32();
+                    *panel.add(k * panel_width::<S>() + j) = v.to_f32();
                 }
             } else {
                 for k in 0..rd {
-                    *panel.add(k * PANEL + j) = 0.0;
+                    *panel.add(k * panel_width::<S>() + j) = 0.0;
                 }
             }
         }
@@ -302,8 +324,8 @@ unsafe fn micro<S: Simd, X: Elem, W: Elem, const R: usize>(
     let rd = job.r_d;
     let mut acc = [[s.zero(); 2]; R];
     for k in 0..rd {
-        let b0 = s.load(panel.add(k * PANEL));
-        let b1 = s.load(panel.add(k * PANEL + LANES));
+        let b0 = s.load(panel.add(k * panel_width::<S>()));
+        let b1 = s.load(panel.add(k * panel_width::<S>() + S::LANES));
         for r in 0..R {
             let a = s.splat(*g.add(r * rd + k));
             acc[r][0] = s.fma(a, b0, acc[r][0]);
@@ -313,9 +335,9 @@ unsafe fn micro<S: Simd, X: Elem, W: Elem, const R: usize>(
     for r in 0..R {
         let out = job.out.add((row0 + r) * job.d_out);
         for (half, v) in acc[r].iter().enumerate() {
-            let o = col0 + half * LANES;
+            let o = col0 + half * S::LANES;
             if o < job.d_out {
-                epilogue(s, job.act_d, job.scale, *v, out.add(o), LANES.min(job.d_out - o));
+                epilogue(s, job.act_d, job.scale, *v, out.add(o), S::LANES.min(job.d_out - o));
             }
         }
     }
@@ -324,7 +346,7 @@ unsafe fn micro<S: Simd, X: Elem, W: Elem, const R: usize>(
 /// Prefill for the rows `rows`: all three steps, with `h`, `g` and `xbuf` scratch sized for
 /// them. `encoder` is the job's encoder, possibly already widened to f32; half-precision rows of
 /// `x` are widened into `xbuf` once per slice of the input dimension, so the encoder's tiles
-/// read plain f32.
+/// read plain f32 (except for bf16 against bf16 with a bf16 dot product, read as they are).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem, E: Elem>(
@@ -340,7 +362,7 @@ pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem, E: Elem>(
     let nb = rows.len();
     let (re, rd) = (job.r_e, job.r_d);
     let x = job.x.as_ptr().add(rows.start * job.d_in);
-    let widen = std::mem::size_of::<X>() != std::mem::size_of::<f32>();
+    let widen = std::mem::size_of::<X>() != std::mem::size_of::<f32>() && !(S::DPBF16 && X::IS_BF16 && E::IS_BF16);
     let mut k0 = 0;
     loop {
         let len = KC.min(job.d_in - k0);
@@ -349,9 +371,9 @@ pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem, E: Elem>(
                 let src = x.add(i * job.d_in + k0);
                 let dst = xbuf.as_mut_ptr().add(i * KC);
                 let mut k = 0;
-                while k + LANES <= len {
+                while k + S::LANES <= len {
                     s.store(dst.add(k), X::load(s, src.add(k)));
-                    k += LANES;
+                    k += S::LANES;
                 }
                 while k < len {
                     *dst.add(k) = (*src.add(k)).to_f32();
@@ -369,24 +391,29 @@ pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem, E: Elem>(
     }
     activate_in_place(s, job.act_e, &mut h[..nb * re]);
     dot_block(s, h.as_ptr(), re, 0..nb, job.m.as_ptr(), re, 0..rd, 0, re, g.as_mut_ptr(), rd, false);
-    let panels = job.d_out.div_ceil(PANEL);
+    let panels = job.d_out.div_ceil(panel_width::<S>());
     for p in 0..panels {
-        let panel = packed.as_ptr().add(p * PANEL * rd);
+        let panel = packed.as_ptr().add(p * panel_width::<S>() * rd);
         let mut i = 0;
-        while i + MR <= nb {
-            micro::<S, X, W, MR>(s, job, g.as_ptr().add(i * rd), panel, rows.start + i, p * PANEL);
-            i += MR;
+        while i + S::MR <= nb {
+            let (gi, r0, c0) = (g.as_ptr().add(i * rd), rows.start + i, p * panel_width::<S>());
+            match S::MR {
+                12 => micro::<S, X, W, 12>(s, job, gi, panel, r0, c0),
+                _ => micro::<S, X, W, 6>(s, job, gi, panel, r0, c0),
+            }
+            i += S::MR;
         }
         let gi = g.as_ptr().add(i * rd);
-        let (r0, c0) = (rows.start + i, p * PANEL);
-        match nb - i {
-            5 => micro::<S, X, W, 5>(s, job, gi, panel, r0, c0),
-            4 => micro::<S, X, W, 4>(s, job, gi, panel, r0, c0),
-            3 => micro::<S, X, W, 3>(s, job, gi, panel, r0, c0),
-            2 => micro::<S, X, W, 2>(s, job, gi, panel, r0, c0),
-            1 => micro::<S, X, W, 1>(s, job, gi, panel, r0, c0),
-            _ => {}
+        let (r0, c0) = (rows.start + i, p * panel_width::<S>());
+        macro_rules! rest {
+            ($($r:literal)*) => {
+                match nb - i {
+                    $($r => micro::<S, X, W, $r>(s, job, gi, panel, r0, c0),)*
+                    _ => {}
+                }
+            };
         }
+        rest!(1 2 3 4 5 6 7 8 9 10 11);
     }
 }
 
@@ -394,9 +421,9 @@ pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem, E: Elem>(
 #[inline(always)]
 pub unsafe fn widen<S: Simd, T: Elem>(s: S, src: &[T], dst: *mut f32) {
     let mut k = 0;
-    while k + LANES <= src.len() {
+    while k + S::LANES <= src.len() {
         s.store(dst.add(k), T::load(s, src.as_ptr().add(k)));
-        k += LANES;
+        k += S::LANES;
     }
     while k < src.len() {
         *dst.add(k) = src[k].to_f32();

@@ -3,8 +3,11 @@
 //!
 //! - Element types: `x` and `out` are f32, f16 or bf16 (the same type); `encoder`, `m` and
 //!   `decoder` are f32, f16 or bf16 (one type for the three). Arithmetic is f32.
-//! - SIMD: AVX2 + FMA + F16C when the CPU has them (detected at run time), portable code
-//!   otherwise.
+//! - SIMD: the widest backend the CPU has, detected at run time: AVX-512 (F + BW, 16 lanes) with
+//!   the AVX512-BF16 dot product for bf16 against bf16 where available, else AVX-512 alone, else
+//!   AVX2 + FMA + F16C, else portable code. `DENSELORA_KERNEL_ISA` (`avx512bf16`, `avx512`,
+//!   `avx2`, `portable`) in the environment, or [`set_isa`], chooses a narrower one (a backend
+//!   the CPU lacks is never used).
 //! - Threads: `num_threads` workers from a pool kept per thread count; small calls run on the
 //!   calling thread with no synchronisation at all.
 //! - Non-finite values propagate as in IEEE arithmetic (a NaN in row `i` of `x` makes row `i` of
@@ -16,6 +19,7 @@ mod activation;
 mod branch;
 mod simd;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use half::{bf16, f16};
@@ -231,9 +235,9 @@ pub fn dense_branch(
         return Ok(());
     }
     #[cfg(test)]
-    let isa = tests::FORCE_PORTABLE.with(|f| if f.get() { Isa { avx2: false } } else { Isa::get() });
+    let isa = tests::FORCE_ISA.with(|f| f.get()).unwrap_or_else(Isa::current);
     #[cfg(not(test))]
-    let isa = Isa::get();
+    let isa = Isa::current();
     let dims = Dims { n, d_in, r_e, r_d, d_out };
     macro_rules! weights {
         ($xs:expr, $out:expr) => {
@@ -281,32 +285,113 @@ fn job<'a, X, W>(x: &'a [X], e: &'a [W], m: &'a [W], d: &'a [W], out: &'a mut [X
     }
 }
 
-/// The vector backend in use on this CPU: `"avx2"` or `"portable"`.
+/// The vector backend in use: `"avx512bf16"`, `"avx512"`, `"avx2"` or `"portable"`.
 pub fn isa() -> &'static str {
-    if Isa::get().avx2 {
-        "avx2"
-    } else {
-        "portable"
-    }
+    Isa::current().name()
 }
 
-#[derive(Clone, Copy)]
-struct Isa {
-    avx2: bool,
+/// The backends this CPU can run, widest first (`"portable"` always last).
+pub fn available_isas() -> Vec<&'static str> {
+    Isa::ALL.iter().filter(|i| i.available()).map(|i| i.name()).collect()
+}
+
+/// Use the backend `name` from now on (process-wide), or with `None` the default again (the
+/// widest available, or the one `DENSELORA_KERNEL_ISA` names). Results agree between backends
+/// to rounding, not bit for bit.
+pub fn set_isa(name: Option<&str>) -> Result<()> {
+    let code = match name {
+        None => 0,
+        Some(name) => {
+            let isa = Isa::parse(name).ok_or_else(|| {
+                Error::argument("isa", ArgumentKind::Value, format!("unknown kernel ISA {name:?} (expected one of avx512bf16, avx512, avx2, portable)"))
+            })?;
+            if !isa.available() {
+                return Err(Error::argument("isa", ArgumentKind::Value, format!("this CPU cannot run the {name} kernel (it can: {})", available_isas().join(", "))));
+            }
+            isa as u8 + 1
+        }
+    };
+    ISA_OVERRIDE.store(code, Ordering::Relaxed);
+    Ok(())
+}
+
+/// `set_isa`'s choice: 0 for none, else the `Isa` discriminant + 1.
+static ISA_OVERRIDE: AtomicU8 = AtomicU8::new(0);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx512Bf16,
+    Avx512,
+    Avx2,
+    Portable,
 }
 
 impl Isa {
-    fn get() -> Isa {
+    const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
+
+    fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|i| i.name() == name)
+    }
+
+    fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static FOUND: OnceLock<[bool; 3]> = OnceLock::new();
+            let found = FOUND.get_or_init(|| {
+                [simd::Avx512::<true>::detect().is_some(), simd::Avx512::<false>::detect().is_some(), simd::Avx2::detect().is_some()]
+            });
+            match self {
+                Isa::Avx512Bf16 => found[0],
+                Isa::Avx512 => found[1],
+                Isa::Avx2 => found[2],
+                Isa::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Portable
+        }
+    }
+
+    /// The backend in use: `set_isa`'s, else the default.
+    fn current() -> Isa {
+        match ISA_OVERRIDE.load(Ordering::Relaxed) {
+            0 => Isa::default_for_process(),
+            c => Isa::ALL[c as usize - 1],
+        }
+    }
+
+    /// The one `DENSELORA_KERNEL_ISA` names if this CPU has it (`DENSELORA_KERNEL_PORTABLE`, the
+    /// older switch, still means portable), else the widest available.
+    fn default_for_process() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::env::var_os("DENSELORA_KERNEL_PORTABLE").is_none() {
-                    return Isa { avx2: simd::Avx2::detect().is_some() };
-                }
+            if std::env::var_os("DENSELORA_KERNEL_PORTABLE").is_some() {
+                return Isa::Portable;
             }
-            Isa { avx2: false }
+            let wanted = std::env::var("DENSELORA_KERNEL_ISA").ok().and_then(|v| Isa::parse(v.trim()));
+            match wanted {
+                Some(isa) if isa.available() => isa,
+                _ => Isa::ALL.into_iter().find(|i| i.available()).unwrap_or(Isa::Portable),
+            }
         })
+    }
+
+    /// f32 lanes of the backend's vectors.
+    fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512Bf16 | Isa::Avx512 => 16,
+            Isa::Avx2 | Isa::Portable => 8,
+        }
     }
 }
 
@@ -357,17 +442,22 @@ macro_rules! entry_points {
 entry_points!(portable, Portable, Portable);
 #[cfg(target_arch = "x86_64")]
 entry_points!(avx2, simd::Avx2, simd::Avx2::assume(), "avx2,fma,f16c");
+#[cfg(target_arch = "x86_64")]
+entry_points!(avx512, simd::Avx512<false>, simd::Avx512::<false>::assume(), "avx512f,avx512bw,avx2,fma,f16c");
+#[cfg(target_arch = "x86_64")]
+entry_points!(avx512bf16, simd::Avx512<true>, simd::Avx512::<true>::assume(), "avx512f,avx512bw,avx512bf16,avx2,fma,f16c");
 
-/// Dispatch one task to the detected backend.
+/// Dispatch one task to the chosen backend.
 macro_rules! dispatch {
     ($isa:expr, $name:ident($($arg:expr),*)) => {{
+        // SAFETY (each arm): `Isa` values other than `Portable` are only used when `available`.
         #[cfg(target_arch = "x86_64")]
         {
-            if $isa.avx2 {
-                // SAFETY: the CPU has AVX2, FMA and F16C (checked once in `Isa::get`).
-                unsafe { avx2::$name($($arg),*) }
-            } else {
-                unsafe { portable::$name($($arg),*) }
+            match $isa {
+                Isa::Avx512Bf16 => unsafe { avx512bf16::$name($($arg),*) },
+                Isa::Avx512 => unsafe { avx512::$name($($arg),*) },
+                Isa::Avx2 => unsafe { avx2::$name($($arg),*) },
+                Isa::Portable => unsafe { portable::$name($($arg),*) },
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -443,13 +533,15 @@ fn run<X: Elem, W: Elem>(job: Job<'_, X, W>, threads: usize, isa: Isa) {
             dispatch!(isa, encode_cols(job, ks, hp.0))
         });
         dispatch!(isa, middle(job, n, &mut h, &mut g));
-        let tasks = tasks_for(n * r_d * d_out, d_out.div_ceil(8), threads);
-        split(&pool, d_out, tasks, 8, |os| dispatch!(isa, decode_cols(job, os, &g)));
+        let lanes = isa.lanes();
+        let tasks = tasks_for(n * r_d * d_out, d_out.div_ceil(lanes), threads);
+        split(&pool, d_out, tasks, lanes, |os| dispatch!(isa, decode_cols(job, os, &g)));
         return;
     }
 
-    let panels = d_out.div_ceil(branch::PANEL);
-    let mut packed = vec![0.0f32; panels * branch::PANEL * r_d];
+    let panel = 2 * isa.lanes();
+    let panels = d_out.div_ceil(panel);
+    let mut packed = vec![0.0f32; panels * panel * r_d];
     let pp = SharedMut(packed.as_mut_ptr());
     let tasks = tasks_for(n * r_d * d_out, panels, threads);
     split(&pool, panels, tasks, 1, |ps| {
@@ -458,14 +550,16 @@ fn run<X: Elem, W: Elem>(job: Job<'_, X, W>, threads: usize, isa: Isa) {
     });
     let packed = &packed;
     // Half-precision encoders are widened once per call: every row block reads them again.
-    let widened: Vec<f32> = if std::mem::size_of::<W>() != std::mem::size_of::<f32>() {
+    // A bf16 encoder against bf16 rows stays as it is where the CPU has the bf16 dot product.
+    let native_bf16 = isa == Isa::Avx512Bf16 && X::IS_BF16 && W::IS_BF16;
+    let widened: Vec<f32> = if std::mem::size_of::<W>() != std::mem::size_of::<f32>() && !native_bf16 {
         let mut v = vec![0.0f32; job.encoder.len()];
         dispatch!(isa, widen(job.encoder, v.as_mut_ptr()));
         v
     } else {
         Vec::new()
     };
-    let x_widen = std::mem::size_of::<X>() != std::mem::size_of::<f32>();
+    let x_widen = std::mem::size_of::<X>() != std::mem::size_of::<f32>() && !native_bf16;
     // Row blocks small enough for h and g to stay in cache, and enough of them for every thread.
     const BLOCK: usize = 96;
     let blocks = n.div_ceil(BLOCK);

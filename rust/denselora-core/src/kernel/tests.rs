@@ -1,5 +1,5 @@
 //! Checks against an f64 reference written independently of the kernel (series and continued
-//! fraction for erf), on both backends.
+//! fraction for erf), on every backend this CPU can run (those it cannot are skipped).
 #![allow(clippy::too_many_arguments, clippy::type_complexity, clippy::useless_vec)]
 
 use std::cell::Cell;
@@ -11,7 +11,8 @@ use super::simd::{Elem, Portable, Simd};
 use super::*;
 
 thread_local! {
-    pub static FORCE_PORTABLE: Cell<bool> = const { Cell::new(false) };
+    /// The backend `dense_branch` uses on this thread, when set.
+    pub static FORCE_ISA: Cell<Option<Isa>> = const { Cell::new(None) };
 }
 
 /// erf in f64: Taylor series near 0, Lentz continued fraction for erfc further out.
@@ -72,11 +73,11 @@ impl Rng {
 }
 
 fn eval_act<S: Simd>(s: S, act: Activation, xs: &[f32]) -> Vec<f32> {
-    xs.chunks(8)
+    xs.chunks(S::LANES)
         .flat_map(|c| {
-            let mut buf = [0.0f32; 8];
+            let mut buf = [0.0f32; simd::MAX_LANES];
             buf[..c.len()].copy_from_slice(c);
-            let mut out = [0.0f32; 8];
+            let mut out = [0.0f32; simd::MAX_LANES];
             unsafe { s.store(out.as_mut_ptr(), activation::apply(s, act, s.load(buf.as_ptr()))) };
             out[..c.len()].to_vec()
         })
@@ -89,11 +90,22 @@ unsafe fn eval_act_avx2(act: Activation, xs: &[f32]) -> Vec<f32> {
     eval_act(simd::Avx2::assume(), act, xs)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn eval_act_avx512(act: Activation, xs: &[f32]) -> Vec<f32> {
+    eval_act(simd::Avx512::<false>::assume(), act, xs)
+}
+
 fn backends_act(act: Activation, xs: &[f32]) -> Vec<(&'static str, Vec<f32>)> {
     let mut v = vec![("portable", eval_act(Portable, act, xs))];
     #[cfg(target_arch = "x86_64")]
-    if simd::Avx2::detect().is_some() {
-        v.push(("avx2", unsafe { eval_act_avx2(act, xs) }));
+    {
+        if simd::Avx2::detect().is_some() {
+            v.push(("avx2", unsafe { eval_act_avx2(act, xs) }));
+        }
+        if simd::Avx512::<false>::detect().is_some() {
+            v.push(("avx512", unsafe { eval_act_avx512(act, xs) }));
+        }
     }
     v
 }
@@ -129,7 +141,7 @@ fn bf16_and_f16_conversions_round_to_nearest_even() {
     let mut rng = Rng(7);
     let mut xs: Vec<f32> = (0..4096).map(|_| f32::from_bits((rng.next().to_bits()).wrapping_mul(2654435761))).collect();
     xs.extend([f32::NAN, f32::INFINITY, -0.0, 1.0 + f32::EPSILON, 65520.0, 1e-8]);
-    xs.truncate(xs.len() / 8 * 8);
+    xs.truncate(xs.len() / 16 * 16);
     let check = |name: &str, bf: Vec<u16>, hf: Vec<u16>| {
         for (i, &x) in xs.iter().enumerate() {
             let want_bf = bf16::from_f32(x);
@@ -143,15 +155,15 @@ fn bf16_and_f16_conversions_round_to_nearest_even() {
     fn convert<S: Simd>(s: S, xs: &[f32]) -> (Vec<u16>, Vec<u16>) {
         let mut bf = vec![0u16; xs.len()];
         let mut hf = vec![0u16; xs.len()];
-        for i in (0..xs.len()).step_by(8) {
+        for i in (0..xs.len()).step_by(S::LANES) {
             unsafe {
                 let v = s.load(xs.as_ptr().add(i));
                 s.store_bf16(bf.as_mut_ptr().add(i), v);
                 s.store_f16(hf.as_mut_ptr().add(i), v);
                 // Round trip through the loads as well.
-                let mut back = [0.0f32; 8];
+                let mut back = [0.0f32; simd::MAX_LANES];
                 s.store(back.as_mut_ptr(), s.load_bf16(bf.as_ptr().add(i)));
-                for j in 0..8 {
+                for j in 0..S::LANES {
                     let want = bf16::from_bits(bf[i + j]).to_f32();
                     assert!(back[j] == want || (want.is_nan() && back[j].is_nan()));
                 }
@@ -169,6 +181,15 @@ fn bf16_and_f16_conversions_round_to_nearest_even() {
         }
         let (bf, hf) = unsafe { avx(&xs) };
         check("avx2", bf, hf);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd::Avx512::<false>::detect().is_some() {
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        unsafe fn avx512(xs: &[f32]) -> (Vec<u16>, Vec<u16>) {
+            convert(simd::Avx512::<false>::assume(), xs)
+        }
+        let (bf, hf) = unsafe { avx512(&xs) };
+        check("avx512", bf, hf);
     }
 }
 
@@ -289,11 +310,13 @@ fn all_acts() -> Vec<(Activation, Activation)> {
     vec![(Gelu, Gelu), (Identity, Identity), (Silu, Gelu), (Gelu, Identity), (Identity, Silu)]
 }
 
+/// Runs `f` once on each backend this CPU has.
 fn both_backends(f: impl Fn()) {
-    f();
-    FORCE_PORTABLE.with(|p| p.set(true));
-    f();
-    FORCE_PORTABLE.with(|p| p.set(false));
+    for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+        FORCE_ISA.with(|p| p.set(Some(isa)));
+        f();
+    }
+    FORCE_ISA.with(|p| p.set(None));
 }
 
 #[test]
@@ -447,3 +470,34 @@ fn empty_dimensions_are_fine() {
     call(&[], &[0, 3], &[0.0; 6], &[2, 3], &[0.0; 4], &[2, 2], &[0.0; 6], &[3, 2], &mut [], &[0, 3], &p).unwrap();
 }
 
+
+#[test]
+fn hsum_lanes_puts_each_sum_in_its_lane() {
+    fn sums<S: Simd>(s: S) -> Vec<f32> {
+        let data: Vec<f32> = (0..simd::MAX_LANES * simd::MAX_LANES).map(|i| (i % 97) as f32 + 0.25 * (i / 16) as f32).collect();
+        let v: [S::V; simd::MAX_LANES] = core::array::from_fn(|t| unsafe { s.load(data.as_ptr().add(t * S::LANES)) });
+        let mut out = [0.0f32; simd::MAX_LANES];
+        unsafe { s.store(out.as_mut_ptr(), s.hsum_lanes(&v)) };
+        let want: Vec<f32> = (0..S::LANES).map(|t| data[t * S::LANES..(t + 1) * S::LANES].iter().sum()).collect();
+        assert_eq!(&out[..S::LANES], &want[..], "{}-lane hsum_lanes", S::LANES);
+        want
+    }
+    sums(Portable);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::Avx2::detect().is_some() {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2() {
+                sums(simd::Avx2::assume());
+            }
+            unsafe { avx2() };
+        }
+        if simd::Avx512::<false>::detect().is_some() {
+            #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+            unsafe fn avx512() {
+                sums(simd::Avx512::<false>::assume());
+            }
+            unsafe { avx512() };
+        }
+    }
+}
