@@ -3,6 +3,8 @@ the adapted layers at CPU inference."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,36 @@ CASES = [
 ]
 
 
+ISAS = ["avx512bf16", "avx512", "avx2", "portable"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each vector backend in turn; skipped where this CPU lacks it."""
+    if request.param not in kernels.available_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernel")
+    kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(None)
+
+
+def test_isa_choice_is_checked():
+    available = kernels.available_isas()
+    assert available[-1] == "portable" and set(available) <= set(ISAS)
+    assert kernels.isa() in available
+    with pytest.raises(ArgumentError, match="isa"):
+        kernels.set_isa("sse9")
+    with pytest.raises(ArgumentError, match="isa"):
+        kernels.set_isa(3)
+    try:
+        kernels.set_isa("portable")
+        assert kernels.isa() == "portable"
+    finally:
+        kernels.set_isa(None)
+    if not {"DENSELORA_KERNEL_ISA", "DENSELORA_KERNEL_PORTABLE"} & set(os.environ):
+        assert kernels.isa() == available[0]
+
+
 @pytest.mark.parametrize("act_dtype,weight_dtype", [
     ("float32", "float32"),
     ("bfloat16", "float32"),
@@ -68,7 +100,7 @@ CASES = [
     ("float16", "float16"),
 ])
 @pytest.mark.parametrize("case", CASES)
-def test_matches_numpy_float64_reference(case, act_dtype, weight_dtype):
+def test_matches_numpy_float64_reference(case, act_dtype, weight_dtype, isa):
     n, d_in, r_e, r_d, d_out = case
     rng = np.random.default_rng(n * 1000 + d_in)
     acts = (ACTIVATIONS[n % 3], ACTIVATIONS[(n + d_in) % 3])

@@ -8,8 +8,12 @@
 - numpy arrays are read in place (bfloat16 travels as ``uint16`` bit patterns, numpy having no
   bfloat16); CPU torch tensors are accepted too and viewed without a copy. Inputs must be
   C-contiguous: anything else raises `LayoutError` naming the argument.
-- The vector code is chosen at run time (`isa`); ``DENSELORA_KERNEL_PORTABLE=1`` in the
-  environment forces the portable path.
+- The vector code is chosen at run time (`isa`): AVX-512 (16 lanes; with AVX512-BF16 dot
+  products for bfloat16 against bfloat16 weights, ``"avx512bf16"``), else AVX2 + FMA, else
+  portable code. ``DENSELORA_KERNEL_ISA=avx512bf16|avx512|avx2|portable`` in the environment (read
+  once, at the first call), or `set_isa` at any time, chooses another one the CPU has
+  (`available_isas`); ``DENSELORA_KERNEL_PORTABLE=1`` still forces the portable path. Backends
+  agree to rounding, not bit for bit.
 - The GIL is released while the kernel runs; it uses `get_num_threads` threads (by default
   ``torch.get_num_threads()``), and only splits work large enough to gain from it.
 - NaN policy: non-finite values propagate as in IEEE arithmetic (and as in PyTorch): a NaN in
@@ -56,8 +60,22 @@ def get_num_threads() -> int:
 
 
 def isa() -> str:
-    """The kernel's vector backend on this CPU: ``"avx2"`` or ``"portable"``."""
+    """The kernel's vector backend in use: ``"avx512bf16"``, ``"avx512"``, ``"avx2"`` or
+    ``"portable"``."""
     return _core.kernel_isa()
+
+
+def available_isas() -> list[str]:
+    """The backends this CPU can run, widest first (``"portable"`` last)."""
+    return list(_core.kernel_available_isas())
+
+
+def set_isa(name: Optional[str]) -> None:
+    """Use the backend ``name`` (one of `available_isas`) from now on, process-wide; ``None``
+    restores the default. Raises `ArgumentError` for an unknown name or one this CPU lacks."""
+    if name is not None and not isinstance(name, str):
+        raise ArgumentError(f"isa: expected a str or None, got {type(name).__name__}")
+    _core.kernel_set_isa(name)
 
 
 def as_array(value: ArrayLike, name: str) -> np.ndarray:
@@ -126,4 +144,4 @@ def dense_branch(
     return result
 
 
-__all__ = ["dense_branch", "get_num_threads", "isa", "set_num_threads"]
+__all__ = ["available_isas", "dense_branch", "get_num_threads", "isa", "set_isa", "set_num_threads"]

@@ -102,10 +102,24 @@ pub fn dense_branch<'py>(
     Ok(())
 }
 
-/// The kernel's vector backend on this CPU: "avx2" or "portable".
+/// The kernel's vector backend in use: "avx512bf16", "avx512", "avx2" or "portable".
 #[pyfunction]
 pub fn kernel_isa() -> &'static str {
     kernel::isa()
+}
+
+/// The backends this CPU can run, widest first.
+#[pyfunction]
+pub fn kernel_available_isas() -> Vec<&'static str> {
+    kernel::available_isas()
+}
+
+/// Use backend `name` from now on (process-wide); `None` restores the default.
+#[pyfunction]
+#[pyo3(signature = (name))]
+pub fn kernel_set_isa(name: Option<&str>) -> BindingResult<()> {
+    kernel::set_isa(name)?;
+    Ok(())
 }
 
 /// The weights of one adapted layer, checked once, for the layer's inference fast path: each

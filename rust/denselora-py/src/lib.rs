@@ -114,6 +114,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(algebra::linear_assignment, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::dense_branch, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::kernel_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel::kernel_available_isas, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel::kernel_set_isa, m)?)?;
     m.add_class::<kernel::PreparedBranch>()?;
     Ok(())
 }
