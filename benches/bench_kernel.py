@@ -10,9 +10,11 @@ End to end: tokens per second of greedy generation with SmolLM2-135M-Instruct: t
 alone, with a DenseLoRA adapter (r = 16, GELU, q/k/v/up/down) on the PyTorch path, and on the
 Rust path.
 
-    python benches/bench_kernel.py [--threads 1] [--quick]
+    python benches/bench_kernel.py [--threads 1] [--quick] [--isa avx2,avx512bf16]
 
-Prints a table and writes benches/results/kernel.json.
+``--isa`` measures several kernel backends side by side in one run (each against the same torch
+timings, all alternated); by default only the one in use. Prints a table per backend and writes
+benches/results/kernel.json.
 """
 
 from __future__ import annotations
@@ -59,6 +61,23 @@ def compare(fa: Callable[[], object], fb: Callable[[], object], budget: float, r
     return ta, tb
 
 
+def compare_many(fns: list[tuple[Callable[[], object], Callable[[], object]]], budget: float, rounds: int = 7) -> list[float]:
+    """Seconds per call of each ``(setup, fn)``: ``setup()`` runs before each batch of ``fn``;
+    batches alternate between the functions and the best batch of each counts."""
+    once = 1e-7
+    for setup, fn in fns:
+        setup()
+        fn()
+        once = max(once, _per_call(fn, 1))
+    reps = max(1, int(budget / (len(fns) * rounds) / once))
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, (setup, fn) in enumerate(fns):
+            setup()
+            best[i] = min(best[i], _per_call(fn, reps))
+    return best
+
+
 def timeit(fn: Callable[[], object], budget: float) -> float:
     return compare(fn, fn, budget)[0]
 
@@ -80,7 +99,7 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def micro(budget: float, shapes, ranks, rows, dtypes, peak: float) -> list[dict]:
+def micro(budget: float, shapes, ranks, rows, dtypes, peak: float, isas: list[str]) -> list[dict]:
     results = []
     gen = torch.Generator().manual_seed(0)
     for dtype in dtypes:
@@ -102,28 +121,37 @@ def micro(budget: float, shapes, ranks, rows, dtypes, peak: float) -> list[dict]
                     def run_rust() -> None:
                         kernels.dense_branch(xn, en, mn, dn, scale=2.0, activation="gelu", out=outn)
 
+                    def use(isa: str) -> Callable[[], None]:
+                        return lambda: kernels.set_isa(isa)
+
                     with torch.no_grad():
-                        t_torch, t_rust = compare(run_torch, run_rust, budget)
+                        times = compare_many(
+                            [(lambda: None, run_torch)] + [(use(isa), run_rust) for isa in isas], budget * len(isas)
+                        )
+                    kernels.set_isa(None)
+                    t_torch = times[0]
                     flops = 2 * n * (d_in * r + r * r + r * d_out)
-                    row = {
-                        "dtype": dtype,
-                        "in": d_in,
-                        "out": d_out,
-                        "r": r,
-                        "n": n,
-                        "torch_us": t_torch * 1e6,
-                        "rust_us": t_rust * 1e6,
-                        "speedup": t_torch / t_rust,
-                        "rust_gflops": flops / t_rust / 1e9,
-                        "torch_gflops": flops / t_torch / 1e9,
-                        "rust_peak_share": flops / t_rust / 1e9 / peak,
-                    }
-                    results.append(row)
-                    print(
-                        f"{dtype:8s} {d_in:5d}->{d_out:<5d} r={r:<2d} n={n:<3d} torch {t_torch*1e6:9.1f} us  "
-                        f"rust {t_rust*1e6:9.1f} us  x{t_torch/t_rust:5.2f}  ({flops/t_rust/1e9:6.1f} GFLOP/s)",
-                        flush=True,
-                    )
+                    for isa, t_rust in zip(isas, times[1:]):
+                        row = {
+                            "isa": isa,
+                            "dtype": dtype,
+                            "in": d_in,
+                            "out": d_out,
+                            "r": r,
+                            "n": n,
+                            "torch_us": t_torch * 1e6,
+                            "rust_us": t_rust * 1e6,
+                            "speedup": t_torch / t_rust,
+                            "rust_gflops": flops / t_rust / 1e9,
+                            "torch_gflops": flops / t_torch / 1e9,
+                            "rust_peak_share": flops / t_rust / 1e9 / peak,
+                        }
+                        results.append(row)
+                        print(
+                            f"{isa:10s} {dtype:8s} {d_in:5d}->{d_out:<5d} r={r:<2d} n={n:<3d} torch {t_torch*1e6:9.1f} us  "
+                            f"rust {t_rust*1e6:9.1f} us  x{t_torch/t_rust:5.2f}  ({flops/t_rust/1e9:6.1f} GFLOP/s)",
+                            flush=True,
+                        )
     return results
 
 
@@ -182,20 +210,23 @@ def end_to_end(new_tokens: int, repeats: int) -> dict:
 
 def summary(results: list[dict]) -> list[dict]:
     rows = []
-    for dtype in sorted({r["dtype"] for r in results}):
-        for n in sorted({r["n"] for r in results}):
-            sel = [r for r in results if r["dtype"] == dtype and r["n"] == n]
-            speed = [r["speedup"] for r in sel]
-            rows.append({
-                "dtype": dtype,
-                "n": n,
-                "min_speedup": min(speed),
-                "geomean_speedup": float(np.exp(np.mean(np.log(speed)))),
-                "max_speedup": max(speed),
-                "goal": GOALS.get(n),
-                "best_peak_share": max(r["rust_peak_share"] for r in sel),
-                "geomean_peak_share_llama": float(np.exp(np.mean(np.log([r["rust_peak_share"] for r in sel if r["in"] >= 4096] or [1])))),
-            })
+    isas = list(dict.fromkeys(r["isa"] for r in results))
+    for isa in isas:
+        for dtype in sorted({r["dtype"] for r in results}):
+            for n in sorted({r["n"] for r in results}):
+                sel = [r for r in results if r["isa"] == isa and r["dtype"] == dtype and r["n"] == n]
+                speed = [r["speedup"] for r in sel]
+                rows.append({
+                    "isa": isa,
+                    "dtype": dtype,
+                    "n": n,
+                    "min_speedup": min(speed),
+                    "geomean_speedup": float(np.exp(np.mean(np.log(speed)))),
+                    "max_speedup": max(speed),
+                    "goal": GOALS.get(n),
+                    "best_peak_share": max(r["rust_peak_share"] for r in sel),
+                    "geomean_peak_share_llama": float(np.exp(np.mean(np.log([r["rust_peak_share"] for r in sel if r["in"] >= 4096] or [1])))),
+                })
     return rows
 
 
@@ -206,6 +237,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.12, help="seconds per measurement and side")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--isa", default=None, help="comma-separated kernel backends to measure side by side (default: the one in use)")
     parser.add_argument("--e2e-only", action="store_true")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "kernel.json"))
     args = parser.parse_args()
@@ -219,9 +251,13 @@ def main() -> None:
     if args.e2e_only:
         print(json.dumps(end_to_end(args.new_tokens, repeats=3), indent=2))
         return
+    isas = args.isa.split(",") if args.isa else [kernels.isa()]
+    for isa in isas:
+        if isa not in kernels.available_isas():
+            parser.error(f"--isa: this CPU cannot run {isa!r} (available: {', '.join(kernels.available_isas())})")
     peak = peak_gflops(max(budget, 0.3))
     print(f"peak: {peak['gflops']:.1f} GFLOP/s ({peak['how']}, {args.threads} thread(s)); kernel ISA: {kernels.isa()}")
-    results = micro(budget, shapes, ranks, ROWS, ["float32", "bfloat16"], peak["gflops"])
+    results = micro(budget, shapes, ranks, ROWS, ["float32", "bfloat16"], peak["gflops"], isas)
     # Measured again after the runs: on a shared machine the best of the two is the closer one.
     again = peak_gflops(max(budget, 0.3))
     if again["gflops"] > peak["gflops"]:
@@ -231,10 +267,10 @@ def main() -> None:
     print(f"peak (best of two measurements): {peak['gflops']:.1f} GFLOP/s")
     table = summary(results)
     print()
-    print(f"{'dtype':9s} {'n':>4s} {'min x':>7s} {'geomean x':>10s} {'max x':>7s} {'goal':>5s} {'peak share (best)':>18s}")
+    print(f"{'isa':10s} {'dtype':9s} {'n':>4s} {'min x':>7s} {'geomean x':>10s} {'max x':>7s} {'goal':>5s} {'peak share (best)':>18s}")
     for row in table:
         print(
-            f"{row['dtype']:9s} {row['n']:4d} {row['min_speedup']:7.2f} {row['geomean_speedup']:10.2f} {row['max_speedup']:7.2f} "
+            f"{row['isa']:10s} {row['dtype']:9s} {row['n']:4d} {row['min_speedup']:7.2f} {row['geomean_speedup']:10.2f} {row['max_speedup']:7.2f} "
             f"{row['goal']:5.1f} {row['best_peak_share']*100:17.1f}%"
         )
     e2e = None
@@ -250,7 +286,7 @@ def main() -> None:
     record = {
         "threads": args.threads,
         "quick": args.quick,
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "kernel_isa": kernels.isa()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "kernel_isa": kernels.isa(), "isas_measured": isas},
         "peak": peak,
         "note": "ratios are torch time / rust time on the same thread count; shares are of the peak above",
         "summary": table,
