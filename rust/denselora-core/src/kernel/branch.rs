@@ -241,9 +241,16 @@ pub unsafe fn decode_cols<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, 
         // Past the end, repeat the last row; those lanes are never stored.
         let rows: [*const W; MAX_LANES] = core::array::from_fn(|t| d.add((o + t.min(cnt - 1)) * rd));
         if widen {
+            let dst = block.as_mut_ptr();
             for t in 0..S::LANES {
-                for k in 0..rd {
-                    block[t * rd + k] = (*rows[t].add(k)).to_f32();
+                let mut k = 0;
+                while k + S::LANES <= rd {
+                    s.store(dst.add(t * rd + k), W::load(s, rows[t].add(k)));
+                    k += S::LANES;
+                }
+                while k < rd {
+                    *dst.add(t * rd + k) = (*rows[t].add(k)).to_f32();
+                    k += 1;
                 }
             }
             let wide: [*const f32; MAX_LANES] = core::array::from_fn(|t| block.as_ptr().add(t.min(S::LANES - 1) * rd));
@@ -332,12 +339,31 @@ unsafe fn micro<S: Simd, X: Elem, W: Elem, const R: usize>(
             acc[r][1] = s.fma(a, b1, acc[r][1]);
         }
     }
+    // The epilogue runs from memory in a loop of its own: interleaved with the live
+    // accumulators, the activation's constants and temporaries would not fit in registers.
+    let mut tile = [[0.0f32; 2 * MAX_LANES]; R];
+    for r in 0..R {
+        s.store(tile[r].as_mut_ptr(), acc[r][0]);
+        s.store(tile[r].as_mut_ptr().add(S::LANES), acc[r][1]);
+    }
+    epilogue_tile(s, job, &tile, row0, col0);
+}
+
+#[inline(always)]
+unsafe fn epilogue_tile<S: Simd, X: Elem, W: Elem, const R: usize>(
+    s: S,
+    job: &Job<'_, X, W>,
+    tile: &[[f32; 2 * MAX_LANES]; R],
+    row0: usize,
+    col0: usize,
+) {
     for r in 0..R {
         let out = job.out.add((row0 + r) * job.d_out);
-        for (half, v) in acc[r].iter().enumerate() {
+        for half in 0..2 {
             let o = col0 + half * S::LANES;
             if o < job.d_out {
-                epilogue(s, job.act_d, job.scale, *v, out.add(o), S::LANES.min(job.d_out - o));
+                let v = s.load(tile[r].as_ptr().add(half * S::LANES));
+                epilogue(s, job.act_d, job.scale, v, out.add(o), S::LANES.min(job.d_out - o));
             }
         }
     }
