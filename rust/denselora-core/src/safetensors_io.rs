@@ -35,7 +35,7 @@ fn header_bytes(tensors: &[(&str, TensorRef<'_>)], metadata: &BTreeMap<String, S
         offset = end;
     }
     let mut bytes = serde_json::to_vec(&header).expect("JSON of strings and numbers");
-    while (bytes.len() + 8) % 8 != 0 {
+    while !(bytes.len() + 8).is_multiple_of(8) {
         bytes.push(b' ');
     }
     bytes

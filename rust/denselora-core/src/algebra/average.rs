@@ -420,7 +420,7 @@ fn average_group(
     // Products in the small coordinates of one QR basis for all runs (with a linear encoder the
     // products D M E do not change under the encoder permutation).
     let cores = Cores::new(&matched, linear_encoder);
-    let fits = cores.qd.ncols() >= rank_d && cores.qe_re.as_ref().map_or(true, |(qe, _)| qe.ncols() >= rank_e);
+    let fits = cores.qd.ncols() >= rank_d && cores.qe_re.as_ref().is_none_or(|(qe, _)| qe.ncols() >= rank_e);
     let procrustes_mean = |matched: &[GroupFactors]| {
         let rotated: Vec<GroupFactors> = matched
             .iter()

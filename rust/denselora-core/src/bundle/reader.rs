@@ -204,7 +204,7 @@ impl Bundle {
             if entry.offset < PREAMBLE_LEN
                 || entry.length == 0
                 || entry.length > MAX_RECORD_LEN
-                || end.map_or(true, |e| e > catalog_offset as u64)
+                || end.is_none_or(|e| e > catalog_offset as u64)
             {
                 return Err(fail(format!(
                     "adapter {name:?}: record at {}..+{} lies outside the data section (64..{catalog_offset}) or exceeds {MAX_RECORD_LEN} bytes",
@@ -560,10 +560,10 @@ fn validate_tensor(t: &CatalogTensor, data_end: usize, file_len: u64) -> std::re
     if t.length != expected {
         return Err(format!("length {} does not match shape {:?} of {dtype} ({expected} bytes)", t.length, t.shape));
     }
-    if t.offset % ALIGN != 0 || t.offset < PREAMBLE_LEN {
+    if !t.offset.is_multiple_of(ALIGN) || t.offset < PREAMBLE_LEN {
         return Err(format!("offset {} is not a 64-byte aligned position after the preamble", t.offset));
     }
-    if t.offset.checked_add(t.length).map_or(true, |e| e > data_end as u64) {
+    if t.offset.checked_add(t.length).is_none_or(|e| e > data_end as u64) {
         return Err(format!("bytes {}..+{} run past the data section (ends at {data_end})", t.offset, t.length));
     }
     let xxh3 = parse_hash(&t.xxh3).ok_or_else(|| format!("checksum {:?} is not 16 hex digits", t.xxh3))?;

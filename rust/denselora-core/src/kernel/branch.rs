@@ -230,6 +230,7 @@ pub unsafe fn middle<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, rows:
 /// Half-precision decoder rows are widened to f32 once per block of one vector of outputs, not once per
 /// row of `g`.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // `t` also offsets `block`
 pub unsafe fn decode_cols<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, os: Range<usize>, g: &[f32]) {
     let rd = job.r_d;
     let d = job.decoder.as_ptr();
@@ -350,6 +351,7 @@ unsafe fn micro<S: Simd, X: Elem, W: Elem, const R: usize>(
 }
 
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // `r` also offsets `out`
 unsafe fn epilogue_tile<S: Simd, X: Elem, W: Elem, const R: usize>(
     s: S,
     job: &Job<'_, X, W>,
