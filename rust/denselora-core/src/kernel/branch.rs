@@ -202,10 +202,25 @@ unsafe fn activate_in_place<S: Simd>(s: S, act: Activation, v: &mut [f32]) {
     }
 }
 
-/// `out[..len] += scale · act(y)` for one run of up to one vector of outputs.
+/// Vectors whose activations are evaluated together: independent chains the CPU overlaps,
+/// where one alone would wait on its own latency.
+const ACT_GROUP: usize = 4;
+
+/// `ys[j] = act(ys[j])` for the whole group, as one straight run of code.
 #[inline(always)]
-unsafe fn epilogue<S: Simd, X: Elem>(s: S, act: Activation, scale: f32, y: S::V, out: *mut X, len: usize) {
-    let y = s.mul(apply(s, act, y), s.splat(scale));
+fn activate_group<S: Simd>(s: S, act: Activation, ys: &mut [S::V; ACT_GROUP]) {
+    if act != Activation::Identity {
+        // A plain loop: a closure would not be inlined into the `#[target_feature]` caller.
+        for y in ys.iter_mut() {
+            *y = apply(s, act, *y);
+        }
+    }
+}
+
+/// `out[..len] += scale · y` for one run of up to one vector of outputs.
+#[inline(always)]
+unsafe fn accumulate<S: Simd, X: Elem>(s: S, scale: f32, y: S::V, out: *mut X, len: usize) {
+    let y = s.mul(y, s.splat(scale));
     if len == S::LANES {
         X::store(s, out, s.add(X::load(s, out), y));
     } else {
@@ -274,6 +289,7 @@ unsafe fn decode_tile<S: Simd, X: Elem, W: Elem, R: Elem>(
     g: &[f32],
 ) {
     let rd = job.r_d;
+    let mut ys = [s.zero(); ACT_GROUP];
     for i in 0..job.n {
         let gi = g.as_ptr().add(i * rd);
         let mut acc = [s.zero(); MAX_LANES];
@@ -292,7 +308,14 @@ unsafe fn decode_tile<S: Simd, X: Elem, W: Elem, R: Elem>(
                 acc[t] = s.fma(R::load_partial(s, rows[t].add(k), rem), gv, acc[t]);
             }
         }
-        epilogue(s, job.act_d, job.scale, s.hsum_lanes(&acc), job.out.add(i * job.d_out + o), cnt);
+        ys[i % ACT_GROUP] = s.hsum_lanes(&acc);
+        if i % ACT_GROUP == ACT_GROUP - 1 || i + 1 == job.n {
+            activate_group(s, job.act_d, &mut ys);
+            let first = i - i % ACT_GROUP;
+            for (j, &y) in ys.iter().enumerate().take(i + 1 - first) {
+                accumulate(s, job.scale, y, job.out.add((first + j) * job.d_out + o), cnt);
+            }
+        }
     }
 }
 
@@ -364,8 +387,8 @@ unsafe fn epilogue_tile<S: Simd, X: Elem, W: Elem, const R: usize>(
         for half in 0..2 {
             let o = col0 + half * S::LANES;
             if o < job.d_out {
-                let v = s.load(tile[r].as_ptr().add(half * S::LANES));
-                epilogue(s, job.act_d, job.scale, v, out.add(o), S::LANES.min(job.d_out - o));
+                let y = apply(s, job.act_d, s.load(tile[r].as_ptr().add(half * S::LANES)));
+                accumulate(s, job.scale, y, out.add(o), S::LANES.min(job.d_out - o));
             }
         }
     }
