@@ -2,7 +2,10 @@
 //! `out[i] += scale · act_d(D · M · act_e(E · x[i]))` for every row `i` of `x`.
 //!
 //! - Element types: `x` and `out` are f32, f16 or bf16 (the same type); `encoder`, `m` and
-//!   `decoder` are f32, f16 or bf16 (one type for the three). Arithmetic is f32.
+//!   `decoder` are f32, f16 or bf16 (one type for the three). Arithmetic is f32. With the
+//!   AVX512-BF16 backend, `encoder · x` for bf16 against bf16 sums exact products of bf16 pairs in
+//!   f32 (the instruction treats subnormal bf16 inputs as zero); everything else is plain f32
+//!   arithmetic.
 //! - SIMD: the widest backend the CPU has, detected at run time: AVX-512 (F + BW, 16 lanes) with
 //!   the AVX512-BF16 dot product for bf16 against bf16 where available, else AVX-512 alone, else
 //!   AVX2 + FMA + F16C, else portable code. `DENSELORA_KERNEL_ISA` (`avx512bf16`, `avx512`,
