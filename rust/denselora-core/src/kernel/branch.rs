@@ -310,8 +310,15 @@ unsafe fn decode_tile<S: Simd, X: Elem, W: Elem, R: Elem>(
         }
         ys[i % ACT_GROUP] = s.hsum_lanes(&acc);
         if i % ACT_GROUP == ACT_GROUP - 1 || i + 1 == job.n {
-            activate_group(s, job.act_d, &mut ys);
             let first = i - i % ACT_GROUP;
+            if i + 1 - first == ACT_GROUP {
+                activate_group(s, job.act_d, &mut ys);
+            } else {
+                // A short group (always, for one row): only the vectors it has.
+                for y in ys.iter_mut().take(i + 1 - first) {
+                    *y = apply(s, job.act_d, *y);
+                }
+            }
             for (j, &y) in ys.iter().enumerate().take(i + 1 - first) {
                 accumulate(s, job.scale, y, job.out.add((first + j) * job.d_out + o), cnt);
             }
