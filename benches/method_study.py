@@ -45,8 +45,8 @@ from denselora.training import TrainConfig, build_adapter_model, count_trainable
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 TASKS = {
-    "social_iqa": Path("/work/shared/data/bigbench/social_iqa/task.json"),
-    "strategyqa": Path("/work/shared/data/bigbench/strategyqa/task.json"),
+    "social_iqa": ROOT.parent / "shared" / "data" / "bigbench" / "social_iqa" / "task.json",
+    "strategyqa": ROOT.parent / "shared" / "data" / "bigbench" / "strategyqa" / "task.json",
     "hyperbaton": HERE / "data" / "hyperbaton" / "task.json",
 }
 
