@@ -24,7 +24,7 @@
 //! Python, the latter against scipy's binomial test).
 //!
 //! The inner loop uses only 32-bit multiplies, xors and shifts on independent lanes, which LLVM
-//! vectorizes (`vpmulld` on AVX2, `vpmulld` on 512-bit lanes with AVX-512); the only 64-bit
+//! vectorizes (`vpmulld` on 8 lanes with AVX2, on 16 with AVX-512); the only 64-bit
 //! multiplies are in `splitmix64`, once per block of 2^32 words.
 
 const FMIX_C1: u32 = 0x85eb_ca6b;
