@@ -92,3 +92,7 @@ class PreparedBranch:
     @property
     def out_features(self) -> int: ...
     def add_unchecked(self, x_ptr: int, out_ptr: int, rows: int, dtype_code: int, num_threads: int) -> None: ...
+
+def dropout_mask(out: np.ndarray, seed: int, threshold: int, offset: int = 0) -> None:
+    """Fill the writable 1-D bool array ``out`` with whether element ``offset + i`` of the
+    counter-based dropout stream for ``seed`` is dropped (P(drop) = threshold / 65536)."""

@@ -8,11 +8,15 @@ which the base layer keeps anyway (the same tensor, so no extra memory):
 
 - the decoder's pre-activation ``D @ g`` is recomputed in backward (one ``r``-wide matmul), and
   not at all when the decoder side is ``identity``;
-- dropout masks are drawn from a generator seeded per call and redrawn in backward, never stored.
+- dropout masks are a function of a seed drawn per call, redrawn in backward, never stored.
   The seed comes from torch's default CPU generator, so ``torch.manual_seed`` makes runs repeatable
   and gradient checkpointing (which restores the RNG state before recomputing) sees the same masks.
   Each element takes 16 random bits, so the dropout probability is rounded to a multiple of 2**-16
-  (kept values are scaled by the exact 1 / P(keep) of the rounded probability).
+  (kept values are scaled by the exact 1 / P(keep) of the rounded probability). On a CPU the bits
+  come from the Rust core's counter-based generator (`_core.dropout_mask`: a keyed hash of each
+  element's index, several times faster than torch's Mersenne Twister, filled in place into a
+  bool tensor); on CUDA and other devices from a ``torch.Generator`` of the device seeded with the
+  seed. The two give different masks for the same seed; each is deterministic.
 
 It is a plain ``torch.autograd.Function`` over the factors: DDP's gradient hooks and FSDP's
 parameter gathering see it as they see ``F.linear``. Under autocast the branch runs in the autocast
@@ -24,13 +28,15 @@ originals are what is saved, so nothing extra is kept. Double backward is not su
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from . import _core
+from .errors import ArgumentError, ConfigError
 from .functional import Activations, activation_fn, dense_branch, split_activations
 
 BRANCH_IMPLS = ("auto", "efficient", "plain", "compiled")
@@ -90,16 +96,34 @@ def keep_scale(p: float) -> float:
 
 def dropout_drops(shapes: list[torch.Size], p: float, seed: int, device: torch.device) -> list[torch.Tensor]:
     """Which elements each dropout site zeroes (bool masks of ``shapes``: input, encoder side,
-    output) for ``seed``; the same arguments give the same masks. One 64-bit draw covers four
-    elements (a third of the time of ``bernoulli_`` on a CPU), one draw serves all sites, and a
-    bool mask is applied with ``masked_fill`` (no float mask)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    output) for ``seed``; the same arguments give the same masks. One stream serves all sites,
+    and a bool mask is applied with ``masked_fill`` (no float mask). On a CPU the Rust generator
+    writes the mask in place; elsewhere one 64-bit draw of the device's generator covers four
+    elements (a third of the time of ``bernoulli_``)."""
     sizes = [math.prod(shape) for shape in shapes]
     total = sum(sizes)
-    bits = torch.empty((total + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=generator)
-    dropped = bits.view(torch.int16)[:total] < _threshold(p) - 32768
+    device = torch.device(device)
+    if device.type == "cpu":
+        dropped = torch.empty(total, dtype=torch.bool)
+        _core.dropout_mask(dropped.numpy(), _seed_u64(seed), _threshold(p))
+    else:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        bits = torch.empty((total + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=generator)
+        dropped = bits.view(torch.int16)[:total] < _threshold(p) - 32768
     return [part.view(shape) for part, shape in zip(dropped.split(sizes), shapes)]
+
+
+def _seed_u64(seed: int) -> int:
+    """``seed`` as the unsigned 64-bit key of the CPU generator; negative seeds wrap modulo 2**64,
+    as ``torch.Generator.manual_seed`` takes them."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not -(1 << 63) <= value < (1 << 64):
+        raise ArgumentError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
+    return value % (1 << 64)
 
 
 def dropout_masks(

@@ -4,6 +4,7 @@
 mod algebra;
 mod arrays;
 mod bundle;
+mod dropout;
 mod errors;
 mod kernel;
 
@@ -115,5 +116,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel::dense_branch, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::kernel_isa, m)?)?;
     m.add_class::<kernel::PreparedBranch>()?;
+    m.add_function(wrap_pyfunction!(dropout::dropout_mask, m)?)?;
     Ok(())
 }
