@@ -220,6 +220,43 @@ def test_cpu_mask_bad_inputs():
     assert not out.any() and not readonly.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_site_dropout_zeroes_what_the_masks_drop(dtype):
+    # The in-place zeroing of each site (the CPU training path) equals masked_fill with the bool
+    # masks of the same seed, site by site (each site at its offset of the stream).
+    shapes = site_shapes(torch.Size([3, 7, 33]), 5, 19)
+    drops = dl_autograd.SiteDropout(shapes, 0.3, 4242, torch.device("cpu"))
+    masks = dl_autograd.dropout_drops(shapes, 0.3, 4242, "cpu")
+    for site, (shape, mask) in enumerate(zip(shapes, masks)):
+        t = torch.randn(shape, generator=torch.Generator().manual_seed(site)).to(dtype) + 3.0  # no zeros
+        expected = t.masked_fill(mask, 0.0)
+        assert torch.equal(drops.zeroed(site, t), expected)
+        assert not (t == 0).any()  # zeroed copies
+        assert torch.equal(drops.zero_(site, t), expected) and torch.equal(t, expected)
+        assert (expected == 0).any() and (expected != 0).any()
+    # A non-contiguous input is copied in row-major order; the mask follows its logical layout.
+    x = torch.randn(33, 7, 3).permute(2, 1, 0)
+    assert torch.equal(drops.zeroed(0, x), x.masked_fill(masks[0], 0.0))
+    with pytest.raises(ArgumentError, match="dropout site 0"):
+        drops.zero_(0, x)
+
+
+def test_cpu_zeroing_bad_inputs():
+    data = np.ones(100, dtype=np.int32)
+    with pytest.raises(ArgumentError, match="threshold"):
+        _core.dropout_zero_(data, 1, 0)
+    with pytest.raises(ArgumentError, match="seed"):
+        _core.dropout_zero_(data, -1, 5)
+    with pytest.raises(LayoutError, match="data.*contiguous"):
+        _core.dropout_zero_(data[::2], 1, 5)
+    with pytest.raises(ShapeError, match="data"):
+        _core.dropout_zero_(np.ones((4, 4), dtype=np.int32), 1, 5)
+    for bad in (np.ones(10, dtype=np.float32), np.ones(10, dtype=np.int8), [1] * 10):
+        with pytest.raises(DTypeError, match="data"):
+            _core.dropout_zero_(bad, 1, 5)
+    assert (data == 1).all()
+
+
 @pytest.mark.parametrize("pair", PAIRS)
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_gradcheck_float64(pair, dropout):

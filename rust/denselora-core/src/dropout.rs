@@ -64,29 +64,83 @@ pub fn word_hash(seed: u64, w: u64) -> u32 {
     fmix32(fmix32(w as u32 ^ k1) ^ k2)
 }
 
+/// The 16-bit value of element `c` of the stream for `seed` (scalar reference).
+pub fn value(seed: u64, c: u64) -> u16 {
+    let h = word_hash(seed, c >> 1);
+    if c & 1 == 0 {
+        h as u16
+    } else {
+        (h >> 16) as u16
+    }
+}
+
 /// Whether element `c` of the stream for `seed` is dropped at `threshold` (scalar reference).
 pub fn is_dropped(seed: u64, c: u64, threshold: u16) -> bool {
-    let h = word_hash(seed, c >> 1);
-    let v = if c & 1 == 0 { h as u16 } else { (h >> 16) as u16 };
-    v < threshold
+    value(seed, c) < threshold
 }
 
 /// Fills `out[i]` with whether element `offset + i` of the stream for `seed` is dropped: its
 /// 16-bit value is below `threshold`. Counters wrap modulo 2^64.
 pub fn fill_dropout_mask(out: &mut [bool], seed: u64, offset: u64, threshold: u16) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { fill_avx512(out, seed, offset, threshold) };
-        }
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above.
-            return unsafe { fill_avx2(out, seed, offset, threshold) };
-        }
+    match x86_level() {
+        // SAFETY (both): the CPU has the features the function is compiled for.
+        X86Level::Avx512 => return unsafe { fill_avx512(out, seed, offset, threshold) },
+        X86Level::Avx2 => return unsafe { fill_avx2(out, seed, offset, threshold) },
+        X86Level::Baseline => {}
     }
     fill_generic(out, seed, offset, threshold)
 }
+
+/// Sets `data[i]` to zero (all bits clear: +0.0 for IEEE floats of the element's width) where
+/// element `offset + i` of the stream for `seed` is dropped: the mask of `fill_dropout_mask`,
+/// applied in the pass that draws it, with no mask in memory. Callers view float data as the
+/// unsigned integers of its width.
+pub fn zero_dropped<T: Zeroable>(data: &mut [T], seed: u64, offset: u64, threshold: u16) {
+    #[cfg(target_arch = "x86_64")]
+    match x86_level() {
+        // SAFETY (both): the CPU has the features the function is compiled for.
+        X86Level::Avx512 => return unsafe { zero_avx512(data, seed, offset, threshold) },
+        X86Level::Avx2 => return unsafe { zero_avx2(data, seed, offset, threshold) },
+        X86Level::Baseline => {}
+    }
+    zero_generic(data, seed, offset, threshold)
+}
+
+/// Element types `zero_dropped` writes zeros into.
+pub trait Zeroable: Copy + Send {
+    const ZERO: Self;
+}
+
+macro_rules! zeroable {
+    ($($t:ty),*) => {$(
+        impl Zeroable for $t {
+            const ZERO: Self = 0;
+        }
+    )*};
+}
+zeroable!(u16, u32, u64, i16, i32, i64);
+
+#[cfg(target_arch = "x86_64")]
+enum X86Level {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn x86_level() -> X86Level {
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+        X86Level::Avx512
+    } else if std::is_x86_feature_detected!("avx2") {
+        X86Level::Avx2
+    } else {
+        X86Level::Baseline
+    }
+}
+
+// The portable bodies instantiated inside `#[target_feature]` functions, so that LLVM vectorizes
+// the hash for each instruction set.
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2")]
@@ -100,42 +154,70 @@ unsafe fn fill_avx2(out: &mut [bool], seed: u64, offset: u64, threshold: u16) {
     fill_generic(out, seed, offset, threshold)
 }
 
-/// The portable body, inlined into each `#[target_feature]` entry so that LLVM vectorizes it
-/// for that instruction set.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+unsafe fn zero_avx512<T: Zeroable>(data: &mut [T], seed: u64, offset: u64, threshold: u16) {
+    zero_generic(data, seed, offset, threshold)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn zero_avx2<T: Zeroable>(data: &mut [T], seed: u64, offset: u64, threshold: u16) {
+    zero_generic(data, seed, offset, threshold)
+}
+
+/// Calls `f(start, values)` with the 16-bit values of elements `offset + start ..` of the stream
+/// for `seed`, in order, until `len` elements are covered. Inlined into each caller so that LLVM
+/// vectorizes the hash loop and the caller's use of the values together.
 #[inline(always)]
-fn fill_generic(out: &mut [bool], seed: u64, offset: u64, threshold: u16) {
-    let mut out = out;
+fn for_each_batch(len: usize, seed: u64, offset: u64, mut f: impl FnMut(usize, &[u16])) {
+    let mut done = 0;
     let mut c = offset;
     // An odd start takes the high half of its word alone, so that the rest is whole words.
-    if c & 1 == 1 && !out.is_empty() {
-        out[0] = is_dropped(seed, c, threshold);
-        out = &mut out[1..];
+    if c & 1 == 1 && len > 0 {
+        f(0, &[value(seed, c)]);
+        done = 1;
         c = c.wrapping_add(1);
     }
     let mut halves = [0u16; 2 * BATCH_WORDS];
-    while out.len() >= 2 {
+    while len - done >= 2 {
         let w = c >> 1;
-        let hi = w >> 32;
-        let (k1, k2) = block_keys(seed, hi);
-        // Whole words left in this block (the low word runs up to 2^32 - 1), and in `out`.
+        let (k1, k2) = block_keys(seed, w >> 32);
+        // Whole words left in this block (the low word runs up to 2^32 - 1), and in the output.
         let in_block = (1u64 << 32) - (w & 0xffff_ffff);
-        let words = (in_block.min((out.len() / 2) as u64) as usize).min(BATCH_WORDS);
+        let words = (in_block.min(((len - done) / 2) as u64) as usize).min(BATCH_WORDS);
         let lo = w as u32;
         for (j, pair) in halves[..2 * words].chunks_exact_mut(2).enumerate() {
             let h = fmix32(fmix32(lo.wrapping_add(j as u32) ^ k1) ^ k2);
             pair[0] = h as u16;
             pair[1] = (h >> 16) as u16;
         }
-        let (head, rest) = out.split_at_mut(2 * words);
-        for (o, &v) in head.iter_mut().zip(&halves[..2 * words]) {
-            *o = v < threshold;
-        }
-        out = rest;
+        f(done, &halves[..2 * words]);
+        done += 2 * words;
         c = c.wrapping_add(2 * words as u64);
     }
-    if let Some(last) = out.first_mut() {
-        *last = is_dropped(seed, c, threshold);
+    if done < len {
+        f(done, &[value(seed, c)]);
     }
+}
+
+#[inline(always)]
+fn fill_generic(out: &mut [bool], seed: u64, offset: u64, threshold: u16) {
+    for_each_batch(out.len(), seed, offset, |start, values| {
+        for (o, &v) in out[start..start + values.len()].iter_mut().zip(values) {
+            *o = v < threshold;
+        }
+    });
+}
+
+#[inline(always)]
+fn zero_generic<T: Zeroable>(data: &mut [T], seed: u64, offset: u64, threshold: u16) {
+    for_each_batch(data.len(), seed, offset, |start, values| {
+        for (d, &v) in data[start..start + values.len()].iter_mut().zip(values) {
+            // A select rather than a branch: vectorizes as a masked blend.
+            *d = if v < threshold { T::ZERO } else { *d };
+        }
+    });
 }
 
 #[cfg(test)]
@@ -202,6 +284,25 @@ mod tests {
         let mean = n as f64 * p;
         let sd = (n as f64 * p * (1.0 - p)).sqrt();
         assert!((count as f64 - mean).abs() < 5.0 * sd, "{what}: {count} of {n}, expected {mean:.0} ± {sd:.0}");
+    }
+
+    #[test]
+    fn zeroing_applies_the_mask_of_the_same_stream() {
+        let n = 3_001;
+        for offset in [0u64, 1, 1_000] {
+            let mask = mask(n, 11, offset, 20_000);
+            let mut words: Vec<u32> = (1..=n as u32).collect();
+            zero_dropped(&mut words, 11, offset, 20_000);
+            let mut halves: Vec<u16> = (1..=n as u16).collect();
+            zero_dropped(&mut halves, 11, offset, 20_000);
+            for i in 0..n {
+                let kept = if mask[i] { 0 } else { i as u32 + 1 };
+                assert_eq!((words[i], halves[i] as u32), (kept, kept), "offset {offset}, element {i}");
+            }
+        }
+        let mut doubles = vec![f64::to_bits(1.5); 100];
+        zero_dropped(&mut doubles, 3, 0, 65_535);
+        assert!(doubles.iter().all(|&d| d == 0 || d == f64::to_bits(1.5)));
     }
 
     #[test]

@@ -117,5 +117,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel::kernel_isa, m)?)?;
     m.add_class::<kernel::PreparedBranch>()?;
     m.add_function(wrap_pyfunction!(dropout::dropout_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(dropout::dropout_zero_, m)?)?;
     Ok(())
 }
