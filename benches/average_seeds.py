@@ -113,7 +113,7 @@ def check_work_dir(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", type=Path, default=Path("/work/shared/data/bigbench/social_iqa/task.json"))
+    parser.add_argument("--task", type=Path, default=HERE.parent.parent / "shared" / "data" / "bigbench" / "social_iqa" / "task.json")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)

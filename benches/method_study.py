@@ -45,8 +45,8 @@ from denselora.training import TrainConfig, build_adapter_model, count_trainable
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 TASKS = {
-    "social_iqa": Path("/work/shared/data/bigbench/social_iqa/task.json"),
-    "strategyqa": Path("/work/shared/data/bigbench/strategyqa/task.json"),
+    "social_iqa": ROOT.parent / "shared" / "data" / "bigbench" / "social_iqa" / "task.json",
+    "strategyqa": ROOT.parent / "shared" / "data" / "bigbench" / "strategyqa" / "task.json",
     "hyperbaton": HERE / "data" / "hyperbaton" / "task.json",
 }
 
@@ -441,6 +441,7 @@ def stage_report(args: argparse.Namespace) -> None:
         lines.append("")
         _plot_comparison(comp, Path(args.docs))
     lines += _summary_table(args, comp)
+    lines += _shared_tasks_table()
     text = "\n".join(lines)
     print(text)
     Path(args.docs).mkdir(parents=True, exist_ok=True)
@@ -480,6 +481,36 @@ def _summary_table(args: argparse.Namespace, comp: list[dict[str, Any]]) -> list
         lines.append(
             f"| {task} | {labels.get(variant, variant)} | {chosen[0]['trainable']:,} | {gain} | {lr:g} | {_mean_std(accs)} | "
             f"{len(accs)} | {statistics.mean(r['step_seconds'] for r in chosen):.1f} |"
+        )
+    lines.append("")
+    return lines
+
+
+# The head-to-head on the shared tasks runs in benches/replicate.py (same protocol: lr picked on
+# the first seed's validation accuracy, test accuracy over seeds); its rows for these methods.
+REPLICATE_METHODS = {"lora-r16": "PEFT LoRA r16", "denselora-r16": "DenseLoRA, paper preset", "denselora-r16-default": "DenseLoRA, default"}
+
+
+def _shared_tasks_table() -> list[str]:
+    path = HERE / "results" / "replicate.json"
+    if not path.is_file():
+        return []
+    summary = json.loads(path.read_text())
+    rows = [r for r in summary["rows"] if r["fraction"] >= 1 and r["method"] in REPLICATE_METHODS]
+    if not rows:
+        return []
+    config = summary["config"]
+    lines = [
+        f"### Shared tasks (benches/replicate.py: {config['steps']} steps, batch {config['batch_size']}, "
+        f"{config['test_size']} test questions)",
+        "",
+        "| task | method | trainable | lr (picked on validation) | test accuracy | seeds | s / step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {REPLICATE_METHODS[r['method']]} | {r['trainable_params']:,} | {r['lr']:g} | "
+            f"{_mean_std(r['test_accuracies'])} | {len(r['test_accuracies'])} | {r['step_seconds']:.1f} |"
         )
     lines.append("")
     return lines

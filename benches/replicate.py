@@ -136,6 +136,27 @@ def ensure(spec: dict[str, Any], timeout: float) -> dict[str, Any] | None:
     return result
 
 
+SAME_PROTOCOL = ("steps", "batch_size", "test_size", "val_size", "split_seed")
+
+
+def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The finished runs on disk with this protocol (any task or method, whichever process ran
+    them), keeping per task, method and data fraction the runs at the learning rate picked on the
+    first seed's validation accuracy (full data) or at the full-data choice (reduced data)."""
+    runs = [json.loads(path.read_text()) for path in sorted(RUNS.glob("*.json"))] if RUNS.is_dir() else []
+    runs = [r for r in runs if r.get("test_accuracy") is not None and all(r.get(k) == getattr(args, k) for k in SAME_PROTOCOL)]
+    picked: dict[tuple[str, str], float] = {}
+    selected = []
+    for task, method, fraction in sorted({(r["task"], r["method"], r["fraction"]) for r in runs}, key=lambda k: (k[0], k[1], -k[2])):
+        group = [r for r in runs if (r["task"], r["method"], r["fraction"]) == (task, method, fraction)]
+        first = [r for r in group if r["seed"] == 0 and r.get("val_accuracy") is not None]
+        if fraction >= 1 and first:
+            picked[task, method] = max(first, key=lambda r: r["val_accuracy"])["lr"]
+        lr = picked.get((task, method), group[0]["lr"])
+        selected += [r for r in group if r["lr"] == lr]
+    return selected
+
+
 def summarize(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     keys = sorted({(r["task"], r["method"], r["fraction"]) for r in results})
@@ -209,6 +230,7 @@ def main() -> int:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--no-tune", action="store_true", help="skip the learning-rate search; use one lr per method family")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--report", action="store_true", help="only summarize the finished runs of this protocol (table, JSON, plot)")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per run")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent / "python"))
@@ -216,7 +238,28 @@ def main() -> int:
         print(json.dumps(run_one(json.loads(args.run_one))))
         return 0
 
-    results = []
+    if not args.report:
+        run_all(args)
+    results = collect(args)
+    if not results:
+        print("no finished runs")
+        return 1
+    summary = summarize(results, args)
+    print_table(summary)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    staging = RESULTS / "replicate.json.tmp"
+    staging.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(staging, RESULTS / "replicate.json")
+    try:
+        plot(summary, RESULTS / "replicate.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+    return 0
+
+
+def run_all(args: argparse.Namespace) -> None:
+    """Every run of the protocol that is not on disk yet: the learning-rate search, the seeds, the
+    reduced-data rows."""
     reduced_methods = args.fraction_methods.split(",")
     for task in args.tasks.split(","):
         data = str(data_path(args.data_root, task))
@@ -242,23 +285,7 @@ def main() -> int:
                     lr = max(tuned, key=lambda t: t["val_accuracy"])["lr"]
                 picked[name] = lr
                 for seed in [int(s) for s in args.seeds.split(",")]:
-                    result = ensure(dict(base, lr=lr, seed=seed), args.timeout)
-                    if result is not None:
-                        results.append(result)
-    if not results:
-        print("no finished runs")
-        return 1
-    summary = summarize(results, args)
-    print_table(summary)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    staging = RESULTS / "replicate.json.tmp"
-    staging.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(staging, RESULTS / "replicate.json")
-    try:
-        plot(summary, RESULTS / "replicate.png")
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-    return 0
+                    ensure(dict(base, lr=lr, seed=seed), args.timeout)
 
 
 if __name__ == "__main__":

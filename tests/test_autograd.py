@@ -6,14 +6,17 @@ from __future__ import annotations
 import itertools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import binomtest
 
 import denselora as dl
 from denselora import autograd as dl_autograd
 from denselora.autograd import dropout_masks, efficient_branch, site_shapes
-from denselora.errors import ConfigError
+from denselora import _core
+from denselora.errors import ArgumentError, ConfigError, DTypeError, LayoutError, ShapeError
 from denselora.functional import dense_branch
 
 from conftest import randomize_adapter, tiny_llama
@@ -105,6 +108,153 @@ def test_dropout_mask_statistics_and_seeds():
     for again, mask in zip(dropout_masks(shapes, p, 5, cpu, torch.float32), masks):
         assert torch.equal(again, mask)
     assert not torch.equal(dropout_masks(shapes, p, 6, cpu, torch.float32)[0], masks[0])
+
+
+# -- the CPU mask generator (Rust, counter-based) -------------------------------------------
+
+
+def _mask(n, seed, threshold, offset=0):
+    out = np.empty(n, dtype=bool)
+    _core.dropout_mask(out, seed, threshold, offset)
+    return out
+
+
+_U64 = (1 << 64) - 1
+
+
+def _splitmix64(x):
+    z = (x + 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def _fmix32(h):
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _reference_mask(n, seed, threshold, offset):
+    """The generator's definition in numpy uint32 arithmetic (block keys from Python integers);
+    counters wrap modulo 2**64."""
+    counters = np.arange(n, dtype=np.uint64) + np.uint64(offset)
+    words = counters >> np.uint64(1)
+    blocks = words >> np.uint64(32)
+    hashes = np.empty(n, dtype=np.uint32)
+    for hi in np.unique(blocks):
+        block = _splitmix64((_splitmix64(seed) + int(hi)) & _U64)
+        k1, k2 = np.uint32(block & 0xFFFFFFFF), np.uint32(block >> 32)
+        sel = blocks == hi
+        lo = (words[sel] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        hashes[sel] = _fmix32(_fmix32(lo ^ k1) ^ k2)
+    halves = np.where(counters % np.uint64(2) == 0, hashes & np.uint32(0xFFFF), hashes >> np.uint32(16))
+    return halves < threshold
+
+
+@pytest.mark.parametrize(("seed", "offset"), [(0, 0), (1234, 7), (2**64 - 1, 2**33 - 1501), (99, 2**64 - 1000)])
+def test_cpu_mask_equals_numpy_reference(seed, offset):
+    # The third range crosses the first 2**32-word block boundary, the last one wraps at 2**64.
+    with np.errstate(over="ignore"):
+        expected = _reference_mask(3001, seed, 20000, offset)
+    np.testing.assert_array_equal(_mask(3001, seed, 20000, offset), expected)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_cpu_mask_drop_rate_is_binomial(p):
+    threshold = dl_autograd._threshold(p)
+    (drops,) = dl_autograd.dropout_drops([torch.Size([1 << 21])], p, 31 + int(p * 100), torch.device("cpu"))
+    assert binomtest(int(drops.sum()), drops.numel(), threshold / 65536).pvalue > 1e-4
+
+
+def test_cpu_mask_neighbours_and_seeds_independent():
+    """At p = 1/2, disjoint pairs of neighbours (within one 32-bit hash and across two), and the
+    same index under consecutive seeds, are both dropped a quarter of the time."""
+    n = 1 << 21
+    a = _mask(n, 1000, 32768)
+    within, across = a[0::2] & a[1::2], a[1:-1:2] & a[2::2]
+    for pairs in (within, across):
+        assert binomtest(int(pairs.sum()), pairs.size, 0.25).pvalue > 1e-4
+    for seed in (1000, 1001, 2**40):
+        both = _mask(n, seed, 32768) & _mask(n, seed + 1, 32768)
+        assert binomtest(int(both.sum()), n, 0.25).pvalue > 1e-4
+
+
+def test_cpu_mask_chunks_equal_the_whole():
+    n = 10007
+    whole = _mask(n, 77, 9000)
+    for k in (1, 2, 255, 512, 513, 4096, n - 1):
+        np.testing.assert_array_equal(np.concatenate([_mask(k, 77, 9000), _mask(n - k, 77, 9000, offset=k)]), whole)
+    # A torch bool tensor's numpy view is filled in place (what dropout_drops does).
+    t = torch.zeros(n, dtype=torch.bool)
+    _core.dropout_mask(t.numpy(), 77, 9000)
+    np.testing.assert_array_equal(t.numpy(), whole)
+    # Negative seeds wrap modulo 2**64, as torch.Generator.manual_seed takes them.
+    drops = [dl_autograd.dropout_drops([torch.Size([n])], 0.3, seed, "cpu")[0] for seed in (-5, 2**64 - 5)]
+    assert torch.equal(*drops)
+
+
+def test_cpu_mask_bad_inputs():
+    out = np.zeros(100, dtype=bool)
+    for threshold in (0, 65536, -1, 1.5):
+        with pytest.raises(ArgumentError, match="threshold"):
+            _core.dropout_mask(out, 1, threshold)
+    for name, kwargs in (("seed", {"seed": -1}), ("seed", {"seed": 2**64}), ("offset", {"offset": -3})):
+        with pytest.raises(ArgumentError, match=name):
+            _core.dropout_mask(out, **{"seed": 1, "threshold": 5, **kwargs})
+    with pytest.raises(LayoutError, match="out.*contiguous"):
+        _core.dropout_mask(np.zeros(100, dtype=bool)[::2], 1, 5)
+    readonly = np.zeros(10, dtype=bool)
+    readonly.flags.writeable = False
+    with pytest.raises(LayoutError, match="out"):
+        _core.dropout_mask(readonly, 1, 5)
+    with pytest.raises(ShapeError, match="out"):
+        _core.dropout_mask(np.zeros((4, 4), dtype=bool), 1, 5)
+    for bad in (np.zeros(10, dtype=np.uint8), [False] * 10):
+        with pytest.raises(DTypeError, match="out"):
+            _core.dropout_mask(bad, 1, 5)
+    with pytest.raises(ArgumentError, match="seed"):
+        dl_autograd.dropout_drops([torch.Size([4])], 0.1, 2**64, "cpu")
+    assert not out.any() and not readonly.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_site_dropout_zeroes_what_the_masks_drop(dtype):
+    # The in-place zeroing of each site (the CPU training path) equals masked_fill with the bool
+    # masks of the same seed, site by site (each site at its offset of the stream).
+    shapes = site_shapes(torch.Size([3, 7, 33]), 5, 19)
+    drops = dl_autograd.SiteDropout(shapes, 0.3, 4242, torch.device("cpu"))
+    masks = dl_autograd.dropout_drops(shapes, 0.3, 4242, "cpu")
+    for site, (shape, mask) in enumerate(zip(shapes, masks)):
+        t = torch.randn(shape, generator=torch.Generator().manual_seed(site)).to(dtype) + 3.0  # no zeros
+        expected = t.masked_fill(mask, 0.0)
+        assert torch.equal(drops.zeroed(site, t), expected)
+        assert not (t == 0).any()  # zeroed copies
+        assert torch.equal(drops.zero_(site, t), expected) and torch.equal(t, expected)
+        assert (expected == 0).any() and (expected != 0).any()
+    # A non-contiguous input is copied in row-major order; the mask follows its logical layout.
+    x = torch.randn(33, 7, 3).permute(2, 1, 0)
+    assert torch.equal(drops.zeroed(0, x), x.masked_fill(masks[0], 0.0))
+    with pytest.raises(ArgumentError, match="dropout site 0"):
+        drops.zero_(0, x)
+
+
+def test_cpu_zeroing_bad_inputs():
+    data = np.ones(100, dtype=np.int32)
+    with pytest.raises(ArgumentError, match="threshold"):
+        _core.dropout_zero_(data, 1, 0)
+    with pytest.raises(ArgumentError, match="seed"):
+        _core.dropout_zero_(data, -1, 5)
+    with pytest.raises(LayoutError, match="data.*contiguous"):
+        _core.dropout_zero_(data[::2], 1, 5)
+    with pytest.raises(ShapeError, match="data"):
+        _core.dropout_zero_(np.ones((4, 4), dtype=np.int32), 1, 5)
+    for bad in (np.ones(10, dtype=np.float32), np.ones(10, dtype=np.int8), [1] * 10):
+        with pytest.raises(DTypeError, match="data"):
+            _core.dropout_zero_(bad, 1, 5)
+    assert (data == 1).all()
 
 
 @pytest.mark.parametrize("pair", PAIRS)

@@ -94,3 +94,12 @@ class PreparedBranch:
     @property
     def out_features(self) -> int: ...
     def add_unchecked(self, x_ptr: int, out_ptr: int, rows: int, dtype_code: int, num_threads: int) -> None: ...
+
+def dropout_mask(out: np.ndarray, seed: int, threshold: int, offset: int = 0) -> None:
+    """Fill the writable 1-D bool array ``out`` with whether element ``offset + i`` of the
+    counter-based dropout stream for ``seed`` is dropped (P(drop) = threshold / 65536)."""
+
+def dropout_zero_(data: np.ndarray, seed: int, threshold: int, offset: int = 0) -> None:
+    """Zero, in place, the elements of the writable 1-D integer array ``data`` (float data viewed
+    as integers of its width: 16, 32 or 64 bits) that element ``offset + i`` of the dropout stream
+    for ``seed`` drops; the mask of `dropout_mask`, applied without materialising it."""

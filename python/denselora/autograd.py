@@ -8,11 +8,15 @@ which the base layer keeps anyway (the same tensor, so no extra memory):
 
 - the decoder's pre-activation ``D @ g`` is recomputed in backward (one ``r``-wide matmul), and
   not at all when the decoder side is ``identity``;
-- dropout masks are drawn from a generator seeded per call and redrawn in backward, never stored.
+- dropout masks are a function of a seed drawn per call, redrawn in backward, never stored.
   The seed comes from torch's default CPU generator, so ``torch.manual_seed`` makes runs repeatable
   and gradient checkpointing (which restores the RNG state before recomputing) sees the same masks.
   Each element takes 16 random bits, so the dropout probability is rounded to a multiple of 2**-16
-  (kept values are scaled by the exact 1 / P(keep) of the rounded probability).
+  (kept values are scaled by the exact 1 / P(keep) of the rounded probability). On a CPU the bits
+  come from the Rust core's counter-based generator (a keyed hash of each element's index, several
+  times faster than torch's Mersenne Twister), which zeroes the dropped elements in the pass that
+  draws them (`_core.dropout_zero_`: no mask in memory, no ``masked_fill``); on CUDA and other devices from a ``torch.Generator`` of the device seeded with the
+  seed. The two give different masks for the same seed; each is deterministic.
 
 It is a plain ``torch.autograd.Function`` over the factors: DDP's gradient hooks and FSDP's
 parameter gathering see it as they see ``F.linear``. Under autocast the branch runs in the autocast
@@ -24,13 +28,15 @@ originals are what is saved, so nothing extra is kept. Double backward is not su
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from . import _core
+from .errors import ArgumentError, ConfigError
 from .functional import Activations, activation_fn, dense_branch, split_activations
 
 BRANCH_IMPLS = ("auto", "efficient", "plain", "compiled")
@@ -90,16 +96,67 @@ def keep_scale(p: float) -> float:
 
 def dropout_drops(shapes: list[torch.Size], p: float, seed: int, device: torch.device) -> list[torch.Tensor]:
     """Which elements each dropout site zeroes (bool masks of ``shapes``: input, encoder side,
-    output) for ``seed``; the same arguments give the same masks. One 64-bit draw covers four
-    elements (a third of the time of ``bernoulli_`` on a CPU), one draw serves all sites, and a
-    bool mask is applied with ``masked_fill`` (no float mask)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    output) for ``seed``; the same arguments give the same masks. One stream serves all sites,
+    and a bool mask is applied with ``masked_fill`` (no float mask). On a CPU the Rust generator
+    writes the mask in place; elsewhere one 64-bit draw of the device's generator covers four
+    elements (a third of the time of ``bernoulli_``)."""
     sizes = [math.prod(shape) for shape in shapes]
     total = sum(sizes)
-    bits = torch.empty((total + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=generator)
-    dropped = bits.view(torch.int16)[:total] < _threshold(p) - 32768
+    device = torch.device(device)
+    if device.type == "cpu":
+        dropped = torch.empty(total, dtype=torch.bool)
+        _core.dropout_mask(dropped.numpy(), _seed_u64(seed), _threshold(p))
+    else:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        bits = torch.empty((total + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=generator)
+        dropped = bits.view(torch.int16)[:total] < _threshold(p) - 32768
     return [part.view(shape) for part, shape in zip(dropped.split(sizes), shapes)]
+
+
+_INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class SiteDropout:
+    """The dropout of one branch call: zeroes the dropped elements of each site (`site_shapes`
+    order) for ``seed``, the elements `dropout_drops` marks. On a CPU the Rust generator zeroes a
+    contiguous tensor in the pass that draws the mask (no mask in memory, no ``masked_fill``);
+    elsewhere the device masks are drawn once and applied with ``masked_fill``."""
+
+    def __init__(self, shapes: list[torch.Size], p: float, seed: int, device: torch.device) -> None:
+        self.shapes = shapes
+        self.threshold = _threshold(p)
+        self.seed = _seed_u64(seed)
+        sizes = [math.prod(shape) for shape in shapes]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.masks = None if torch.device(device).type == "cpu" else dropout_drops(shapes, p, seed, device)
+
+    def zero_(self, site: int, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (contiguous, the site's elements in row-major order) with its dropped elements
+        zeroed in place."""
+        if self.masks is not None:
+            return t.masked_fill_(self.masks[site].view(t.shape), 0.0)
+        if t.numel() != math.prod(self.shapes[site]) or not t.is_contiguous():
+            raise ArgumentError(f"dropout site {site}: expected a contiguous tensor of {self.shapes[site]} elements, got {tuple(t.shape)}")
+        flat = t.detach().view(-1).view(_INT_VIEWS[t.element_size()])
+        _core.dropout_zero_(flat.numpy(), self.seed, self.threshold, self.offsets[site])
+        return t
+
+    def zeroed(self, site: int, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of ``t`` with the site's dropped elements zeroed."""
+        return self.zero_(site, t.clone(memory_format=torch.contiguous_format))
+
+
+def _seed_u64(seed: int) -> int:
+    """``seed`` as the unsigned 64-bit key of the CPU generator; negative seeds wrap modulo 2**64,
+    as ``torch.Generator.manual_seed`` takes them."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not -(1 << 63) <= value < (1 << 64):
+        raise ArgumentError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
+    return value % (1 << 64)
 
 
 def dropout_masks(
@@ -148,28 +205,28 @@ class _DenseBranch(torch.autograd.Function):
         x1 = _cast(x, dtype)
         if p > 0:
             inv = keep_scale(p)
-            drop1, drop2, drop3 = dropout_drops(site_shapes(x.shape, e.shape[0], d.shape[0]), p, seed, x.device)
-            a = F.linear(x1.masked_fill(drop1, 0.0), e).mul_(inv)  # (..., r_e), saved
+            drops = SiteDropout(site_shapes(x.shape, e.shape[0], d.shape[0]), p, seed, x.device)
+            a = F.linear(drops.zeroed(0, x1), e).mul_(inv)  # (..., r_e), saved
             h = activation_fn(act_e)(a)
-            h = h.masked_fill(drop2, 0.0) if h is a else h.masked_fill_(drop2, 0.0)
+            h = drops.zeroed(1, h) if h is a else drops.zero_(1, h)
             g = F.linear(h, mm).mul_(inv)  # (..., r_d), saved
         else:
-            inv, drop3 = 1.0, None
+            inv, drops = 1.0, None
             a = F.linear(x1, e)
             g = F.linear(activation_fn(act_e)(a), mm)
         c = scale * inv
         if act_d == "identity":
             y = F.linear(g * c, d)  # the scale on the r-wide side: no wide pass for it
-            if drop3 is not None:
-                y.masked_fill_(drop3, 0.0)
+            if drops is not None:
+                drops.zero_(2, y)
         else:
             y = F.linear(g, d)  # (..., out): the wide tensors, none of them kept
             if act_d == "silu":
                 F.silu(y, inplace=True)
             else:
                 torch.ops.aten.gelu_(y)
-            if drop3 is not None:
-                y.masked_fill_(drop3, 0.0)
+            if drops is not None:
+                drops.zero_(2, y)
             y.mul_(c)
         ctx.save_for_backward(x, encoder, m, decoder, a, g)
         ctx.config = (scale, act_e, act_d, p, seed, dtype)
@@ -185,19 +242,19 @@ class _DenseBranch(torch.autograd.Function):
         r_e, r_d = a.shape[-1], g.shape[-1]
         if p > 0:
             inv = keep_scale(p)
-            drop1, drop2, drop3 = dropout_drops(site_shapes(x.shape, r_e, d.shape[0]), p, seed, x.device)
+            drops = SiteDropout(site_shapes(x.shape, r_e, d.shape[0]), p, seed, x.device)
         else:
-            inv, drop1, drop2, drop3 = 1.0, None, None, None
+            inv, drops = 1.0, None
         c = scale * inv
 
         gy = _cast(grad_out, dtype)
         if act_d == "identity":
-            gz = gy if drop3 is None else gy.masked_fill(drop3, 0.0)
+            gz = gy if drops is None else drops.zeroed(2, gy)
         else:
             # act'(z) * (grad * keep) == (grad * act'(z)) * keep: one new wide tensor, z itself.
             gz = _act_backward_(act_d, gy, F.linear(g, d))
-            if drop3 is not None:
-                gz.masked_fill_(drop3, 0.0)
+            if drops is not None:
+                drops.zero_(2, gz)
         del gy
         # gz lacks the factor c (= scale / P(keep)); it is applied to the small results below.
         gz2 = gz.reshape(-1, gz.shape[-1])
@@ -207,31 +264,30 @@ class _DenseBranch(torch.autograd.Function):
         del gz, gz2
 
         a2 = a.reshape(-1, r_e)
-        drop2 = drop2.reshape(-1, r_e) if drop2 is not None else None
         grad_m = None
         if need_m:
             h = activation_fn(act_e)(a2)
-            if drop2 is not None:
-                h = h.masked_fill(drop2, 0.0) if h is a2 else h.masked_fill_(drop2, 0.0)
+            if drops is not None:
+                h = drops.zeroed(1, h) if h is a2 else drops.zero_(1, h)
             grad_m = _cast(gg.t() @ h, m.dtype)
         grad_x = grad_e = None
         if need_x or need_e:
             gh = gg @ mm  # (N, r_e)
-            if drop2 is not None:
-                gh.masked_fill_(drop2, 0.0)
+            if drops is not None:
+                drops.zero_(1, gh)
             ga = _act_backward_(act_e, gh, a2.clone()) if act_e != "identity" else gh
             if p > 0:
                 ga.mul_(inv)  # the 1/P(keep) inside a
             if need_e:
                 x1 = _cast(x.reshape(-1, x.shape[-1]), dtype)
-                if drop1 is not None:
-                    x1 = x1.masked_fill(drop1.reshape(x1.shape), 0.0)
+                if drops is not None:
+                    x1 = drops.zeroed(0, x1)
                 grad_e = _cast(ga.t() @ x1, encoder.dtype)
                 del x1
             if need_x:
                 gx = (ga @ e).view(x.shape)
-                if drop1 is not None:
-                    gx.masked_fill_(drop1, 0.0)
+                if drops is not None:
+                    drops.zero_(0, gx)
                 grad_x = _cast(gx, x.dtype)
         return grad_x, grad_e, grad_m, grad_d, None, None, None, None, None, None
 

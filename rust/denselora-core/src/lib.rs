@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod algebra;
 pub mod atomic;
 pub mod bundle;
+pub mod dropout;
 pub mod dtype;
 pub mod error;
 pub mod kernel;

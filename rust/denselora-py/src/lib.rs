@@ -4,6 +4,7 @@
 mod algebra;
 mod arrays;
 mod bundle;
+mod dropout;
 mod errors;
 mod kernel;
 
@@ -117,5 +118,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel::kernel_available_isas, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::kernel_set_isa, m)?)?;
     m.add_class::<kernel::PreparedBranch>()?;
+    m.add_function(wrap_pyfunction!(dropout::dropout_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(dropout::dropout_zero_, m)?)?;
     Ok(())
 }
