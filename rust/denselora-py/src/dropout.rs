@@ -1,5 +1,6 @@
-//! Binding of the counter-based dropout mask generator: fills a writable 1-D numpy bool array in
-//! place (a torch bool tensor's `.numpy()` view), with the GIL released for large masks.
+//! Binding of the counter-based dropout generator: fills a writable 1-D numpy bool array with a
+//! mask, or zeroes the dropped elements of a 1-D integer view of float data, in place (views of
+//! torch tensors through `.numpy()`), with the GIL released for large arrays.
 
 use denselora_core::{dropout, ArgumentKind, Error};
 use numpy::{PyArray1, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
@@ -13,6 +14,44 @@ fn u64_argument(value: &Bound<'_, PyAny>, name: &str) -> Result<u64, Error> {
         .map_err(|_| Error::argument(name, ArgumentKind::Value, format!("expected an int in [0, 2**64), got {value}")))
 }
 
+/// `(seed, threshold, offset)` of a call, checked.
+fn stream_arguments(
+    seed: &Bound<'_, PyAny>,
+    threshold: &Bound<'_, PyAny>,
+    offset: Option<&Bound<'_, PyAny>>,
+) -> Result<(u64, u16, u64), Error> {
+    let seed = u64_argument(seed, "seed")?;
+    let offset = offset.map(|o| u64_argument(o, "offset")).transpose()?.unwrap_or(0);
+    let threshold = threshold
+        .extract::<u16>()
+        .ok()
+        .filter(|&t| t > 0)
+        .ok_or_else(|| Error::argument("threshold", ArgumentKind::Value, format!("expected an int in [1, 65535], got {threshold}")))?;
+    Ok((seed, threshold, offset))
+}
+
+/// `value` as a 1-D numpy array (of any dtype), or the typed error naming `name`.
+fn one_dimensional<'a, 'py>(value: &'a Bound<'py, PyAny>, name: &str) -> Result<&'a Bound<'py, PyUntypedArray>, Error> {
+    let untyped = value
+        .cast::<PyUntypedArray>()
+        .map_err(|_| Error::argument(name, ArgumentKind::DType, "expected a numpy array"))?;
+    if untyped.ndim() != 1 {
+        return Err(Error::argument(name, ArgumentKind::Shape, format!("expected a 1-D array, got shape {:?}", untyped.shape())));
+    }
+    Ok(untyped)
+}
+
+/// The writable contiguous data of `array`, or the typed error naming `name`.
+fn writable<'py, T: numpy::Element>(array: &Bound<'py, PyArray1<T>>, name: &str) -> Result<numpy::PyReadwriteArray1<'py, T>, Error> {
+    let borrowed = array
+        .try_readwrite()
+        .map_err(|e| Error::argument(name, ArgumentKind::Layout, format!("cannot write into the array: {e}")))?;
+    if !borrowed.is_contiguous() {
+        return Err(Error::argument(name, ArgumentKind::Layout, "array must be contiguous"));
+    }
+    Ok(borrowed)
+}
+
 /// Writes into `out[i]` whether element `offset + i` of the dropout stream for `seed` is dropped:
 /// its 16-bit value is below `threshold` (1..=65535), so P(drop) = threshold / 65536.
 #[pyfunction]
@@ -24,27 +63,16 @@ pub fn dropout_mask(
     threshold: &Bound<'_, PyAny>,
     offset: Option<&Bound<'_, PyAny>>,
 ) -> BindingResult<()> {
-    let seed = u64_argument(seed, "seed")?;
-    let offset = offset.map(|o| u64_argument(o, "offset")).transpose()?.unwrap_or(0);
-    let threshold = threshold_argument(threshold)?;
-    let untyped = out
-        .cast::<PyUntypedArray>()
-        .map_err(|_| Error::argument("out", ArgumentKind::DType, "expected a numpy bool array"))?;
-    if untyped.ndim() != 1 {
-        return Err(Error::argument("out", ArgumentKind::Shape, format!("expected a 1-D array, got shape {:?}", untyped.shape())).into());
-    }
+    let (seed, threshold, offset) = stream_arguments(seed, threshold, offset)?;
+    let untyped = one_dimensional(out, "out")?;
     if !untyped.dtype().is_equiv_to(&numpy::dtype::<bool>(py)) {
         return Err(Error::argument("out", ArgumentKind::DType, format!("expected dtype bool, got {}", untyped.dtype())).into());
     }
     let array = out
         .cast::<PyArray1<bool>>()
         .map_err(|_| Error::argument("out", ArgumentKind::DType, "expected a numpy bool array"))?;
-    let mut borrowed = array
-        .try_readwrite()
-        .map_err(|e| Error::argument("out", ArgumentKind::Layout, format!("cannot write into the array: {e}")))?;
-    let slice = borrowed
-        .as_slice_mut()
-        .map_err(|_| Error::argument("out", ArgumentKind::Layout, "array must be contiguous"))?;
+    let mut borrowed = writable(array, "out")?;
+    let slice = borrowed.as_slice_mut().expect("checked contiguous");
     run_detached_if_large(py, slice.len(), || dropout::fill_dropout_mask(slice, seed, offset, threshold));
     Ok(())
 }
@@ -62,24 +90,13 @@ pub fn dropout_zero_(
     threshold: &Bound<'_, PyAny>,
     offset: Option<&Bound<'_, PyAny>>,
 ) -> BindingResult<()> {
-    let seed = u64_argument(seed, "seed")?;
-    let offset = offset.map(|o| u64_argument(o, "offset")).transpose()?.unwrap_or(0);
-    let threshold = threshold_argument(threshold)?;
-    let untyped = data
-        .cast::<PyUntypedArray>()
-        .map_err(|_| Error::argument("data", ArgumentKind::DType, "expected a numpy array"))?;
-    if untyped.ndim() != 1 {
-        return Err(Error::argument("data", ArgumentKind::Shape, format!("expected a 1-D array, got shape {:?}", untyped.shape())).into());
-    }
+    let (seed, threshold, offset) = stream_arguments(seed, threshold, offset)?;
+    let untyped = one_dimensional(data, "data")?;
     macro_rules! zero_as {
         ($($t:ty),*) => {$(
             if let Ok(array) = data.cast::<PyArray1<$t>>() {
-                let mut borrowed = array
-                    .try_readwrite()
-                    .map_err(|e| Error::argument("data", ArgumentKind::Layout, format!("cannot write into the array: {e}")))?;
-                let slice = borrowed
-                    .as_slice_mut()
-                    .map_err(|_| Error::argument("data", ArgumentKind::Layout, "array must be contiguous"))?;
+                let mut borrowed = writable(array, "data")?;
+                let slice = borrowed.as_slice_mut().expect("checked contiguous");
                 run_detached_if_large(py, slice.len(), || dropout::zero_dropped(slice, seed, offset, threshold));
                 return Ok(());
             }
@@ -87,14 +104,6 @@ pub fn dropout_zero_(
     }
     zero_as!(i16, u16, i32, u32, i64, u64);
     Err(Error::argument("data", ArgumentKind::DType, format!("expected 16-, 32- or 64-bit integers, got {}", untyped.dtype())).into())
-}
-
-fn threshold_argument(threshold: &Bound<'_, PyAny>) -> Result<u16, Error> {
-    threshold
-        .extract::<u16>()
-        .ok()
-        .filter(|&t| t > 0)
-        .ok_or_else(|| Error::argument("threshold", ArgumentKind::Value, format!("expected an int in [1, 65535], got {threshold}")))
 }
 
 /// Releasing the GIL costs more than a small mask takes.
