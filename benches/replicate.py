@@ -159,7 +159,8 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def summarize(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     rows = []
-    keys = sorted({(r["task"], r["method"], r["fraction"]) for r in results})
+    order = {name: i for i, name in enumerate(METHODS)}
+    keys = sorted({(r["task"], r["method"], r["fraction"]) for r in results}, key=lambda k: (k[0], order.get(k[1], len(order)), -k[2]))
     for task, method, fraction in keys:
         runs = [r for r in results if (r["task"], r["method"], r["fraction"]) == (task, method, fraction)]
         accs = [r["test_accuracy"] for r in runs]
@@ -184,14 +185,18 @@ def summarize(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
     return {"config": {k: v for k, v in vars(args).items() if k != "run_one"}, "rows": rows}
 
 
-def print_table(summary: dict[str, Any]) -> None:
-    print(f"\n{'task':<11} {'method':<23} {'data':>5} {'lr':>7} {'trainable':>10} {'%':>7} {'test acc':>15} {'s/step':>7} {'peak MiB':>9}")
+def markdown_table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| task | method | data | lr | trainable | % | test accuracy (%) | seeds | s / step | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in summary["rows"]:
         acc = f"{100 * row['test_accuracy_mean']:.1f} ± {100 * row['test_accuracy_std']:.1f}"
-        print(
-            f"{row['task']:<11} {row['method']:<23} {row['fraction']:>5.0%} {row['lr']:>7.0e} {row['trainable_params']:>10,d} "
-            f"{row['trainable_pct']:>7.3f} {acc:>15} {row['step_seconds']:>7.2f} {row['peak_memory_mib']:>9.0f}"
+        lines.append(
+            f"| {row['task']} | {row['method']} | {row['fraction']:.0%} | {row['lr']:.0e} | {row['trainable_params']:,d} | "
+            f"{row['trainable_pct']:.3f} | {acc} | {len(row['seeds'])} | {row['step_seconds']:.2f} | {row['peak_memory_mib']:.0f} |"
         )
+    return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -245,11 +250,13 @@ def main() -> int:
         print("no finished runs")
         return 1
     summary = summarize(results, args)
-    print_table(summary)
+    table = markdown_table(summary)
+    print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    staging = RESULTS / "replicate.json.tmp"
-    staging.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(staging, RESULTS / "replicate.json")
+    for name, text in (("replicate.json", json.dumps(summary, indent=2) + "\n"), ("replicate.md", table)):
+        staging = RESULTS / f"{name}.tmp"
+        staging.write_text(text)
+        os.replace(staging, RESULTS / name)
     try:
         plot(summary, RESULTS / "replicate.png")
     except ImportError:
