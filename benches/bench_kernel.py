@@ -165,7 +165,8 @@ def end_to_end(new_tokens: int, repeats: int) -> dict:
     kwargs = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=tokenizer.eos_token_id
     )
-    wrapped = dl.get_denselora_model(adapted, dl.DenseLoRAConfig(r=16, alpha=32))
+    # GELU on both sides (the paper preset): a branch that cannot be merged into the weights.
+    wrapped = dl.get_denselora_model(adapted, dl.DenseLoRAConfig.paper(r=16, alpha=32))
     wrapped.eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
