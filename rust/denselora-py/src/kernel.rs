@@ -2,7 +2,7 @@
 //! released while the kernel runs.
 
 use denselora_core::kernel::{self, Activation, BranchParams, Dst, Operand, Src};
-use denselora_core::{ArgumentKind, Error};
+use denselora_core::{ArgumentKind, DType, Error};
 use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
 use numpy::{PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -83,26 +83,33 @@ pub fn dense_branch<'py>(
     // SAFETY: `out` is a writeable, C-contiguous array alive for the call, and overlaps no input;
     // nothing else touches it while the GIL is released (the caller owns it for the call).
     let ob_mut = unsafe { std::slice::from_raw_parts_mut(ob.as_ptr() as *mut u8, ob.len()) };
-    let xv = Src::from_bytes(xt, xb, "x")?;
-    let ev = Src::from_bytes(et, eb, "encoder")?;
-    let mv = Src::from_bytes(mt, mb, "m")?;
-    let dv = Src::from_bytes(dt, db, "decoder")?;
-    let ov = Dst::from_bytes(ot, ob_mut, "out")?;
     py.detach(|| {
-        kernel::dense_branch(
-            Operand { shape: &xs, data: xv },
-            Operand { shape: &es, data: ev },
-            Operand { shape: &ms, data: mv },
-            Operand { shape: &ds, data: dv },
-            ov,
-            &os,
-            &params,
-        )
+        run_kernel((xt, xb, &xs), [(et, eb, &es), (mt, mb, &ms), (dt, db, &ds)], (ot, ob_mut, &os), &params)
     })?;
     Ok(())
 }
 
 /// The kernel's vector backend in use: "avx512bf16", "avx512", "avx2" or "portable".
+/// The kernel over raw buffers: `(dtype, bytes, shape)` of x, of the encoder, `M` and decoder, and
+/// of the output (names in the kernel's errors are the arguments').
+fn run_kernel(
+    x: (DType, &[u8], &[usize]),
+    weights: [(DType, &[u8], &[usize]); 3],
+    out: (DType, &mut [u8], &[usize]),
+    params: &BranchParams,
+) -> Result<(), Error> {
+    let [(et, eb, es), (mt, mb, ms), (dt, db, ds)] = weights;
+    kernel::dense_branch(
+        Operand { shape: x.2, data: Src::from_bytes(x.0, x.1, "x")? },
+        Operand { shape: es, data: Src::from_bytes(et, eb, "encoder")? },
+        Operand { shape: ms, data: Src::from_bytes(mt, mb, "m")? },
+        Operand { shape: ds, data: Src::from_bytes(dt, db, "decoder")? },
+        Dst::from_bytes(out.0, out.1, "out")?,
+        out.2,
+        params,
+    )
+}
+
 #[pyfunction]
 pub fn kernel_isa() -> &'static str {
     kernel::isa()
@@ -226,24 +233,10 @@ impl PreparedBranch {
             let wb: [&[u8]; 3] = self.weights.map(|(p, len)| std::slice::from_raw_parts(p.max(1) as *const u8, len));
             (xb, ob, wb)
         };
-        let xv = Src::from_bytes(act, xb, "x")?;
-        let ov = Dst::from_bytes(act, ob, "out")?;
-        let ev = Src::from_bytes(self.dtype, wb[0], "encoder")?;
-        let mv = Src::from_bytes(self.dtype, wb[1], "m")?;
-        let dv = Src::from_bytes(self.dtype, wb[2], "decoder")?;
         let params = BranchParams { num_threads, ..self.params };
         let (xs, os) = ([rows, d_in], [rows, d_out]);
-        let run = || {
-            kernel::dense_branch(
-                Operand { shape: &xs, data: xv },
-                Operand { shape: &e, data: ev },
-                Operand { shape: &m, data: mv },
-                Operand { shape: &d, data: dv },
-                ov,
-                &os,
-                &params,
-            )
-        };
+        let w = self.dtype;
+        let mut run = || run_kernel((act, xb, &xs), [(w, wb[0], &e), (w, wb[1], &m), (w, wb[2], &d)], (act, ob, &os), &params);
         // Releasing the GIL costs more than a tiny call takes.
         if rows * (d_in + d_out) < 1 << 16 {
             run()?;
