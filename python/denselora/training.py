@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -362,8 +363,14 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         inner = inner.module
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    # Once per model class: the loss asks at every step.
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 
