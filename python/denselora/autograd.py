@@ -15,8 +15,9 @@ which the base layer keeps anyway (the same tensor, so no extra memory):
   (kept values are scaled by the exact 1 / P(keep) of the rounded probability). On a CPU the bits
   come from the Rust core's counter-based generator (a keyed hash of each element's index, several
   times faster than torch's Mersenne Twister), which zeroes the dropped elements in the pass that
-  draws them (`_core.dropout_zero_`: no mask in memory, no ``masked_fill``); on CUDA and other devices from a ``torch.Generator`` of the device seeded with the
-  seed. The two give different masks for the same seed; each is deterministic.
+  draws them (`_core.dropout_zero_`: no mask in memory, no ``masked_fill``); on CUDA and other
+  devices from a ``torch.Generator`` of the device seeded with the seed. The two give different
+  masks for the same seed; each is deterministic.
 
 It is a plain ``torch.autograd.Function`` over the factors: DDP's gradient hooks and FSDP's
 parameter gathering see it as they see ``F.linear``. Under autocast the branch runs in the autocast
