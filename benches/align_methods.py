@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import transformers
 
 import denselora as dl
-from denselora.optim import create_optimizer
+from denselora.training.optim import create_optimizer
 
 HERE = Path(__file__).resolve().parent
 

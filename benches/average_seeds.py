@@ -3,7 +3,7 @@
 Five short runs are trained with `denselora.training.train`: three from one initial adapter with
 different data orders (same init), and two more from other initial adapters and data orders, which
 with the first make three different-seed runs. Reported: multiple-choice accuracy
-(`denselora.evaluation.multiple_choice_accuracy`) on a held-out test split of the base model, of
+(`denselora.training.evaluation.multiple_choice_accuracy`) on a held-out test split of the base model, of
 each run, of the `linear` soup of the same-init runs, of the `aligned` (and, for contrast, the
 `linear`) average of the different-seed runs, and of the first run truncated from r=32 to 16 and 8.
 
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 import denselora as dl
-from denselora.data import TokenizedDataset, load_examples, split_examples
-from denselora.evaluation import multiple_choice_accuracy
-from denselora.models import load_model
+from denselora.training.data import TokenizedDataset, load_examples, split_examples
+from denselora.training.evaluation import multiple_choice_accuracy
+from denselora.pretrained import load_model
 from denselora.training import TrainConfig, build_adapter_model, train
 
 HERE = Path(__file__).resolve().parent

@@ -38,7 +38,7 @@ from safetensors.torch import load_file as st_load_torch
 
 import denselora
 from denselora import _core
-from denselora.bundle import Bundle, pack
+from denselora.io.bundle import Bundle, pack
 
 LAYERS, HIDDEN, INTERMEDIATE, KV, RANK = 30, 576, 1536, 192, 8
 MODULES = {  # name: (in, out, module path template)

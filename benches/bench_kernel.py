@@ -32,7 +32,7 @@ import torch
 
 import denselora as dl
 from denselora import kernels
-from denselora.functional import dense_branch as torch_branch
+from denselora.method.functional import dense_branch as torch_branch
 
 LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096)]
 SMOL = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
@@ -156,7 +156,7 @@ def micro(budget: float, shapes, ranks, rows, dtypes, peak: float, isas: list[st
 
 
 def end_to_end(new_tokens: int, repeats: int) -> dict:
-    from denselora.models import load_model
+    from denselora.pretrained import load_model
 
     base, tokenizer = load_model()
     adapted, _ = load_model()

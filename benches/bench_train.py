@@ -2,7 +2,7 @@
 (efficient path), in the library's default and in the paper's configuration, side by side in one
 process.
 
-Two models: SmolLM2-135M (`denselora.models.load_model()`) and a stack of LLaMA-7B-shaped decoder
+Two models: SmolLM2-135M (`denselora.pretrained.load_model()`) and a stack of LLaMA-7B-shaped decoder
 layers built from a config (hidden 4096, intermediate 11008, 32 heads; random weights, small
 vocabulary). Targets q, k, v, up, down; r = 16, alpha = 32, dropout 0.05 for every method. The
 variants share the frozen base weights; repetitions are interleaved (the order rotates each round)
@@ -287,7 +287,7 @@ def main() -> None:
     results = []
     for name in args.models.split(","):
         if name == "smollm2":
-            from denselora.models import load_model
+            from denselora.pretrained import load_model
 
             base, _ = load_model()
             results.append(bench_model("SmolLM2-135M", base, args, device))

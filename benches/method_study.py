@@ -38,9 +38,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "python"))
 
 import denselora as dl  # noqa: E402
-from denselora import diagnostics  # noqa: E402
-from denselora.data import TokenizedDataset, load_examples, pad_id_of, split_examples  # noqa: E402
-from denselora.evaluation import multiple_choice_accuracy  # noqa: E402
+from _study import diagnostics  # noqa: E402
+from denselora.training.data import TokenizedDataset, load_examples, pad_id_of, split_examples  # noqa: E402
+from denselora.training.evaluation import multiple_choice_accuracy  # noqa: E402
 from denselora.training import TrainConfig, build_adapter_model, count_trainable, evaluate_loss, train  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -89,7 +89,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def build(variant: str, seed: int, r: int, alpha: float) -> tuple[Any, Any]:
-    from denselora.models import load_model
+    from denselora.pretrained import load_model
 
     base, tokenizer = load_model()
     torch.manual_seed(seed)  # the adapter's initial values depend on the seed
@@ -172,7 +172,7 @@ def tensor_history(history: list[dict[str, Any]]) -> dict[str, dict[str, list[fl
 
 
 def _collate(tokenizer: Any) -> Any:
-    from denselora.data import Collator, pad_id_of
+    from denselora.training.data import Collator, pad_id_of
 
     return Collator(pad_id_of(tokenizer))
 
@@ -201,7 +201,7 @@ def ensure(kind: str, task: str, variant: str, lr: float, seed: int, args: argpa
 
 
 def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    from denselora.functional import activation_fn
+    from denselora.method.functional import activation_fn
 
     return activation_fn(name)
 
@@ -212,8 +212,8 @@ _SLOPE_AT_ZERO = {"gelu": 0.5, "silu": 0.5, "identity": 1.0}
 def capture_inputs_and_grads(task: str, args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Inputs ``x_l`` and output gradients ``dL/dy_l`` of every targeted layer on one training batch
     of the frozen model (the adapters all start as the base model, so these are exact at step 0)."""
-    from denselora.data import Collator
-    from denselora.models import load_model
+    from denselora.training.data import Collator
+    from denselora.pretrained import load_model
     from denselora.training import token_loss_sum
 
     base, tokenizer = load_model()
@@ -248,7 +248,7 @@ def first_step_gain(inputs: dict[str, torch.Tensor], grads: dict[str, torch.Tens
     is the first step's effective learning rate relative to LoRA's. It factors into the *gain*
     (``s * act_d'(0) * rms(M act_e(E x))``: how big the decoder's input is) and the *agreement*
     of the layers sharing ``D`` (``|sum_l C_l|_1 / sum_l |C_l|_1``, 1 when all layers pull the same way)."""
-    from denselora.layer import init_m_
+    from denselora.method.layer import init_m_
 
     generator_seed = 1000 + seed
     torch.manual_seed(generator_seed)

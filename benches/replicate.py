@@ -56,7 +56,7 @@ def data_path(root: str | None, task: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    from denselora.data import packaged_task_path
+    from denselora.training.data import packaged_task_path
 
     return packaged_task_path(task)
 
@@ -67,9 +67,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from denselora.data import TokenizedDataset, load_examples, split_examples, subsample
-    from denselora.evaluation import multiple_choice_accuracy
-    from denselora.models import load_model
+    from denselora.training.data import TokenizedDataset, load_examples, split_examples, subsample
+    from denselora.training.evaluation import multiple_choice_accuracy
+    from denselora.pretrained import load_model
     from denselora.training import TrainConfig, build_adapter_model, count_trainable, train
 
     if spec.get("threads"):

@@ -372,7 +372,7 @@ def test_bundle_entries_in_and_out(tmp_path):
     a = make_adapter(tmp_path / "a", seed=1)
     b = make_adapter(tmp_path / "b", seed=2)
     bundle = tmp_path / "runs.dl"
-    dl.bundle.pack(bundle, {"a": a, "b": b})
+    dl.io.bundle.pack(bundle, {"a": a, "b": b})
     from_dirs = dl.average([a, b], mode="linear", weights=[1, 3])
     dl.average([f"{bundle}:a", f"{bundle}:b"], f"{bundle}:mean", mode="linear", weights=[1, 3])
     dl.truncate(f"{bundle}:mean", f"{bundle}:small", rank=2)

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from scipy.stats import binomtest
 
 import denselora as dl
-from denselora import autograd as dl_autograd
-from denselora.autograd import dropout_masks, efficient_branch, site_shapes
+from denselora.method import autograd as dl_autograd
+from denselora.method.autograd import dropout_masks, efficient_branch, site_shapes
 from denselora import _core
 from denselora.errors import ArgumentError, ConfigError, DTypeError, LayoutError, ShapeError
-from denselora.functional import dense_branch
+from denselora.method.functional import dense_branch
 
 from conftest import randomize_adapter, tiny_llama
 

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 
 import denselora as dl
 from denselora import _core
-from denselora.bundle import pack
+from denselora.io.bundle import pack
 from denselora.cli import main, pack_main
 from denselora.errors import ArgumentError, ChecksumError, DenseLoRAError, FormatError
 from denselora.io import load_adapter, save_adapter_to
@@ -479,7 +479,7 @@ def test_a_process_killed_midway_leaves_the_bundle_untouched(adapter_dirs, bundl
     before = path.read_bytes()
     script = (
         "import os, sys\n"
-        "from denselora.bundle import pack\n"
+        "from denselora.io.bundle import pack\n"
         "pack(sys.argv[1], {'a': sys.argv[2], 'b': sys.argv[2]}, progress=lambda name: os._exit(3))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _tiny import char_llama, char_tokenizer
-from denselora.data import Example, TokenizedDataset
+from denselora.training.data import Example, TokenizedDataset
 from denselora.training import TrainConfig, build_adapter_model, train
 
 WORLD = 2

@@ -12,7 +12,7 @@ from scipy.special import erfc
 
 import denselora as dl
 from denselora import _core, kernels
-from denselora.layer import DenseLoRALayer
+from denselora.method.layer import DenseLoRALayer
 from denselora.errors import ArgumentError, ConfigError, DTypeError, LayoutError, NonFiniteError, ShapeError
 
 from conftest import randomize_adapter, tiny_gpt2, tiny_llama

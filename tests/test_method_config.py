@@ -13,7 +13,7 @@ from scipy.special import erf
 
 import denselora as dl
 from denselora.errors import ConfigError
-from denselora.optim import create_optimizer
+from denselora.training.optim import create_optimizer
 
 from conftest import randomize_adapter, tiny_llama
 

@@ -9,7 +9,7 @@ import torch
 from scipy.special import erf
 
 import denselora as dl
-from denselora.layer import DenseLoRALayer
+from denselora.method.layer import DenseLoRALayer
 
 from conftest import randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama
 

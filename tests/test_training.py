@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _tiny import char_llama, char_tokenizer
-from denselora.data import (
+from denselora.training.data import (
     IGNORE_INDEX,
     Collator,
     Example,
@@ -22,7 +22,7 @@ from denselora.data import (
     subsample,
 )
 from denselora.errors import ArgumentError, ConfigError, FormatError
-from denselora.evaluation import dataset_kind, extract_answer, multiple_choice_accuracy, option_scores
+from denselora.training.evaluation import dataset_kind, extract_answer, multiple_choice_accuracy, option_scores
 from denselora.training import (
     TrainConfig,
     batch_indices,
@@ -398,7 +398,7 @@ def test_cli_train_then_eval(model_dir, tmp_path, capsys):
     assert result["examples"] == 8 and result["split"] == "test"
     # The same adapter through the Python API gives the same answers.
     from denselora.cli.train import attach_adapter
-    from denselora.models import load_model
+    from denselora.pretrained import load_model
 
     base, tokenizer = load_model(str(model_dir))
     splits = split_examples(load_examples(task), seed=0, validation=4, test=8)
@@ -436,7 +436,7 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(model_dir, tmp_path):
 
 
 def test_generation_matches_a_manual_greedy_loop_and_scores_answers(tok):
-    from denselora.evaluation import generate, generation_accuracy
+    from denselora.training.evaluation import generate, generation_accuracy
 
     model = char_llama()
     prompts = ["Q: 1", "Question: longer 22"]  # different lengths: left padding must not change the result

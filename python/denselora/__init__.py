@@ -4,8 +4,8 @@ small dense matrix per layer, ``y = W0 x + s * act(D_g @ M_l @ act(E_g @ x))``."
 from . import errors
 from ._core import __version__
 from .algebra import AverageReport, TruncateReport, average, truncate
-from .bundle import Bundle
-from .config import DEFAULT_TARGET_MODULES, DenseLoRAConfig
+from .io.bundle import Bundle
+from .method.config import DEFAULT_TARGET_MODULES, DenseLoRAConfig
 from .errors import (
     ChecksumError,
     ConfigError,
@@ -15,8 +15,8 @@ from .errors import (
     NotMergeableError,
 )
 from .io import load_adapter, save_adapter, save_adapter_to
-from .layer import DenseLoRALayer, DenseLoRAShared
-from .model import DenseLoRAModel, get_denselora_model
+from .method.layer import DenseLoRALayer, DenseLoRAShared
+from .method.model import DenseLoRAModel, get_denselora_model
 
 __all__ = [
     "Bundle",

@@ -79,11 +79,11 @@ def run(
 ) -> dict[str, Any]:
     import torch
 
-    from .data import TokenizedDataset, load_examples, packaged_task_path, split_examples
-    from .evaluation import multiple_choice_accuracy
-    from .model import DenseLoRAModel
-    from .models import load_model
-    from .bundle import pack
+    from .training.data import TokenizedDataset, load_examples, packaged_task_path, split_examples
+    from .training.evaluation import multiple_choice_accuracy
+    from .method.model import DenseLoRAModel
+    from .pretrained import load_model
+    from .io.bundle import pack
     from .training import TrainConfig, build_adapter_model, count_trainable, save_adapter_dir, train
 
     if threads:

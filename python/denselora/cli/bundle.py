@@ -10,7 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..bundle import Bundle, pack
+from ..io.bundle import Bundle, pack
 from ..errors import ArgumentError
 from ..io import CONFIG_FILE, TENSORS_FILE
 

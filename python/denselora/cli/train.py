@@ -42,7 +42,7 @@ def _size(value: Optional[float], default: float) -> "int | float":
 
 
 def load_splits(args: argparse.Namespace) -> Any:
-    from ..data import load_examples, split_examples
+    from ..training.data import load_examples, split_examples
 
     examples = load_examples(args.data)
     is_choice = all(e.is_multiple_choice for e in examples)
@@ -84,7 +84,7 @@ def _setup_distributed(device: str) -> tuple[int, int, str]:
 def _load_base(args: argparse.Namespace, device: str) -> tuple[Any, Any]:
     import torch
 
-    from ..models import load_model
+    from ..pretrained import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,7 +146,7 @@ def dense_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..data import TokenizedDataset, subsample
+    from ..training.data import TokenizedDataset, subsample
     from ..training import TrainConfig, build_adapter_model, count_trainable, train
 
     config = TrainConfig(
@@ -213,7 +213,7 @@ def attach_adapter(base: Any, source: Optional[str]) -> Any:
     if source is None:
         return base
     from ..io import split_source
-    from ..model import DenseLoRAModel
+    from ..method.model import DenseLoRAModel
 
     path, _ = split_source(source)
     config_file = path / "adapter_config.json"
@@ -230,7 +230,7 @@ def attach_adapter(base: Any, source: Optional[str]) -> Any:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..evaluation import dataset_kind, generation_accuracy, multiple_choice_accuracy
+    from ..training.evaluation import dataset_kind, generation_accuracy, multiple_choice_accuracy
 
     splits = load_splits(args)
     is_choice = all(e.is_multiple_choice for e in splits.train + splits.validation + splits.test)

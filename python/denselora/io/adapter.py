@@ -12,8 +12,8 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from . import _core
-from .errors import ArgumentError
+from .. import _core
+from ..errors import ArgumentError
 
 PathLike = Union[str, "os.PathLike[str]"]
 CONFIG_FILE = "adapter_config.json"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import denselora as dl
-from denselora import diagnostics
+from _study import diagnostics
 from denselora.errors import ArgumentError
-from denselora.optim import create_optimizer
+from denselora.training.optim import create_optimizer
 
 from conftest import randomize_adapter, tiny_llama
 

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 ACTIVATIONS = ("gelu", "identity", "silu")

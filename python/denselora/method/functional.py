@@ -7,7 +7,7 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import Example, encode_text, pad_id_of
-from .errors import ArgumentError
+from ..errors import ArgumentError
 
 
 @dataclass

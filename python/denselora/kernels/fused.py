@@ -29,9 +29,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from . import _core
-from .errors import ArgumentError, DTypeError, ShapeError
-from .functional import Activations, split_activations
+from .. import _core
+from ..errors import ArgumentError, DTypeError, ShapeError
+from ..method.functional import Activations, split_activations
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 

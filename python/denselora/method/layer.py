@@ -9,9 +9,10 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from . import _core, kernels
+from .. import _core
+from ..kernels import fused as kernels
 from .autograd import compiled_branch, efficient_branch, resolve_impl
-from .errors import ArgumentError, ConfigError, NotMergeableError
+from ..errors import ArgumentError, ConfigError, NotMergeableError
 from .functional import dense_branch, split_activations
 
 INFERENCE_BACKENDS = ("auto", "torch", "rust")

@@ -36,8 +36,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _core
-from .errors import ArgumentError, ConfigError
+from .. import _core
+from ..errors import ArgumentError, ConfigError
 from .functional import Activations, activation_fn, dense_branch, split_activations
 
 BRANCH_IMPLS = ("auto", "efficient", "plain", "compiled")

@@ -14,8 +14,8 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .errors import ArgumentError
-from .layer import DenseLoRALayer
+from denselora.errors import ArgumentError
+from denselora.method.layer import DenseLoRALayer
 
 
 def parameter_group(name: str) -> str:

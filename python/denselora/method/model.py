@@ -16,10 +16,10 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from . import io as adapter_io
+from .. import io as adapter_io
 from .autograd import check_branch_impl
 from .config import DenseLoRAConfig
-from .errors import ConfigError, IncompatibleAdapterError, NotMergeableError
+from ..errors import ConfigError, IncompatibleAdapterError, NotMergeableError
 from .layer import INFERENCE_BACKENDS, DenseLoRALayer, DenseLoRAShared, is_adaptable, is_conv1d, linear_dims
 
 SHARED_ATTR = "denselora_shared"

@@ -35,11 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _core
-from .config import DEFAULT_TARGET_MODULES, DenseLoRAConfig
+from .. import _core
+from ..method.config import DEFAULT_TARGET_MODULES, DenseLoRAConfig
 from .data import IGNORE_INDEX, Collator, TokenizedDataset, pad_id_of
-from .errors import ArgumentError, ConfigError, FormatError
-from .model import SHARED_ATTR, DenseLoRAModel, get_denselora_model
+from ..errors import ArgumentError, ConfigError, FormatError
+from ..method.model import SHARED_ATTR, DenseLoRAModel, get_denselora_model
 from .optim import create_optimizer
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -200,7 +200,7 @@ def save_on_main(model: nn.Module, directory: os.PathLike | str) -> None:
             if rank == 0:
                 tensors = {k: v.detach().clone() for k, v in inner.adapter_state().items()}
         if rank == 0:
-            from .io import save_adapter
+            from ..io import save_adapter
 
             directory = Path(directory)
             directory.parent.mkdir(parents=True, exist_ok=True)
@@ -692,7 +692,7 @@ class _nullcontext:
 
 def load_best(model: nn.Module, output_dir: os.PathLike | str) -> None:
     """Load the adapter saved under ``output_dir/adapter`` back into ``model`` (DenseLoRA)."""
-    from .io import load_adapter
+    from ..io import load_adapter
 
     inner = unwrap(model)
     if not isinstance(inner, DenseLoRAModel):

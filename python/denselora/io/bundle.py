@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from . import _core
-from .errors import ArgumentError
+from .. import _core
+from ..errors import ArgumentError
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: A source to pack: an adapter directory, or ``(config, {tensor name: tensor or ndarray})``.
@@ -106,7 +106,7 @@ class Bundle:
 
     def torch_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors as writable torch tensors (copies, bfloat16 restored)."""
-        from .io import numpy_to_tensor
+        from .adapter import numpy_to_tensor
 
         raw = self._open.tensors(name, True)
         return {k: numpy_to_tensor(dtype, np.array(array)) for k, (dtype, array) in raw.items()}
@@ -127,7 +127,7 @@ def _entry(name: str, source: AdapterSource) -> tuple[str, Any]:
     if isinstance(source, (str, os.PathLike)):
         return name, os.fspath(source)
     if isinstance(source, tuple) and len(source) == 2:
-        from .io import tensor_to_numpy
+        from .adapter import tensor_to_numpy
 
         config, tensors = source
         arrays = {

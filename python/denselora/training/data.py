@@ -17,10 +17,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .errors import ArgumentError, FormatError
+from ..errors import ArgumentError, FormatError
 
 PathLike = Union[str, "os.PathLike[str]"]
 IGNORE_INDEX = -100
+# BIG-bench slices shipped inside the package (see ``denselora/tasks/README.md``).
+_TASKS = Path(__file__).resolve().parent.parent / "tasks" / "bigbench"
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -291,8 +293,8 @@ class Collator:
 
 def packaged_task_path(name: str = "social_iqa") -> Path:
     """A slice of a BIG-bench task shipped inside the package (see ``denselora/tasks/README.md``)."""
-    path = Path(__file__).parent / "tasks" / "bigbench" / name / "task.json"
+    path = _TASKS / name / "task.json"
     if not path.is_file():
-        available = sorted(p.name for p in (Path(__file__).parent / "tasks" / "bigbench").glob("*") if p.is_dir())
+        available = sorted(p.name for p in _TASKS.glob("*") if p.is_dir())
         raise ArgumentError(f"no packaged task {name!r}; available: {available}")
     return path

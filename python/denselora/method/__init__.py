@@ -1,0 +1,1 @@
+"""The method: what a DenseLoRA adapter is and computes, in PyTorch."""

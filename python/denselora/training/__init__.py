@@ -1,0 +1,25 @@
+"""Training adapters: the loop, its data, evaluation and optimizers."""
+
+from .loop import (
+    PRECISIONS,
+    SCHEDULES,
+    STATE_FILE,
+    TrainConfig,
+    TrainResult,
+    batch_indices,
+    build_adapter_model,
+    count_trainable,
+    evaluate_loss,
+    fsdp_auto_wrap_policy,
+    latest_checkpoint,
+    load_best,
+    load_trainable_state,
+    lr_lambda,
+    plot_loss_curve,
+    save_adapter_dir,
+    save_on_main,
+    token_loss_sum,
+    train,
+    trainable_state,
+    unwrap,
+)
