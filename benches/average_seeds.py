@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 import denselora as dl
-from denselora.training.data import TokenizedDataset, load_examples, split_examples
-from denselora.training.evaluation import multiple_choice_accuracy
 from denselora.pretrained import load_model
 from denselora.training import TrainConfig, build_adapter_model, train
+from denselora.training.data import TokenizedDataset, load_examples, split_examples
+from denselora.training.evaluation import multiple_choice_accuracy
 
 HERE = Path(__file__).resolve().parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,7 +65,7 @@ class Bench:
             return adapter
         a = self.args
         torch.manual_seed(init_seed)  # the initial adapter is a function of init_seed alone
-        model = build_adapter_model(self.fresh_base(), "denselora", r=a.r, alpha=a.alpha, preset=a.preset)
+        model = build_adapter_model(self.fresh_base(), r=a.r, alpha=a.alpha, preset=a.preset)
         config = TrainConfig(
             lr=a.lr, max_steps=a.steps, micro_batch_size=a.batch, warmup_steps=max(1, a.steps // 10),
             schedule="linear", seed=data_seed, eval_batch_size=16, progress=False, plot=False,

@@ -20,9 +20,9 @@ benches/results/kernel.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,6 +32,7 @@ import torch
 
 import denselora as dl
 from denselora import kernels
+from denselora.io import arrays
 from denselora.method.functional import dense_branch as torch_branch
 
 LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -88,15 +89,15 @@ def peak_gflops(budget: float) -> dict:
     for size in (512, 1024, 2048):
         a, b = torch.randn(size, size), torch.randn(size, size)
         c = torch.empty(size, size)
-        t = compare(lambda: torch.mm(a, b, out=c), lambda: None, budget, rounds=9)[0]
+        t = compare(functools.partial(torch.mm, a, b, out=c), lambda: None, budget, rounds=9)[0]
         rate = 2 * size**3 / t / 1e9
         if rate > best:
             best, where = rate, f"torch.mm {size}x{size}x{size} float32"
     return {"gflops": best, "how": where}
 
 
-def numpy_view(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+def _torch_add(out: torch.Tensor, x: torch.Tensor, e: torch.Tensor, m: torch.Tensor, d: torch.Tensor) -> None:
+    out.add_(torch_branch(x, e, m, d, scale=2.0, activation="gelu"))
 
 
 def micro(budget: float, shapes, ranks, rows, dtypes, peak: float, isas: list[str]) -> list[dict]:
@@ -109,17 +110,13 @@ def micro(budget: float, shapes, ranks, rows, dtypes, peak: float, isas: list[st
                 e = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(tdtype)
                 m = (torch.randn(r, r, generator=gen) / r**0.5).to(tdtype)
                 d = (torch.randn(d_out, r, generator=gen) / r**0.5).to(tdtype)
-                en, mn, dn = numpy_view(e), numpy_view(m), numpy_view(d)
+                en, mn, dn = arrays.view(e, "e"), arrays.view(m, "m"), arrays.view(d, "d")
                 for n in rows:
                     x = torch.randn(n, d_in, generator=gen).to(tdtype)
                     out = torch.zeros(n, d_out, dtype=tdtype)
-                    xn, outn = numpy_view(x), numpy_view(out)
-
-                    def run_torch() -> None:
-                        out.add_(torch_branch(x, e, m, d, scale=2.0, activation="gelu"))
-
-                    def run_rust() -> None:
-                        kernels.dense_branch(xn, en, mn, dn, scale=2.0, activation="gelu", out=outn)
+                    xn, outn = arrays.view(x, "x"), arrays.view(out, "out")
+                    run_torch = functools.partial(_torch_add, out, x, e, m, d)
+                    run_rust = functools.partial(kernels.fused_branch, xn, en, mn, dn, scale=2.0, activation="gelu", out=outn)
 
                     def use(isa: str) -> Callable[[], None]:
                         return lambda: kernels.set_isa(isa)
@@ -174,24 +171,24 @@ def end_to_end(new_tokens: int, repeats: int) -> dict:
             t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
     layers = sum(1 for _ in wrapped.adapter_layers())
 
-    def seconds(model, backend: Optional[str]) -> float:
-        if backend is not None:
-            wrapped.set_inference_backend(backend)
+    def seconds(model, path: Optional[str]) -> float:
+        if path is not None:
+            wrapped.set_branch_path(path)
         start = time.perf_counter()
         model.generate(prompt, **kwargs)
         return time.perf_counter() - start
 
-    runs = {"base": (base, None), "torch": (wrapped, "torch"), "rust": (wrapped, "rust")}
+    runs = {"base": (base, None), "torch": (wrapped, "reference"), "rust": (wrapped, "fused")}
     best = {name: float("inf") for name in runs}
     texts = {}
     with torch.no_grad():
-        for name, (model, backend) in runs.items():  # warm-up, and the greedy outputs
-            if backend is not None:
-                wrapped.set_inference_backend(backend)
+        for name, (model, path) in runs.items():  # warm-up, and the greedy outputs
+            if path is not None:
+                wrapped.set_branch_path(path)
             texts[name] = model.generate(prompt, **kwargs)[0].tolist()
         for _ in range(repeats):  # interleaved, best of each
-            for name, (model, backend) in runs.items():
-                best[name] = min(best[name], seconds(model, backend))
+            for name, (model, path) in runs.items():
+                best[name] = min(best[name], seconds(model, path))
     rate = {name: new_tokens / t for name, t in best.items()}
     return {
         "model": "SmolLM2-135M-Instruct",

@@ -73,7 +73,7 @@ def rss_bytes() -> int:
 class RssPeak:
     """Peak RSS above the value at entry, sampled by a thread."""
 
-    def __enter__(self) -> "RssPeak":
+    def __enter__(self) -> RssPeak:
         self.start = rss_bytes()
         self.peak = self.start
         self._stop = threading.Event()
@@ -113,7 +113,7 @@ def build_7b_stack(layers: int) -> torch.nn.Module:
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu")
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 1:
                 param.fill_(1.0)
             else:
@@ -135,10 +135,10 @@ def make_variant(base: torch.nn.Module, variant: str, r: int) -> torch.nn.Module
         config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=TARGETS, bias="none")
         wrapped = get_peft_model(model, config)
     else:
-        preset, impl = variant.split("-", 1)
+        preset, path = variant.split("-", 1)
         config = dl.DenseLoRAConfig.from_preset(preset, r=r, alpha=2 * r, dropout=0.05, target_modules=TARGETS)
         wrapped = dl.get_denselora_model(model, config)
-        wrapped.set_branch_impl(impl)
+        wrapped.set_branch_path("reference" if path == "plain" else path)  # "plain": the reference ops
     wrapped.train()
     return wrapped
 

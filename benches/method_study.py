@@ -38,10 +38,12 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "python"))
 
 import denselora as dl  # noqa: E402
-from _study import diagnostics  # noqa: E402
+from denselora.training import TrainConfig, evaluate_loss, train  # noqa: E402
 from denselora.training.data import TokenizedDataset, load_examples, pad_id_of, split_examples  # noqa: E402
 from denselora.training.evaluation import multiple_choice_accuracy  # noqa: E402
-from denselora.training import TrainConfig, build_adapter_model, count_trainable, evaluate_loss, train  # noqa: E402
+
+from _study import diagnostics  # noqa: E402
+from _study.methods import build_adapter_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 TASKS = {
@@ -109,7 +111,7 @@ def splits_for(task: str, args: argparse.Namespace) -> Any:
 def run_one(kind: str, task: str, variant: str, lr: float, seed: int, args: argparse.Namespace, *, track: bool) -> dict[str, Any]:
     splits = splits_for(task, args)
     model, tokenizer = build(variant, seed, args.r, args.alpha)
-    trainable, _ = count_trainable(model)
+    trainable, _ = model.get_nb_trainable_parameters()
     train_data = TokenizedDataset(splits.train, tokenizer, cutoff_len=args.cutoff)
     val_data = TokenizedDataset(splits.validation, tokenizer, cutoff_len=args.cutoff)
     config = TrainConfig(
@@ -212,9 +214,9 @@ _SLOPE_AT_ZERO = {"gelu": 0.5, "silu": 0.5, "identity": 1.0}
 def capture_inputs_and_grads(task: str, args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Inputs ``x_l`` and output gradients ``dL/dy_l`` of every targeted layer on one training batch
     of the frozen model (the adapters all start as the base model, so these are exact at step 0)."""
-    from denselora.training.data import Collator
     from denselora.pretrained import load_model
     from denselora.training import token_loss_sum
+    from denselora.training.data import Collator
 
     base, tokenizer = load_model()
     splits = splits_for(task, args)
@@ -259,7 +261,7 @@ def first_step_gain(inputs: dict[str, torch.Tensor], grads: dict[str, torch.Tens
     decrease = 0.0
     per_layer_l1 = 0.0
     gains = []
-    for name, paths in groups.items():
+    for paths in groups.values():
         fan_in = inputs[paths[0]].shape[1]
         if spec == "lora":
             scale, slope, act_e = alpha / r, 1.0, _act("identity")

@@ -67,10 +67,12 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
+    from denselora.pretrained import load_model
+    from denselora.training import TrainConfig, train
     from denselora.training.data import TokenizedDataset, load_examples, split_examples, subsample
     from denselora.training.evaluation import multiple_choice_accuracy
-    from denselora.pretrained import load_model
-    from denselora.training import TrainConfig, build_adapter_model, count_trainable, train
+
+    from _study.methods import build_adapter_model
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -83,7 +85,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(spec["seed"])
     options = {k: v for k, v in method.items() if k in ("preset", "activation")}
     model = build_adapter_model(base, method["method"], r=method["r"], alpha=2 * method["r"], **options)
-    trainable, total = count_trainable(model)
+    trainable, total = model.get_nb_trainable_parameters()
     config = TrainConfig(
         lr=spec["lr"], max_steps=spec["steps"], micro_batch_size=spec["batch_size"], warmup_steps=max(1, spec["steps"] // 10),
         seed=spec["seed"], progress=False, plot=False,

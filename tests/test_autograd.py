@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from scipy.stats import binomtest
 
 import denselora as dl
-from denselora.method import autograd as dl_autograd
-from denselora.method.autograd import dropout_masks, efficient_branch, site_shapes
 from denselora import _core
 from denselora.errors import ArgumentError, ConfigError, DTypeError, LayoutError, ShapeError
+from denselora.kernels import dropout as dl_dropout
+from denselora.kernels.dropout import dropout_masks, site_shapes
+from denselora.method import paths as dl_paths
+from denselora.method.autograd import efficient_branch
 from denselora.method.functional import dense_branch
 
 from conftest import randomize_adapter, tiny_llama
@@ -164,8 +166,8 @@ def test_cpu_mask_equals_numpy_reference(seed, offset):
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_cpu_mask_drop_rate_is_binomial(p):
-    threshold = dl_autograd._threshold(p)
-    (drops,) = dl_autograd.dropout_drops([torch.Size([1 << 21])], p, 31 + int(p * 100), torch.device("cpu"))
+    threshold = dl_dropout._threshold(p)
+    (drops,) = dl_dropout.dropout_drops([torch.Size([1 << 21])], p, 31 + int(p * 100), torch.device("cpu"))
     assert binomtest(int(drops.sum()), drops.numel(), threshold / 65536).pvalue > 1e-4
 
 
@@ -192,7 +194,7 @@ def test_cpu_mask_chunks_equal_the_whole():
     _core.dropout_mask(t.numpy(), 77, 9000)
     np.testing.assert_array_equal(t.numpy(), whole)
     # Negative seeds wrap modulo 2**64, as torch.Generator.manual_seed takes them.
-    drops = [dl_autograd.dropout_drops([torch.Size([n])], 0.3, seed, "cpu")[0] for seed in (-5, 2**64 - 5)]
+    drops = [dl_dropout.dropout_drops([torch.Size([n])], 0.3, seed, "cpu")[0] for seed in (-5, 2**64 - 5)]
     assert torch.equal(*drops)
 
 
@@ -216,7 +218,7 @@ def test_cpu_mask_bad_inputs():
         with pytest.raises(DTypeError, match="out"):
             _core.dropout_mask(bad, 1, 5)
     with pytest.raises(ArgumentError, match="seed"):
-        dl_autograd.dropout_drops([torch.Size([4])], 0.1, 2**64, "cpu")
+        dl_dropout.dropout_drops([torch.Size([4])], 0.1, 2**64, "cpu")
     assert not out.any() and not readonly.any()
 
 
@@ -225,8 +227,8 @@ def test_site_dropout_zeroes_what_the_masks_drop(dtype):
     # The in-place zeroing of each site (the CPU training path) equals masked_fill with the bool
     # masks of the same seed, site by site (each site at its offset of the stream).
     shapes = site_shapes(torch.Size([3, 7, 33]), 5, 19)
-    drops = dl_autograd.SiteDropout(shapes, 0.3, 4242, torch.device("cpu"))
-    masks = dl_autograd.dropout_drops(shapes, 0.3, 4242, "cpu")
+    drops = dl_dropout.SiteDropout(shapes, 0.3, 4242, torch.device("cpu"))
+    masks = dl_dropout.dropout_drops(shapes, 0.3, 4242, "cpu")
     for site, (shape, mask) in enumerate(zip(shapes, masks)):
         t = torch.randn(shape, generator=torch.Generator().manual_seed(site)).to(dtype) + 3.0  # no zeros
         expected = t.masked_fill(mask, 0.0)
@@ -279,7 +281,7 @@ def _adapted_llama(dropout=0.1, activation="gelu", targets=("up_proj",)):
 
 
 def _grads(model, tokens, impl, **autocast):
-    model.set_branch_impl(impl)
+    model.set_branch_path(impl)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(42)
     if autocast:
@@ -299,7 +301,7 @@ def test_layer_dropout_uses_seed_from_default_generator(tokens):
     x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(4))
     encoder, m, decoder = layer._factors(x.device)
     torch.manual_seed(11)
-    seed = dl_autograd.draw_seed()
+    seed = dl_dropout.draw_seed()
     expected = _masked_reference(x, encoder, m, decoder, scale=layer.scaling, pair=layer.activation, p=0.2, seed=seed)
     torch.manual_seed(11)
     torch.testing.assert_close(layer.branch(x), expected, rtol=1e-5, atol=1e-6)
@@ -313,7 +315,7 @@ def test_layer_dropout_uses_seed_from_default_generator(tokens):
 @pytest.mark.parametrize("activation", ["gelu", "identity"])
 def test_model_gradients_equal_plain_path(tokens, activation):
     model = _adapted_llama(dropout=0.0, activation=activation, targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))
-    loss_p, grads_p = _grads(model, tokens, "plain")
+    loss_p, grads_p = _grads(model, tokens, "reference")
     loss_e, grads_e = _grads(model, tokens, "efficient")
     loss_a, grads_a = _grads(model, tokens, "auto")
     torch.testing.assert_close(loss_e, loss_p)
@@ -330,9 +332,9 @@ def test_autocast_bfloat16_cpu(tokens):
     x = torch.randn(2, 7, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.branch(x.requires_grad_()).dtype == torch.bfloat16
-    loss_p, grads_p = _grads(model, tokens, "plain", dtype=torch.bfloat16)
+    loss_p, grads_p = _grads(model, tokens, "reference", dtype=torch.bfloat16)
     loss_e, grads_e = _grads(model, tokens, "efficient", dtype=torch.bfloat16)
-    _, grads_32 = _grads(model, tokens, "plain")
+    _, grads_32 = _grads(model, tokens, "reference")
     torch.testing.assert_close(loss_e, loss_p, rtol=2e-2, atol=2e-2)
     for k in grads_p:
         assert grads_e[k].dtype == torch.float32  # the parameters' dtype, not the autocast one
@@ -406,9 +408,9 @@ def test_saved_tensors_are_r_wide(pair):
     params = [layer.shared.encoder, layer.shared.decoder, layer.m]
     x = torch.randn(3, 5, in_f, requires_grad=True)
 
-    layer.branch_impl = "plain"
+    layer.branch_path = "reference"
     _, saved_plain = _saved(lambda: layer.branch(x))
-    layer.branch_impl = "efficient"
+    layer.branch_path = "efficient"
     out, saved_fast = _saved(lambda: layer.branch(x))
     out.sum().backward()  # the saved tensors suffice for backward
 
@@ -425,35 +427,35 @@ def test_saved_tensors_are_r_wide(pair):
     # Through a whole model the same holds: fewer bytes kept, the base model's own unchanged.
     def kept(impl):
         model = _adapted_llama(dropout=0.1)
-        model.set_branch_impl(impl)
+        model.set_branch_path(impl)
         tokens = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
         loss, saved = _saved(lambda: model(input_ids=tokens, labels=tokens).loss)
         return _activation_bytes(saved, list(model.parameters()))
 
-    assert kept("efficient") < kept("plain")
+    assert kept("efficient") < kept("reference")
 
 
-def test_branch_impl_setting_and_errors(tokens):
+def test_branch_path_setting_and_errors(tokens):
     model = _adapted_llama(dropout=0.0)
-    with pytest.raises(ConfigError, match="set_branch_impl"):
-        model.set_branch_impl("fused")
+    with pytest.raises(ConfigError, match="set_branch_path"):
+        model.set_branch_path("plain")
     _, layer = next(iter(model.adapter_layers()))
-    layer.branch_impl = "bogus"
     with pytest.raises(ConfigError, match="bogus"):
-        model(input_ids=tokens)
-    model.set_branch_impl("plain")
-    assert all(l.branch_impl == "plain" for _, l in model.adapter_layers())
+        layer.branch_path = "bogus"
+    assert layer.branch_path == "auto"
+    model.set_branch_path("reference")
+    assert all(layer.branch_path == "reference" for _, layer in model.adapter_layers())
     x = torch.randn(2, 3, 32, requires_grad=True)
     _, saved = _saved(lambda: layer.branch(x))
     assert any(t.shape[-1] == 48 for t in saved)  # up_proj is 32 -> 48: the plain path keeps wide tensors
-    model.set_branch_impl("auto")
+    model.set_branch_path("auto")
     _, saved = _saved(lambda: layer.branch(x))
     assert not any(t.shape[-1] == 48 and t.dim() == 3 for t in saved)
     # Inference under no_grad: the plain ops (nothing is kept either way) give the same output.
     model.eval()
     with torch.no_grad():
         plain = layer.branch(x)
-        layer.branch_impl = "efficient"
+        layer.branch_path = "efficient"
         torch.testing.assert_close(layer.branch(x), plain)
 
 
@@ -462,13 +464,13 @@ def test_compiled_falls_back_when_compile_fails(monkeypatch):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(dl_autograd, "_compiled", None)
-    monkeypatch.setattr(dl_autograd, "_compile_failed", False)
+    monkeypatch.setattr(dl_paths, "_compiled", None)
+    monkeypatch.setattr(dl_paths, "_compile_failed", False)
     tensors = _factors()
     weights = torch.ones(2, 5, 10)
     kw = dict(scale=1.0, activation="gelu", dropout=0.0, training=True)
     with pytest.warns(RuntimeWarning, match="no compiler"):
-        compiled = _run(dl_autograd.compiled_branch, tensors, weights, **kw)
+        compiled = _run(dl_paths.compiled_branch, tensors, weights, **kw)
     plain = _run(dense_branch, tensors, weights, **kw)
     for a, b in zip(plain, compiled):
         torch.testing.assert_close(b, a)
@@ -481,7 +483,7 @@ def test_bfloat16_base_model_float32_adapter(tokens):
     model.get_base_model().to(torch.bfloat16)
     for tensor in model.adapter_state().values():
         tensor.data = tensor.data.float()
-    loss_p, grads_p = _grads(model, tokens, "plain")
+    loss_p, grads_p = _grads(model, tokens, "reference")
     loss_e, grads_e = _grads(model, tokens, "efficient")
     torch.testing.assert_close(loss_e, loss_p)
     for k in grads_p:
@@ -507,10 +509,10 @@ def test_factors_on_another_device_cuda():
     _, layer = next(iter(model.adapter_layers()))
     x = torch.randn(2, 3, 32, device="cuda", requires_grad=True)
     grads = {}
-    for impl in ("plain", "efficient"):
-        layer.branch_impl = impl
+    for impl in ("reference", "efficient"):
+        layer.branch_path = impl
         layer.shared.encoder.grad = None
         layer(x).square().sum().backward()
         grads[impl] = layer.shared.encoder.grad.clone()
-    assert grads["plain"].device.type == "cpu"
-    torch.testing.assert_close(grads["efficient"], grads["plain"], rtol=1e-4, atol=1e-5)
+    assert grads["reference"].device.type == "cpu"
+    torch.testing.assert_close(grads["efficient"], grads["reference"], rtol=1e-4, atol=1e-5)

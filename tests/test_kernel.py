@@ -12,7 +12,6 @@ from scipy.special import erfc
 
 import denselora as dl
 from denselora import _core, kernels
-from denselora.method.layer import DenseLoRALayer
 from denselora.errors import ArgumentError, ConfigError, DTypeError, LayoutError, NonFiniteError, ShapeError
 
 from conftest import randomize_adapter, tiny_gpt2, tiny_llama
@@ -112,14 +111,14 @@ def test_matches_numpy_float64_reference(case, act_dtype, weight_dtype, isa):
     want = out0v + reference(xv, ev, mv, dv, 0.5, acts)
 
     out = out0.copy()
-    returned = kernels.dense_branch(x, e, m, d, scale=0.5, activation=acts, out=out)
+    returned = kernels.fused_branch(x, e, m, d, scale=0.5, activation=acts, out=out)
     assert returned is out
     got = values(out, act_dtype)
     # One rounding to the output dtype, after f32 accumulation.
     tol = 2 * EPS[act_dtype] * np.abs(want) + 1e-5 * (1 + np.abs(want))
     assert np.all(np.abs(got - want) <= tol), np.max(np.abs(got - want) - tol)
 
-    fresh = kernels.dense_branch(x, e, m, d, scale=0.5, activation=acts)
+    fresh = kernels.fused_branch(x, e, m, d, scale=0.5, activation=acts)
     assert fresh.shape == (n, d_out) and fresh.dtype == x.dtype
     branch = reference(xv, ev, mv, dv, 0.5, acts)
     assert np.all(np.abs(values(fresh, act_dtype) - branch) <= 2 * EPS[act_dtype] * np.abs(branch) + 1e-5 * (1 + np.abs(branch)))
@@ -130,7 +129,7 @@ def test_gelu_is_the_exact_erf_form_over_a_wide_range():
     x = np.linspace(-12, 12, 24001, dtype=np.float32).reshape(-1, 1)
     one = np.ones((1, 1), np.float32)
     for name in ("gelu", "silu"):
-        got = kernels.dense_branch(x, one, one, one, scale=1.0, activation=(name, "identity"))
+        got = kernels.fused_branch(x, one, one, one, scale=1.0, activation=(name, "identity"))
         want = act64(name, x.astype(np.float64))
         slope = np.abs(act64(name, x.astype(np.float64) * (1 + 1e-7)) - want) * 1e7
         assert np.all(np.abs(got - want) <= 4e-7 * np.abs(want) + 2 * 1.2e-7 * slope + 1e-37)
@@ -143,13 +142,13 @@ def test_torch_tensors_in_and_out_with_leading_dimensions():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 24, generator=g).bfloat16()
     e, m, d = torch.randn(4, 24, generator=g), torch.randn(4, 4, generator=g), torch.randn(10, 4, generator=g)
-    y = kernels.dense_branch(x, e, m, d, scale=2.0, activation="gelu")
+    y = kernels.fused_branch(x, e, m, d, scale=2.0, activation="gelu")
     assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16 and y.shape == (2, 3, 10)
     want = reference(x.double().numpy().reshape(6, 24), e.double().numpy(), m.double().numpy(), d.double().numpy(), 2.0, ("gelu", "gelu"))
     np.testing.assert_allclose(y.double().numpy().reshape(6, 10), want, rtol=2e-2, atol=1e-3)
     # In place into a torch tensor, through a parameter that requires grad.
     out = torch.ones(2, 3, 10, dtype=torch.bfloat16)
-    kernels.dense_branch(x, torch.nn.Parameter(e), m, d, scale=2.0, activation="gelu", out=out)
+    kernels.fused_branch(x, torch.nn.Parameter(e), m, d, scale=2.0, activation="gelu", out=out)
     np.testing.assert_allclose(out.double().numpy().reshape(6, 10), 1 + want, rtol=2e-2, atol=1e-2)
 
 
@@ -172,61 +171,61 @@ def small(dtype=np.float32):
 def test_shape_mismatches_name_the_argument(argument, bad):
     args = bad(*small())
     with pytest.raises(ShapeError, match=f"^{argument}:"):
-        kernels.dense_branch(*args, scale=1.0, activation="gelu")
+        kernels.fused_branch(*args, scale=1.0, activation="gelu")
 
 
 def test_dtype_layout_and_value_errors_name_the_argument():
     x, e, m, d = small()
     with pytest.raises(DTypeError, match="^x:"):
-        kernels.dense_branch(x.astype(np.float64), e, m, d, scale=1.0, activation="gelu")
+        kernels.fused_branch(x.astype(np.float64), e, m, d, scale=1.0, activation="gelu")
     with pytest.raises(DTypeError, match="^m:"):
-        kernels.dense_branch(x, e, m.astype(np.float16), d, scale=1.0, activation="gelu")
+        kernels.fused_branch(x, e, m.astype(np.float16), d, scale=1.0, activation="gelu")
     with pytest.raises(DTypeError, match="^decoder:"):
-        kernels.dense_branch(x, e, m, torch.from_numpy(d).double(), scale=1.0, activation="gelu")
+        kernels.fused_branch(x, e, m, torch.from_numpy(d).double(), scale=1.0, activation="gelu")
     with pytest.raises(DTypeError, match="^out:"):
-        kernels.dense_branch(x, e, m, d, scale=1.0, activation="gelu", out=np.zeros((3, 6), np.float16))
+        kernels.fused_branch(x, e, m, d, scale=1.0, activation="gelu", out=np.zeros((3, 6), np.float16))
     with pytest.raises(DTypeError, match="^encoder:"):
-        kernels.dense_branch(x, e.tolist(), m, d, scale=1.0, activation="gelu")
+        kernels.fused_branch(x, e.tolist(), m, d, scale=1.0, activation="gelu")
     with pytest.raises(LayoutError, match="^x:"):
-        kernels.dense_branch(np.asfortranarray(x), e, m, d, scale=1.0, activation="gelu")
+        kernels.fused_branch(np.asfortranarray(x), e, m, d, scale=1.0, activation="gelu")
     with pytest.raises(LayoutError, match="^encoder:"):
-        kernels.dense_branch(x, np.ascontiguousarray(e.T).T, m, d, scale=1.0, activation="gelu")
+        kernels.fused_branch(x, np.ascontiguousarray(e.T).T, m, d, scale=1.0, activation="gelu")
     with pytest.raises(LayoutError, match="^x:"):
-        kernels.dense_branch(torch.from_numpy(x).T, e[:, :3].copy(), m, d, scale=1.0, activation="gelu")
+        kernels.fused_branch(torch.from_numpy(x).T, e[:, :3].copy(), m, d, scale=1.0, activation="gelu")
     read_only = np.zeros((3, 6), np.float32)
     read_only.flags.writeable = False
     with pytest.raises(LayoutError, match="^out:.*read-only"):
-        kernels.dense_branch(x, e, m, d, scale=1.0, activation="gelu", out=read_only)
+        kernels.fused_branch(x, e, m, d, scale=1.0, activation="gelu", out=read_only)
     buffer = np.zeros(64, np.float32)
     with pytest.raises(LayoutError, match="^out:.*shares memory with x"):
-        kernels.dense_branch(buffer[:24].reshape(3, 8), e, m, d, scale=1.0, activation="gelu", out=buffer[20:38].reshape(3, 6))
+        kernels.fused_branch(buffer[:24].reshape(3, 8), e, m, d, scale=1.0, activation="gelu", out=buffer[20:38].reshape(3, 6))
     with pytest.raises(LayoutError, match="^out:"):
-        kernels.dense_branch(x, e, m, d, scale=1.0, activation="gelu", out=np.zeros((3, 12), np.float32)[:, ::2])
+        kernels.fused_branch(x, e, m, d, scale=1.0, activation="gelu", out=np.zeros((3, 12), np.float32)[:, ::2])
     with pytest.raises(ShapeError, match="^out:"):
-        kernels.dense_branch(x, e, m, d, scale=1.0, activation="gelu", out=np.zeros((2, 6), np.float32))
+        kernels.fused_branch(x, e, m, d, scale=1.0, activation="gelu", out=np.zeros((2, 6), np.float32))
     with pytest.raises(ShapeError, match="^out:"):
-        kernels.dense_branch(x, e, m, d, scale=1.0, activation="gelu", out=np.zeros((3, 5), np.float32))
+        kernels.fused_branch(x, e, m, d, scale=1.0, activation="gelu", out=np.zeros((3, 5), np.float32))
     with pytest.raises(ArgumentError, match="^decoder_activation:"):
-        kernels.dense_branch(x, e, m, d, scale=1.0, activation=("gelu", "relu"))
+        kernels.fused_branch(x, e, m, d, scale=1.0, activation=("gelu", "relu"))
     with pytest.raises(ArgumentError, match="^scale:"):
-        kernels.dense_branch(x, e, m, d, scale=float("nan"), activation="gelu")
+        kernels.fused_branch(x, e, m, d, scale=float("nan"), activation="gelu")
     with pytest.raises(ArgumentError, match="^x:"):
-        kernels.dense_branch(torch.zeros(3, 8, device="meta"), e, m, d, scale=1.0, activation="gelu")
+        kernels.fused_branch(torch.zeros(3, 8, device="meta"), e, m, d, scale=1.0, activation="gelu")
 
 
 def test_nan_propagates_by_row_or_is_reported_with_check_finite():
     x, e, m, d = small()
     x[1, 3] = np.nan
-    y = kernels.dense_branch(x, e, m, d, scale=1.0, activation="gelu")
+    y = kernels.fused_branch(x, e, m, d, scale=1.0, activation="gelu")
     assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
     out = np.ones((3, 6), np.float32)
     with pytest.raises(NonFiniteError, match="^x:"):
-        kernels.dense_branch(x, e, m, d, scale=1.0, activation="gelu", out=out, check_finite=True)
+        kernels.fused_branch(x, e, m, d, scale=1.0, activation="gelu", out=out, check_finite=True)
     assert (out == 1).all()  # nothing written
     x[1, 3] = 0
     m[0, 0] = np.inf
     with pytest.raises(NonFiniteError, match="^m:"):
-        kernels.dense_branch(x, e, m, d, scale=1.0, activation="gelu", check_finite=True)
+        kernels.fused_branch(x, e, m, d, scale=1.0, activation="gelu", check_finite=True)
 
 
 def test_thread_setting_gives_identical_results():
@@ -241,7 +240,7 @@ def test_thread_setting_gives_identical_results():
             for threads in (1, 2, 3):
                 kernels.set_num_threads(threads)
                 assert kernels.get_num_threads() == threads
-                results.append(kernels.dense_branch(x, e, m, d, scale=0.1, activation="gelu"))
+                results.append(kernels.fused_branch(x, e, m, d, scale=0.1, activation="gelu"))
         finally:
             kernels.set_num_threads(None)
         assert all(np.array_equal(results[0], r) for r in results[1:])
@@ -258,36 +257,36 @@ def test_thread_setting_gives_identical_results():
 def kernel_calls(monkeypatch):
     """The input dtype of every layer call the kernel served."""
     calls = []
-    real = DenseLoRALayer._add_branch_with_kernel
+    real = kernels.KernelPath.add_
 
-    def counting(self, x, result):
-        used = real(self, x, result)
+    def counting(self, out, x, *args, **kwargs):
+        used = real(self, out, x, *args, **kwargs)
         if used:
             calls.append(x.dtype)
         return used
 
-    monkeypatch.setattr(DenseLoRALayer, "_add_branch_with_kernel", counting)
+    monkeypatch.setattr(kernels.KernelPath, "add_", counting)
     return calls
 
 
-def logits(model, tokens, backend):
-    model.set_inference_backend(backend)
+def logits(model, tokens, path):
+    model.set_branch_path(path)
     with torch.no_grad():
         return model(tokens).logits.double()
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
 @pytest.mark.parametrize("activation", ["gelu", "silu", "identity"])
-def test_model_outputs_agree_between_backends_in_float32(factory, activation, tokens, kernel_calls):
+def test_model_outputs_agree_between_branch_paths_in_float32(factory, activation, tokens, kernel_calls):
     config = dl.DenseLoRAConfig(r=4, activation=activation, encoder_activation="gelu")
     if factory is tiny_gpt2:
         config.target_modules = ["c_attn", "c_proj", "c_fc"]  # Conv1D layers
     model = dl.get_denselora_model(factory(), config)
     randomize_adapter(model)
     model.eval()
-    torch_out = logits(model, tokens, "torch")
+    torch_out = logits(model, tokens, "reference")
     assert kernel_calls == []
-    rust_out = logits(model, tokens, "rust")
+    rust_out = logits(model, tokens, "fused")
     layers = sum(1 for _ in model.adapter_layers())
     assert len(kernel_calls) == layers
     auto_out = logits(model, tokens, "auto")
@@ -305,12 +304,12 @@ def test_model_outputs_agree_in_bfloat16(tokens, kernel_calls):
     # the bfloat16 tolerance below is written for.
     model = dl.get_denselora_model(base, dl.DenseLoRAConfig.paper(r=4))
     randomize_adapter(model)
-    torch_f32 = logits(model, tokens, "torch")
+    torch_f32 = logits(model, tokens, "reference")
     model.to(torch.bfloat16)  # adapter and base both in bfloat16
     kernel_calls.clear()
     rust_out = logits(model, tokens, "auto")
     assert kernel_calls and all(dt == torch.bfloat16 for dt in kernel_calls)
-    torch_out = logits(model, tokens, "torch")
+    torch_out = logits(model, tokens, "reference")
     scale = torch_f32.abs().max().item()
     assert (rust_out - torch_out).abs().max().item() < 0.05 * scale
     assert (rust_out - torch_f32).abs().max().item() < 0.05 * scale
@@ -323,7 +322,7 @@ def test_bfloat16_base_with_float32_adapter_uses_the_kernel(tokens, kernel_calls
     x = torch.randn(3, 5, layer.shared.in_features).bfloat16()
     with torch.no_grad():
         fast = layer(x)
-        layer.inference_backend = "torch"
+        layer.branch_path = "reference"
         slow = layer(x)
     assert len(kernel_calls) == 1
     np.testing.assert_allclose(fast.double().numpy(), slow.double().numpy(), rtol=2e-2, atol=2e-2)
@@ -340,7 +339,7 @@ def test_auto_leaves_half_precision_prefill_to_torch(kernel_calls):
         assert len(kernel_calls) == 1
         auto = layer(prefill)
         assert len(kernel_calls) == 1  # 64 rows in bfloat16: PyTorch
-        layer.inference_backend = "rust"
+        layer.branch_path = "fused"
         forced = layer(prefill)
         assert len(kernel_calls) == 2
     np.testing.assert_allclose(forced.double().numpy(), auto.double().numpy(), rtol=2e-2, atol=2e-2)
@@ -366,11 +365,11 @@ def test_kernel_sees_adapter_updates(tokens):
     first = logits(model, tokens, "auto")
     randomize_adapter(model, seed=2)  # in place
     second = logits(model, tokens, "auto")
-    np.testing.assert_allclose(second.numpy(), logits(model, tokens, "torch").numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second.numpy(), logits(model, tokens, "reference").numpy(), rtol=1e-5, atol=1e-5)
     assert (first - second).abs().max() > 1e-3
     layer = next(layer for _, layer in model.adapter_layers())
     layer.m = torch.nn.Parameter(torch.zeros_like(layer.m))  # replaced
-    np.testing.assert_allclose(logits(model, tokens, "auto").numpy(), logits(model, tokens, "torch").numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits(model, tokens, "auto").numpy(), logits(model, tokens, "reference").numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_copies_and_pickles_after_kernel_use(tokens):
@@ -393,22 +392,29 @@ def test_copies_and_pickles_after_kernel_use(tokens):
     assert torch.equal(logits(model, tokens, "auto"), first)
 
 
-def test_backend_names_are_checked(tokens):
+def test_branch_path_names_are_checked(tokens):
     model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4))
-    with pytest.raises(ConfigError, match="inference backend"):
-        model.set_inference_backend("cuda")
+    with pytest.raises(ConfigError, match="set_branch_path"):
+        model.set_branch_path("cuda")
     layer = next(layer for _, layer in model.adapter_layers())
-    with pytest.raises(ConfigError, match="inference_backend"):
-        layer.inference_backend = "fast"
-    assert layer.inference_backend == "auto"
-    # "rust" refuses what the kernel cannot take; "auto" falls back to torch.
+    with pytest.raises(ConfigError, match="branch_path"):
+        layer.branch_path = "fast"
+    assert layer.branch_path == "auto"
+    # "fused" refuses what the kernel cannot take; "auto" falls back to torch.
     model.to(torch.float64)
-    model.set_inference_backend("rust")
-    with torch.no_grad(), pytest.raises(ArgumentError, match="inference_backend 'rust'"):
+    model.set_branch_path("fused")
+    with torch.no_grad(), pytest.raises(ArgumentError, match="branch path 'fused'"):
         model(tokens)
-    model.set_inference_backend("auto")
+    model.set_branch_path("auto")
     with torch.no_grad():
         assert model(tokens).logits.dtype == torch.float64
+    # The kernel computes no gradients: "fused" refuses training, "auto" trains on PyTorch.
+    model.to(torch.float32).train()
+    model.set_branch_path("fused")
+    with pytest.raises(ArgumentError, match="branch path 'fused'.*no gradients"):
+        model(tokens)
+    model.set_branch_path("auto")
+    model(tokens, labels=tokens).loss.backward()
 
 
 def test_prepared_branch_checks_its_weights():

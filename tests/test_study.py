@@ -1,17 +1,25 @@
-"""Diagnostics: effective rank against numpy's SVD, update norms against parameter differences, and
-per-layer updates against the formula (DenseLoRA) and against PEFT (LoRA)."""
+"""The method-study helpers of benches/_study. Diagnostics: effective rank against numpy's SVD,
+update norms against parameter differences, and per-layer updates against the formula (DenseLoRA)
+and against PEFT (LoRA). The PEFT LoRA baseline: built on the requested targets and trained by the
+library's loop (its loss is checked in test_training.py)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
 import denselora as dl
-from _study import diagnostics
-from denselora.errors import ArgumentError
+from denselora.errors import ArgumentError, ConfigError
+from denselora.training import TrainConfig, train
+from denselora.training.data import Example, TokenizedDataset
 from denselora.training.optim import create_optimizer
 
+from _study import diagnostics
+from _study.methods import build_adapter_model
+from _tiny import char_llama, char_tokenizer
 from conftest import randomize_adapter, tiny_llama
 
 
@@ -147,3 +155,21 @@ def test_layer_updates_ignore_dropout_and_keep_the_training_mode(tokens):
     for path, values in expected.items():
         assert measured[path] == pytest.approx(values), path
         assert values["energy_rank"] <= 4  # a linear branch of rank r
+
+
+# -- the PEFT LoRA baseline ---------------------------------------------------------------------
+
+
+def test_lora_baseline_trains_with_the_library_loop(tmp_path):
+    tok = char_tokenizer()
+    model = build_adapter_model(char_llama(), "lora", r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names) and len(names) == 2 * 2 * 2
+    data = TokenizedDataset([Example(f"Q: {i}", [" yes", " no"][i % 2]) for i in range(8)], tok, cutoff_len=64)
+    train(model, tok, data, TrainConfig(lr=1e-2, max_steps=2, micro_batch_size=4, progress=False, plot=False), output_dir=tmp_path)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    with pytest.raises(ConfigError, match="DenseLoRA"):  # checkpoints restore DenseLoRA adapters only
+        train(model, tok, data, TrainConfig(max_steps=2, save_every=1, progress=False, plot=False), output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="method"):
+        build_adapter_model(char_llama(), "dora")
+

@@ -9,7 +9,17 @@ import math
 import pytest
 import torch
 
-from _tiny import char_llama, char_tokenizer
+from denselora.errors import ArgumentError, ConfigError, FormatError
+from denselora.training import (
+    TrainConfig,
+    batch_indices,
+    build_adapter_model,
+    fsdp_auto_wrap_policy,
+    latest_checkpoint,
+    lr_lambda,
+    token_loss_sum,
+    train,
+)
 from denselora.training.data import (
     IGNORE_INDEX,
     Collator,
@@ -21,18 +31,10 @@ from denselora.training.data import (
     split_examples,
     subsample,
 )
-from denselora.errors import ArgumentError, ConfigError, FormatError
 from denselora.training.evaluation import dataset_kind, extract_answer, multiple_choice_accuracy, option_scores
-from denselora.training import (
-    TrainConfig,
-    batch_indices,
-    build_adapter_model,
-    fsdp_auto_wrap_policy,
-    latest_checkpoint,
-    lr_lambda,
-    token_loss_sum,
-    train,
-)
+
+from _study import methods as study_methods
+from _tiny import char_llama, char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +207,11 @@ def test_gradient_accumulation_equals_a_bigger_batch(tok):
 @pytest.mark.parametrize("method", ["denselora", "lora"])
 def test_loss_on_labelled_positions_equals_the_full_vocabulary_loss(tok, method):
     # The loss computes logits only where the next token is labelled; transformers' own loss over
-    # the full logits is the reference (mean over labelled tokens), and so are its gradients.
+    # the full logits is the reference (mean over labelled tokens), and so are its gradients. The
+    # loop trains any adapter-wrapped model: the PEFT LoRA baseline of the benchmarks too.
     examples = [Example(f"Q{i}: " + "x" * (i % 5), " a" * (1 + i % 3)) for i in range(6)]
     batch = Collator(0)([TokenizedDataset(examples, tok, cutoff_len=64)[i] for i in range(6)])
-    model = build_adapter_model(char_llama(), method, r=4, alpha=8, dropout=0.0)
+    model = study_methods.build_adapter_model(char_llama(), method, r=4, alpha=8, dropout=0.0)
     loss_sum, count = token_loss_sum(model, batch)
     loss_sum.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -292,17 +295,6 @@ def test_bad_train_configs(tok):
             train(model, tok, make_data(tok, 4), quiet(**bad))
     with pytest.raises(ArgumentError, match="no trainable"):
         train(char_llama().requires_grad_(False), tok, make_data(tok, 4), quiet())
-    with pytest.raises(ConfigError, match="method"):
-        build_adapter_model(char_llama(), "dora")
-
-
-def test_lora_method_trains_a_peft_lora(tok, tmp_path):
-    pytest.importorskip("peft")
-    model = build_adapter_model(char_llama(), "lora", r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert names and all("lora_" in n for n in names) and len(names) == 2 * 2 * 2
-    train(model, tok, make_data(tok, 8), quiet(lr=1e-2, max_steps=2, micro_batch_size=4), output_dir=tmp_path)
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
 def test_fsdp_policy_keeps_shared_factors_in_the_root_unit(tok):

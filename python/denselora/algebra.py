@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 from . import _core
-from . import io as adapter_io
 from .errors import ArgumentError
+from .io import arrays
+from .io.adapter import load_adapter, save_adapter_to
+from .io.sources import PathLike
 
-AdapterSource = Union[adapter_io.PathLike, tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]]
+AdapterSource = Union[PathLike, tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]]
 MODES = ("auto", "linear", "aligned")
 DECODER_ALIGNMENTS = ("product", "procrustes")
 
@@ -138,15 +140,6 @@ class TruncateReport:
 # -- conversion ---------------------------------------------------------------------------------
 
 
-def _to_array(name: str, tensor: torch.Tensor) -> np.ndarray:
-    if not isinstance(tensor, torch.Tensor):
-        raise ArgumentError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
-    t = tensor.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.int16).numpy().view(np.uint16)
-    return adapter_io.tensor_to_numpy(t)
-
-
 def _load(source: AdapterSource, index: int) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     if isinstance(source, tuple):
         if len(source) != 2 or not isinstance(source[0], Mapping) or not isinstance(source[1], Mapping):
@@ -154,19 +147,19 @@ def _load(source: AdapterSource, index: int) -> tuple[str, dict[str, Any], dict[
         return f"inputs[{index}]", dict(source[0]), dict(source[1])
     if not isinstance(source, (str, os.PathLike)):
         raise ArgumentError(f"inputs[{index}]: {type(source).__name__} is not a path or a (config, tensors) pair")
-    config, tensors = adapter_io.load_adapter(source)
+    config, tensors = load_adapter(source)
     return os.fspath(source), config, tensors
 
 
 def _core_args(name: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> tuple[str, str, dict[str, np.ndarray]]:
-    return name, json.dumps(dict(config)), {k: _to_array(k, t) for k, t in tensors.items()}
+    return name, json.dumps(dict(config)), {k: arrays.to_numpy(t, k) for k, t in tensors.items()}
 
 
 def _from_core(config_json: str, raw: Mapping[str, tuple[str, np.ndarray]]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    return json.loads(config_json), {k: adapter_io.numpy_to_tensor(d, a) for k, (d, a) in raw.items()}
+    return json.loads(config_json), {k: arrays.to_tensor(d, a) for k, (d, a) in raw.items()}
 
 
-def _check_target(target: Optional[adapter_io.PathLike]) -> None:
+def _check_target(target: Optional[PathLike]) -> None:
     """Refuse, before any work, an output that is not a path."""
     if target is not None and not isinstance(target, (str, os.PathLike)):
         raise ArgumentError(f"output must be a path, got {type(target).__name__}")
@@ -177,7 +170,7 @@ def _check_target(target: Optional[adapter_io.PathLike]) -> None:
 
 def average(
     inputs: Sequence[AdapterSource],
-    output: Optional[adapter_io.PathLike] = None,
+    output: Optional[PathLike] = None,
     weights: Optional[Sequence[float]] = None,
     mode: str = "auto",
     ema: Optional[float] = None,
@@ -215,7 +208,7 @@ def average(
     )
     config, tensors = _from_core(config_json, raw)
     if output is not None:
-        adapter_io.save_adapter_to(output, config, tensors)
+        save_adapter_to(output, config, tensors)
     data = json.loads(report_json)
     groups = [GroupAlignment(**g) for g in data.pop("groups")]
     return AverageReport(
@@ -225,7 +218,7 @@ def average(
 
 def truncate(
     input: AdapterSource,
-    output: Optional[adapter_io.PathLike] = None,
+    output: Optional[PathLike] = None,
     rank: Optional[int] = None,
     energy: Optional[float] = None,
 ) -> TruncateReport:
@@ -249,7 +242,7 @@ def truncate(
     )
     config, tensors = _from_core(config_out, raw)
     if output is not None:
-        adapter_io.save_adapter_to(output, config, tensors)
+        save_adapter_to(output, config, tensors)
     data = json.loads(report_json)
     groups = [
         GroupTruncation(**{**g, "layers": [LayerError(**layer) for layer in g["layers"]]}) for g in data.pop("groups")

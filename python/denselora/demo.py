@@ -79,12 +79,12 @@ def run(
 ) -> dict[str, Any]:
     import torch
 
-    from .training.data import TokenizedDataset, load_examples, packaged_task_path, split_examples
-    from .training.evaluation import multiple_choice_accuracy
+    from .io.bundle import pack
     from .method.model import DenseLoRAModel
     from .pretrained import load_model
-    from .io.bundle import pack
-    from .training import TrainConfig, build_adapter_model, count_trainable, save_adapter_dir, train
+    from .training import TrainConfig, build_adapter_model, load_best, save_adapter_dir, train
+    from .training.data import TokenizedDataset, load_examples, packaged_task_path, split_examples
+    from .training.evaluation import multiple_choice_accuracy
 
     if threads:
         torch.set_num_threads(threads)
@@ -113,13 +113,13 @@ def run(
     report.say(f"accuracy before: {before.accuracy:.1%} ({before.correct}/{before.total}); chance is {chance:.1%}")
 
     report.step("train", f"Fine-tuning with DenseLoRA (r={r}, q/k/v/up/down) for {steps} steps of {batch_size} examples, lr {lr:g}")
-    peft_model = build_adapter_model(base, "denselora", r=r, alpha=2 * r)
+    peft_model = build_adapter_model(base, r=r, alpha=2 * r)
     adapter_config = peft_model.denselora_config
     report.say(
         f"branch: activations {'/'.join(adapter_config.activations)}, scale {adapter_config.scale:g} "
         f"({adapter_config.scaling}), M init {adapter_config.m_init} (the library's default configuration)"
     )
-    trainable, total = count_trainable(peft_model)
+    trainable, total = peft_model.get_nb_trainable_parameters()
     report.say(f"trainable parameters: {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
     train_data = TokenizedDataset(splits.train, tokenizer, cutoff_len=256)
     val_data = TokenizedDataset(splits.validation, tokenizer, cutoff_len=256)
@@ -134,8 +134,6 @@ def run(
         f"best validation loss {result.best_val_loss:.3f} at step {result.best_step}"
     )
     # Keep the adapter that did best on validation data (the test split plays no part in choosing).
-    from .training import load_best
-
     load_best(peft_model, output / "run")
 
     report.step("after", "Accuracy of the fine-tuned model on the same test questions")

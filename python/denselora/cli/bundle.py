@@ -6,42 +6,33 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
-from ..io.bundle import Bundle, pack
 from ..errors import ArgumentError
-from ..io import CONFIG_FILE, TENSORS_FILE
+from ..io.bundle import Bundle, pack
+from ..io.sources import CONFIG_FILE, TENSORS_FILE
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "pack",
-        help="pack adapter directories into a .dl bundle",
-        description="Pack every adapter directory found directly under each SOURCE (named by its "
-        "directory) into one .dl bundle. A SOURCE that is itself an adapter directory is packed as "
-        "one adapter. An existing bundle at -o keeps its adapters; those of the same name are replaced.",
-    )
-    p.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="a directory of adapter directories, or one adapter directory")
-    p.add_argument("-o", "--output", required=True, type=Path, help="the bundle to write (e.g. adapters.dl)")
-    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="convert the packed adapters' tensors to this dtype (recorded in the bundle; adapters already in the bundle are kept as stored)")
-    p.add_argument("--overwrite", action="store_true", help="start a new bundle instead of adding to an existing one")
-    p.set_defaults(handler=_pack)
-
-    p = subparsers.add_parser("inspect", help="list a bundle's adapters, ranks, groups and sizes")
-    p.add_argument("bundle", type=Path)
-    p.set_defaults(handler=_inspect)
-
-    p = subparsers.add_parser("unpack", help="write a bundle's adapters back as adapter directories")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("-o", "--output", required=True, type=Path, help="directory that receives one directory per adapter")
-    p.add_argument("--name", action="append", dest="names", metavar="NAME", help="unpack only this adapter (repeatable)")
-    p.set_defaults(handler=_unpack)
-
-    p = subparsers.add_parser("verify", help="check every checksum of a bundle")
-    p.add_argument("bundle", type=Path)
-    p.set_defaults(handler=_verify)
+def configure(name: str, parser: argparse.ArgumentParser) -> None:
+    """The arguments and the handler of the bundle command ``name``."""
+    if name == "pack":
+        parser.description = (
+            "Pack every adapter directory found directly under each SOURCE (named by its directory) into one "
+            ".dl bundle. A SOURCE that is itself an adapter directory is packed as one adapter. An existing "
+            "bundle at -o keeps its adapters; those of the same name are replaced."
+        )
+        parser.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="a directory of adapter directories, or one adapter directory")
+        parser.add_argument("-o", "--output", required=True, type=Path, help="the bundle to write (e.g. adapters.dl)")
+        parser.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="convert the packed adapters' tensors to this dtype (recorded in the bundle; adapters already in the bundle are kept as stored)")
+        parser.add_argument("--overwrite", action="store_true", help="start a new bundle instead of adding to an existing one")
+        parser.set_defaults(handler=_pack)
+        return
+    parser.add_argument("bundle", type=Path)
+    if name == "unpack":
+        parser.add_argument("-o", "--output", required=True, type=Path, help="directory that receives one directory per adapter")
+        parser.add_argument("--name", action="append", dest="names", metavar="NAME", help="unpack only this adapter (repeatable)")
+    parser.set_defaults(handler={"inspect": _inspect, "unpack": _unpack, "verify": _verify}[name])
 
 
 def _is_adapter_dir(path: Path) -> bool:

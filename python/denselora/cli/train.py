@@ -14,10 +14,9 @@ from ..errors import ArgumentError
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def register(subparsers: Any) -> None:
-    _register_train(subparsers)
-    _register_eval(subparsers)
-    _register_demo(subparsers)
+def configure(name: str, parser: argparse.ArgumentParser) -> None:
+    """The arguments and the handler of ``train``, ``eval`` or ``demo``."""
+    {"train": _configure_train, "eval": _configure_eval, "demo": _configure_demo}[name](parser)
 
 
 # -- shared flags --------------------------------------------------------------------------------
@@ -35,7 +34,7 @@ def _add_split_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=float, default=None, help="test examples held out, never trained on: a count or a fraction (default: 0.2 for BIG-bench tasks, 0 for instruction files)")
 
 
-def _size(value: Optional[float], default: float) -> "int | float":
+def _size(value: Optional[float], default: float) -> int | float:
     if value is None:
         return default
     return int(value) if value >= 1 else float(value)
@@ -96,12 +95,11 @@ def _load_base(args: argparse.Namespace, device: str) -> tuple[Any, Any]:
 # -- train ---------------------------------------------------------------------------------------
 
 
-def _register_train(subparsers: Any) -> None:
-    p = subparsers.add_parser("train", help="fine-tune an adapter on instruction data or a BIG-bench task", description="Fine-tune a DenseLoRA adapter (or, with --method lora, a PEFT LoRA) on an Alpaca / LLM-Adapters JSON file or a BIG-bench task.json. Runs under torchrun unchanged.")
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    p.description = "Fine-tune a DenseLoRA adapter on an Alpaca / LLM-Adapters JSON file or a BIG-bench task.json. Runs under torchrun unchanged."
     _add_model_flags(p)
     p.add_argument("--data", required=True, help="Alpaca / LLM-Adapters JSON (instruction, input, output) or a BIG-bench task.json")
     p.add_argument("--output", required=True, help="output folder: adapter/ (best by validation loss), final/, checkpoints/, train_log.json, loss_curve.png")
-    p.add_argument("--method", default="denselora", choices=("denselora", "lora"))
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--dropout", type=float, default=0.05)
@@ -146,8 +144,8 @@ def dense_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..training import TrainConfig, build_adapter_model, train
     from ..training.data import TokenizedDataset, subsample
-    from ..training import TrainConfig, build_adapter_model, count_trainable, train
 
     config = TrainConfig(
         lr=args.lr,
@@ -170,14 +168,12 @@ def run_train(args: argparse.Namespace) -> int:
     rank, world, device = _setup_distributed(_device(args.device))
     base, tokenizer = _load_base(args, device)
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    model = build_adapter_model(
-        base, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets, **dense_options(args)
-    )
-    trainable, total = count_trainable(model)
+    model = build_adapter_model(base, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets, **dense_options(args))
+    trainable, total = model.get_nb_trainable_parameters()
     train_data = TokenizedDataset(train_examples, tokenizer, cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs)
     val_data = TokenizedDataset(splits.validation, tokenizer, cutoff_len=args.cutoff_len) if splits.validation else None
     if rank == 0:
-        print(f"{args.method}: {trainable:,d} trainable parameters of {total:,d} ({100 * trainable / total:.4f}%)")
+        print(f"denselora: {trainable:,d} trainable parameters of {total:,d} ({100 * trainable / total:.4f}%)")
         print(f"data: {len(train_data)} train, {len(splits.validation)} validation, {len(splits.test)} test (held out) from {args.data}")
     result = train(model, tokenizer, train_data, config, val_data=val_data, output_dir=args.output, resume_from=args.resume)
     if rank == 0:
@@ -190,8 +186,8 @@ def run_train(args: argparse.Namespace) -> int:
 # -- eval ----------------------------------------------------------------------------------------
 
 
-def _register_eval(subparsers: Any) -> None:
-    p = subparsers.add_parser("eval", help="accuracy of a model with an adapter on multiple-choice or LLM-Adapters test data", description="Multiple-choice accuracy by the log-likelihood of each option (BIG-bench tasks), or generation with answer extraction in the LLM-Adapters style (their commonsense test files).")
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+    p.description = "Multiple-choice accuracy by the log-likelihood of each option (BIG-bench tasks), or generation with answer extraction in the LLM-Adapters style (their commonsense test files)."
     _add_model_flags(p)
     p.add_argument("--adapter", default=None, help="an adapter folder (DenseLoRA or PEFT LoRA) or a bundle entry 'bundle.dl:name'; omit for the base model")
     p.add_argument("--data", required=True)
@@ -212,20 +208,15 @@ def attach_adapter(base: Any, source: Optional[str]) -> Any:
     LoRA directory) attached for inference."""
     if source is None:
         return base
-    from ..io import split_source
+    from ..io.peft import is_peft_lora
+    from ..io.sources import split_source
     from ..method.model import DenseLoRAModel
 
     path, _ = split_source(source)
-    config_file = path / "adapter_config.json"
-    if path.is_dir() and config_file.is_file():
-        try:
-            raw = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raw = {}
-        if isinstance(raw, dict) and raw.get("peft_type") == "LORA":
-            from peft import PeftModel
+    if is_peft_lora(path):
+        from peft import PeftModel
 
-            return PeftModel.from_pretrained(base, os.fspath(path)).eval()
+        return PeftModel.from_pretrained(base, os.fspath(path)).eval()
     return DenseLoRAModel.from_pretrained(base, source)
 
 
@@ -269,10 +260,10 @@ def run_eval(args: argparse.Namespace) -> int:
 # -- demo ----------------------------------------------------------------------------------------
 
 
-def _register_demo(subparsers: Any) -> None:
+def _configure_demo(p: argparse.ArgumentParser) -> None:
     from ..demo import DEFAULTS
 
-    p = subparsers.add_parser("demo", help="fine-tune the embedded SmolLM2-135M on a packaged BIG-bench task, CPU only, in minutes", description="Measures accuracy before, fine-tunes with DenseLoRA, measures accuracy after, saves and packs the adapter and reloads it for CPU inference. Offline; about 5-10 minutes on 2 CPU cores.")
+    p.description = "Measures accuracy before, fine-tunes with DenseLoRA, measures accuracy after, saves and packs the adapter and reloads it for CPU inference. Offline; about 5-10 minutes on 2 CPU cores."
     p.add_argument("--task", default=DEFAULTS["task"], help=f"packaged task (default: {DEFAULTS['task']})")
     p.add_argument("--output", default="denselora-demo", help="folder for the adapter, the bundle, the log and the loss curve (default: ./denselora-demo)")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"])

@@ -1,15 +1,25 @@
-"""Adapter storage: directories, ``.dl`` bundles and the PEFT export, read and written by the Rust core."""
+"""Adapter storage, read and written by the Rust core:
 
-from .adapter import (
-    BUNDLE_SUFFIX,
-    CONFIG_FILE,
-    TENSORS_FILE,
-    PathLike,
-    load_adapter,
-    numpy_to_tensor,
-    save_adapter,
-    save_adapter_to,
-    save_peft_lora,
-    split_source,
-    tensor_to_numpy,
+- `sources`: what an adapter is on disk and where one comes from (a directory or ``bundle.dl:name``);
+- `adapter`: adapters as torch tensors, loaded from and saved to either;
+- `bundle`: ``.dl`` bundles, many adapters in one memory-mapped, checksummed file;
+- `peft`: the PEFT LoRA export;
+- `atomic`: directories written whole or not at all;
+- `arrays`: torch tensors <-> the numpy arrays the core takes (bfloat16 as its bit patterns).
+
+Names are imported on first use: the bundle commands of the command line run without PyTorch.
+"""
+
+from .._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "sources": ["BUNDLE_SUFFIX", "CONFIG_FILE", "TENSORS_FILE", "PathLike", "split_source"],
+        "adapter": ["load_adapter", "save_adapter", "save_adapter_to"],
+        "bundle": ["Bundle", "pack"],
+        "peft": ["is_peft_lora", "save_peft_lora"],
+        "atomic": ["atomic_directory"],
+    },
+    submodules=["adapter", "arrays", "atomic", "bundle", "peft", "sources"],
 )

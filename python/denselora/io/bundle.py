@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
-import torch
 
 from .. import _core
 from ..errors import ArgumentError
+from .sources import PathLike
 
-PathLike = Union[str, "os.PathLike[str]"]
+if TYPE_CHECKING:
+    import torch
+
+# No PyTorch at import: the bundle commands of the command line run without it. Tensors go
+# through `denselora.io.arrays`, imported where a tensor is asked for or given.
+
 #: A source to pack: an adapter directory, or ``(config, {tensor name: tensor or ndarray})``.
 AdapterSource = Union[PathLike, "tuple[Mapping[str, Any], Mapping[str, Any]]"]
 
@@ -43,7 +49,7 @@ class Bundle:
         """Drop this handle's reference to the map (arrays already handed out stay valid)."""
         self._core = None
 
-    def __enter__(self) -> "Bundle":
+    def __enter__(self) -> Bundle:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -106,10 +112,10 @@ class Bundle:
 
     def torch_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors as writable torch tensors (copies, bfloat16 restored)."""
-        from .adapter import numpy_to_tensor
+        from . import arrays
 
         raw = self._open.tensors(name, True)
-        return {k: numpy_to_tensor(dtype, np.array(array)) for k, (dtype, array) in raw.items()}
+        return {k: arrays.to_tensor(dtype, np.array(array)) for k, (dtype, array) in raw.items()}
 
     def verify(self, progress: Optional[Callable[[int, int], None]] = None) -> None:
         """Check every checksum and padding byte; raises ``ChecksumError`` naming damaged tensors."""
@@ -127,14 +133,18 @@ def _entry(name: str, source: AdapterSource) -> tuple[str, Any]:
     if isinstance(source, (str, os.PathLike)):
         return name, os.fspath(source)
     if isinstance(source, tuple) and len(source) == 2:
-        from .adapter import tensor_to_numpy
-
         config, tensors = source
-        arrays = {
-            k: (tensor_to_numpy(t) if isinstance(t, torch.Tensor) else np.ascontiguousarray(t)) for k, t in tensors.items()
-        }
-        return name, (json.dumps(dict(config)), arrays)
+        return name, (json.dumps(dict(config)), {k: _writable(k, t) for k, t in tensors.items()})
     raise ArgumentError(f"adapter {name!r}: source must be an adapter directory or a (config, tensors) pair")
+
+
+def _writable(name: str, value: Any) -> np.ndarray:
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
+    if torch is not None and isinstance(value, torch.Tensor):
+        from . import arrays
+
+        return arrays.to_numpy(value, name, dtypes=arrays.WRITABLE_DTYPES)
+    return np.ascontiguousarray(value)
 
 
 def pack(

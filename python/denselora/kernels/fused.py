@@ -1,12 +1,13 @@
-"""Fast CPU inference: the fused Rust kernel of the DenseLoRA branch.
+"""Fast CPU inference: the fused Rust kernel of the DenseLoRA branch, the same math as the
+reference `denselora.method.functional.dense_branch` in one pass.
 
-``dense_branch`` computes ``scale * act_d(decoder @ (m @ act_e(encoder @ x_i)))`` for every row
+``fused_branch`` computes ``scale * act_d(decoder @ (m @ act_e(encoder @ x_i)))`` for every row
 ``x_i`` of ``x`` in one call, with SIMD (AVX2 + FMA where the CPU has it) and f32 accumulation:
 
 - ``x`` and ``out``: float32, float16 or bfloat16 (the same dtype); ``encoder``, ``m``,
   ``decoder``: float32, float16 or bfloat16 (one dtype for the three).
 - numpy arrays are read in place (bfloat16 travels as ``uint16`` bit patterns, numpy having no
-  bfloat16); CPU torch tensors are accepted too and viewed without a copy. Inputs must be
+  bfloat16); CPU torch tensors are accepted too and viewed without a copy (`denselora.io.arrays`). Inputs must be
   C-contiguous: anything else raises `LayoutError` naming the argument.
 - The vector code is chosen at run time (`isa`): AVX-512 (16 lanes; with AVX512-BF16 dot
   products for bfloat16 against bfloat16 weights, ``"avx512bf16"``), else AVX2 + FMA, else
@@ -31,18 +32,13 @@ import torch
 
 from .. import _core
 from ..errors import ArgumentError, DTypeError, ShapeError
-from ..method.functional import Activations, split_activations
+from ..io import arrays
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
+#: One activation for both sides, or an (encoder side, decoder side) pair.
+Activations = Union[str, tuple[str, str]]
 
 _num_threads: Optional[int] = None
-
-# torch dtype -> (numpy view dtype, is bfloat16 bits)
-_TORCH_VIEWS = {
-    torch.float32: None,
-    torch.float16: None,
-    torch.bfloat16: torch.uint16,
-}
 
 
 def set_num_threads(num_threads: Optional[int]) -> None:
@@ -78,22 +74,19 @@ def set_isa(name: Optional[str]) -> None:
     _core.kernel_set_isa(name)
 
 
-def as_array(value: ArrayLike, name: str) -> np.ndarray:
-    """A numpy view of ``value`` (no copy); torch bfloat16 becomes uint16 bits."""
+def _array(value: ArrayLike, name: str) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if isinstance(value, torch.Tensor):
-        if value.device.type != "cpu":
-            raise ArgumentError(f"{name}: the kernel runs on CPU tensors, got one on {value.device}")
-        if value.dtype not in _TORCH_VIEWS:
-            raise DTypeError(f"{name}: unsupported dtype {value.dtype} (expected float32, float16 or bfloat16)")
-        view = _TORCH_VIEWS[value.dtype]
-        t = value.detach()
-        return (t.view(view) if view is not None else t).numpy()
+        return arrays.view(value, name)
     raise DTypeError(f"{name}: expected a numpy array or a CPU torch tensor, got {type(value).__name__}")
 
 
-def dense_branch(
+def _sides(activation: Activations) -> tuple[str, str]:
+    return (activation, activation) if isinstance(activation, str) else (activation[0], activation[1])
+
+
+def fused_branch(
     x: ArrayLike,
     encoder: ArrayLike,
     m: ArrayLike,
@@ -112,36 +105,120 @@ def dense_branch(
     torch tensor when ``x`` is one); with ``out`` the branch is added into it in place and
     ``out`` is returned.
     """
-    act_e, act_d = split_activations(activation)
-    xa = as_array(x, "x")
+    act_e, act_d = _sides(activation)
+    xa = _array(x, "x")
     if xa.ndim == 0:
         raise ShapeError("x: expected at least 1 dimension, got a scalar")
-    ea, ma, da = as_array(encoder, "encoder"), as_array(m, "m"), as_array(decoder, "decoder")
+    ea, ma, da = _array(encoder, "encoder"), _array(m, "m"), _array(decoder, "decoder")
     if out is None:
         if da.ndim != 2:
             raise ShapeError(f"decoder: expected a 2-D array (out_features, r), got shape {da.shape}")
-        result: Any = np.zeros(xa.shape[:-1] + (da.shape[0],), dtype=xa.dtype)
-        oa = result
-        if isinstance(x, torch.Tensor):
-            result = torch.from_numpy(result)
-            if x.dtype == torch.bfloat16:
-                result = result.view(torch.bfloat16)
-    else:
-        result = out
-        oa = as_array(out, "out")
+        shape = xa.shape[:-1] + (da.shape[0],)
+        out = torch.zeros(shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else np.zeros(shape, dtype=xa.dtype)
     _core.dense_branch(
         xa,
         ea,
         ma,
         da,
-        oa,
+        _array(out, "out"),
         scale=float(scale),
         encoder_activation=act_e,
         decoder_activation=act_d,
         num_threads=get_num_threads(),
         check_finite=check_finite,
     )
-    return result
+    return out
 
 
-__all__ = ["available_isas", "dense_branch", "get_num_threads", "isa", "set_isa", "set_num_threads"]
+# -- the adapted layers' path to the kernel ---------------------------------------------------
+
+#: Half-precision calls with more rows than this are left to PyTorch unless the kernel is forced:
+#: its matmuls use the CPU's native bf16/f16 dot products, which the kernel measured slower
+#: against on prefill (benches/results/kernel.json); decoding stays on the kernel.
+AUTO_HALF_MAX_ROWS = 32
+
+# The binding's codes for the activation dtype of `PreparedBranch.add_unchecked`.
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class KernelPath:
+    """One adapted layer's way to the fused kernel at CPU inference: the kernel's view of the
+    layer's E, M and D (no copy; prepared again only when a parameter is replaced or changed in
+    place, or the scale or activations change), and which calls the kernel serves."""
+
+    def __init__(self) -> None:
+        # (what the prepared weights were built from, the prepared weights or None when the
+        # kernel cannot take these parameters).
+        self._prepared: Optional[tuple[tuple[Any, ...], Optional[_core.PreparedBranch]]] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Prepared weights point into this process's memory: copies and pickles prepare their own.
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._prepared = None
+
+    def add_(
+        self,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        encoder: torch.Tensor,
+        m: torch.Tensor,
+        decoder: torch.Tensor,
+        *,
+        scale: float,
+        activation: tuple[str, str],
+        force: bool = False,
+    ) -> bool:
+        """Add the branch of ``x`` into ``out`` in place when the kernel can run this call, and say
+        whether it did. Unless ``force``, large half-precision calls are left to PyTorch
+        (`AUTO_HALF_MAX_ROWS`)."""
+        prepared = self._weights(encoder, m, decoder, scale, activation)
+        code = _DTYPE_CODES.get(x.dtype)
+        rows = out.numel() // out.shape[-1] if out.dim() else 0
+        if (
+            prepared is None
+            or code is None
+            or not (x.is_cpu and out.is_cpu)
+            or out.dtype != x.dtype
+            or not out.is_contiguous()
+            or x.shape[-1] != prepared.in_features
+            or out.shape[-1] != prepared.out_features
+            or x.numel() != rows * prepared.in_features
+        ):
+            return False
+        if not force and x.dtype != torch.float32 and rows > AUTO_HALF_MAX_ROWS:
+            return False
+        if not x.is_contiguous():
+            x = x.contiguous()
+        # Addresses of tensors checked above: CPU, contiguous, the kernel's dtype and sizes.
+        prepared.add_unchecked(x.data_ptr(), out.data_ptr(), rows, code, get_num_threads())
+        return True
+
+    def _weights(
+        self, encoder: torch.Tensor, m: torch.Tensor, decoder: torch.Tensor, scale: float, activation: tuple[str, str]
+    ) -> Optional[_core.PreparedBranch]:
+        key = (
+            m.data_ptr(),
+            encoder.data_ptr(),
+            decoder.data_ptr(),
+            m._version,
+            encoder._version,
+            decoder._version,
+            scale,
+            activation,
+        )
+        if self._prepared is not None and self._prepared[0] == key:
+            return self._prepared[1]
+        prepared = None
+        tensors = (encoder, m, decoder)
+        if all(t.is_cpu and t.dtype == encoder.dtype for t in tensors) and encoder.dtype in arrays.CORE_DTYPES:
+            # The arrays share memory with the parameters and keep their storage alive, so a new
+            # parameter cannot reuse an address the key remembers.
+            views = [arrays.view(t.contiguous(), name) for t, name in zip(tensors, ("encoder", "m", "decoder"))]
+            prepared = _core.PreparedBranch(*views, scale=scale, encoder_activation=activation[0], decoder_activation=activation[1])
+        self._prepared = (key, prepared)
+        return prepared
+
+
+__all__ = ["AUTO_HALF_MAX_ROWS", "KernelPath", "available_isas", "fused_branch", "get_num_threads", "isa", "set_isa", "set_num_threads"]

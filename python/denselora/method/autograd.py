@@ -1,73 +1,34 @@
-"""A memory-lean autograd path for the DenseLoRA branch, and the choice between branch paths.
+"""The memory-lean autograd path of the DenseLoRA branch.
 
 The branch ``s * drop3(act_d(D @ M @ drop2(act_e(E @ drop1(x)))))`` written as plain tensor
-operations (`functional.dense_branch`) makes autograd keep the decoder's pre-activation and the
-last dropout mask, both as wide as the layer's output, for every adapted layer and token. This path
-keeps only what is ``r`` wide (``E @ x`` before its activation, and ``M @ h``) plus the input ``x``,
-which the base layer keeps anyway (the same tensor, so no extra memory):
+operations (`functional.dense_branch`, the reference) makes autograd keep the decoder's
+pre-activation and the last dropout mask, both as wide as the layer's output, for every adapted
+layer and token. This path keeps only what is ``r`` wide (``E @ x`` before its activation, and
+``M @ h``) plus the input ``x``, which the base layer keeps anyway (the same tensor, so no extra
+memory):
 
 - the decoder's pre-activation ``D @ g`` is recomputed in backward (one ``r``-wide matmul), and
   not at all when the decoder side is ``identity``;
-- dropout masks are a function of a seed drawn per call, redrawn in backward, never stored.
-  The seed comes from torch's default CPU generator, so ``torch.manual_seed`` makes runs repeatable
-  and gradient checkpointing (which restores the RNG state before recomputing) sees the same masks.
-  Each element takes 16 random bits, so the dropout probability is rounded to a multiple of 2**-16
-  (kept values are scaled by the exact 1 / P(keep) of the rounded probability). On a CPU the bits
-  come from the Rust core's counter-based generator (a keyed hash of each element's index, several
-  times faster than torch's Mersenne Twister), which zeroes the dropped elements in the pass that
-  draws them (`_core.dropout_zero_`: no mask in memory, no ``masked_fill``); on CUDA and other
-  devices from a ``torch.Generator`` of the device seeded with the seed. The two give different
-  masks for the same seed; each is deterministic.
+- dropout masks are a function of a seed drawn per call, redrawn in backward, never stored
+  (`denselora.kernels.dropout`).
 
 It is a plain ``torch.autograd.Function`` over the factors: DDP's gradient hooks and FSDP's
 parameter gathering see it as they see ``F.linear``. Under autocast the branch runs in the autocast
-dtype, as the plain path's matmuls do; the inputs are cast inside the function and the float32
-originals are what is saved, so nothing extra is kept. Double backward is not supported (use
-``branch_impl="plain"`` for higher-order gradients).
+dtype, as the reference's matmuls do; the inputs are cast inside the function and the float32
+originals are what is saved, so nothing extra is kept. Double backward is not supported (use the
+``"reference"`` branch path for higher-order gradients).
 """
 
 from __future__ import annotations
 
-import math
-import operator
-import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .. import _core
-from ..errors import ArgumentError, ConfigError
-from .functional import Activations, activation_fn, dense_branch, split_activations
-
-BRANCH_IMPLS = ("auto", "efficient", "plain", "compiled")
-
-# What "auto" runs in training, per device type. CPU (benches/bench_train.py): 0.71x LoRA's and about
-# half the plain path's saved activations, step time within the run-to-run noise of the plain
-# path's. CUDA: the same function (its memory saving does not depend on the device); not yet
-# measured there, so "compiled" (torch.compile of the reference) is available only by setting.
-_AUTO_IMPL = {"cpu": "efficient", "cuda": "efficient"}
-_DEVICES = ("cpu", "cuda")
-_SEED_BOUND = 1 << 62
-
-
-def check_branch_impl(name: Any, where: str = "branch_impl") -> str:
-    if not isinstance(name, str) or name not in BRANCH_IMPLS:
-        raise ConfigError(f"{where} must be one of {BRANCH_IMPLS}, got {name!r}")
-    return name
-
-
-def resolve_impl(name: str, device: torch.device, training: bool, where: str = "branch_impl") -> str:
-    """The path that runs: ``"efficient"``, ``"plain"`` or ``"compiled"``. ``training``: gradients
-    are needed or the layer is in training mode; otherwise "auto" runs the plain ops, which keep
-    nothing for backward then."""
-    check_branch_impl(name, where)
-    if device.type not in _DEVICES:
-        return "plain"  # meta and other devices: no generator-based masks there
-    if name == "auto":
-        return _AUTO_IMPL[device.type] if training else "plain"
-    return name
-
+from ..errors import ConfigError
+from ..kernels.dropout import SiteDropout, draw_seed, keep_scale, site_shapes
+from .functional import Activations, activation_fn, split_activations
 
 # -- activations and their derivatives ---------------------------------------------------------
 
@@ -82,102 +43,6 @@ def _act_backward_(name: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Te
     if name == "identity":
         return pre.copy_(grad)
     raise ConfigError(f"unknown activation {name!r}")
-
-
-def _threshold(p: float) -> int:
-    """Dropout draws 16 random bits per element and drops values below this threshold: ``p``
-    rounded to a multiple of 2**-16 (0.05 becomes 0.0500031)."""
-    return min(65535, max(1, round(p * 65536)))
-
-
-def keep_scale(p: float) -> float:
-    """1 / P(keep) for the rounded probability, so that a dropped-out tensor keeps its mean."""
-    return 65536.0 / (65536 - _threshold(p))
-
-
-def dropout_drops(shapes: list[torch.Size], p: float, seed: int, device: torch.device) -> list[torch.Tensor]:
-    """Which elements each dropout site zeroes (bool masks of ``shapes``: input, encoder side,
-    output) for ``seed``; the same arguments give the same masks. One stream serves all sites,
-    and a bool mask is applied with ``masked_fill`` (no float mask). On a CPU the Rust generator
-    writes the mask in place; elsewhere one 64-bit draw of the device's generator covers four
-    elements (a third of the time of ``bernoulli_``)."""
-    sizes = [math.prod(shape) for shape in shapes]
-    total = sum(sizes)
-    device = torch.device(device)
-    if device.type == "cpu":
-        dropped = torch.empty(total, dtype=torch.bool)
-        _core.dropout_mask(dropped.numpy(), _seed_u64(seed), _threshold(p))
-    else:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-        bits = torch.empty((total + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=generator)
-        dropped = bits.view(torch.int16)[:total] < _threshold(p) - 32768
-    return [part.view(shape) for part, shape in zip(dropped.split(sizes), shapes)]
-
-
-_INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class SiteDropout:
-    """The dropout of one branch call: zeroes the dropped elements of each site (`site_shapes`
-    order) for ``seed``, the elements `dropout_drops` marks. On a CPU the Rust generator zeroes a
-    contiguous tensor in the pass that draws the mask (no mask in memory, no ``masked_fill``);
-    elsewhere the device masks are drawn once and applied with ``masked_fill``."""
-
-    def __init__(self, shapes: list[torch.Size], p: float, seed: int, device: torch.device) -> None:
-        self.shapes = shapes
-        self.threshold = _threshold(p)
-        self.seed = _seed_u64(seed)
-        sizes = [math.prod(shape) for shape in shapes]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.masks = None if torch.device(device).type == "cpu" else dropout_drops(shapes, p, seed, device)
-
-    def zero_(self, site: int, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (contiguous, the site's elements in row-major order) with its dropped elements
-        zeroed in place."""
-        if self.masks is not None:
-            return t.masked_fill_(self.masks[site].view(t.shape), 0.0)
-        if t.numel() != math.prod(self.shapes[site]) or not t.is_contiguous():
-            raise ArgumentError(f"dropout site {site}: expected a contiguous tensor of {self.shapes[site]} elements, got {tuple(t.shape)}")
-        flat = t.detach().view(-1).view(_INT_VIEWS[t.element_size()])
-        _core.dropout_zero_(flat.numpy(), self.seed, self.threshold, self.offsets[site])
-        return t
-
-    def zeroed(self, site: int, t: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy of ``t`` with the site's dropped elements zeroed."""
-        return self.zero_(site, t.clone(memory_format=torch.contiguous_format))
-
-
-def _seed_u64(seed: int) -> int:
-    """``seed`` as the unsigned 64-bit key of the CPU generator; negative seeds wrap modulo 2**64,
-    as ``torch.Generator.manual_seed`` takes them."""
-    try:
-        value = operator.index(seed)
-    except TypeError:
-        value = None
-    if value is None or not -(1 << 63) <= value < (1 << 64):
-        raise ArgumentError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
-    return value % (1 << 64)
-
-
-def dropout_masks(
-    shapes: list[torch.Size], p: float, seed: int, device: torch.device, dtype: torch.dtype
-) -> list[torch.Tensor]:
-    """The masks (0 or `keep_scale`) that the dropout sites multiply by for ``seed``."""
-    return [
-        torch.full(drop.shape, keep_scale(p), device=device, dtype=dtype).masked_fill_(drop, 0.0)
-        for drop in dropout_drops(shapes, p, seed, device)
-    ]
-
-
-def site_shapes(x_shape: torch.Size, r_e: int, out_features: int) -> list[torch.Size]:
-    """Shapes of the three dropout sites: the input, ``act(E x)`` and the output."""
-    lead = tuple(x_shape[:-1])
-    return [torch.Size(x_shape), torch.Size(lead + (r_e,)), torch.Size(lead + (out_features,))]
-
-
-def draw_seed() -> int:
-    return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64).item())
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -308,8 +173,9 @@ def efficient_branch(
     """`functional.dense_branch` with r-wide saved tensors (see the module docstring).
 
     Runs in the autocast dtype when autocast is on for ``x``'s device, else in ``encoder``'s dtype.
-    ``seed`` fixes the dropout masks (`dropout_masks` of `site_shapes`: the input, the encoder side
-    and the output); by default one is drawn from torch's default generator.
+    ``seed`` fixes the dropout masks (`denselora.kernels.dropout.dropout_masks` of its
+    `site_shapes`: the input, the encoder side and the output); by default one is drawn from
+    torch's default generator.
     """
     encoder_side, decoder_side = split_activations(activation)
     activation_fn(encoder_side), activation_fn(decoder_side)  # typed error for an unknown name
@@ -322,24 +188,3 @@ def efficient_branch(
         with torch.autocast(device_type, enabled=False):
             return _DenseBranch.apply(x, encoder, m, decoder, scale, encoder_side, decoder_side, p, seed or 0, dtype)
     return _DenseBranch.apply(x, encoder, m, decoder, scale, encoder_side, decoder_side, p, seed or 0, encoder.dtype)
-
-
-_compiled: Optional[Callable[..., torch.Tensor]] = None
-_compile_failed = False
-
-
-def compiled_branch(x: torch.Tensor, encoder: torch.Tensor, m: torch.Tensor, decoder: torch.Tensor, **kw: Any) -> torch.Tensor:
-    """``torch.compile`` of the reference branch (its partitioner recomputes the cheap wide
-    elementwise ops instead of saving them); the efficient path if compiling is not possible."""
-    global _compiled, _compile_failed
-    if not _compile_failed:
-        try:
-            if _compiled is None:
-                _compiled = torch.compile(dense_branch, dynamic=True)
-            if not torch.is_autocast_enabled(x.device.type):
-                x = x.to(encoder.dtype)
-            return _compiled(x, encoder, m, decoder, **kw)
-        except Exception as exc:  # a missing compiler or backend: fall back for the whole process
-            _compile_failed = True
-            warnings.warn(f"torch.compile of the DenseLoRA branch failed ({type(exc).__name__}: {exc}); using the efficient path", RuntimeWarning, stacklevel=2)
-    return efficient_branch(x, encoder, m, decoder, **kw)

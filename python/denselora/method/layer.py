@@ -1,4 +1,5 @@
-"""The adapted layer: a frozen base linear layer plus the DenseLoRA branch. Math only; injection,
+"""The adapted layer: a frozen base linear layer plus the DenseLoRA branch. Math only: who computes
+the branch is chosen in `paths.py` (and the fused kernel's use in `denselora.kernels`); injection,
 saving and switching live in `model.py`."""
 
 from __future__ import annotations
@@ -9,24 +10,10 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .. import _core
-from ..kernels import fused as kernels
-from .autograd import compiled_branch, efficient_branch, resolve_impl
 from ..errors import ArgumentError, ConfigError, NotMergeableError
-from .functional import dense_branch, split_activations
-
-INFERENCE_BACKENDS = ("auto", "torch", "rust")
-# "auto" sends half-precision calls with more rows than this to PyTorch (prefill); decode stays fused.
-_AUTO_HALF_MAX_ROWS = 32
-
-# Weight dtypes the Rust kernel takes (with the integer dtype that carries bfloat16 bits), and
-# the codes of activation dtypes in `PreparedBranch.add_unchecked`.
-_KERNEL_VIEWS: dict[torch.dtype, Optional[torch.dtype]] = {
-    torch.float32: None,
-    torch.float16: None,
-    torch.bfloat16: torch.uint16,
-}
-_KERNEL_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+from ..kernels import KernelPath
+from . import paths
+from .functional import split_activations
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -117,7 +104,7 @@ class DenseLoRALayer(nn.Module):
         group: str,
         *,
         scaling: float,
-        activation: "str | tuple[str, str]",
+        activation: str | tuple[str, str],
         dropout: float,
         m_init: str = "kaiming",
     ) -> None:
@@ -136,22 +123,18 @@ class DenseLoRALayer(nn.Module):
         init_m_(self.m, m_init)
         self.disabled = False
         self.merged = False
-        self._inference_backend = "auto"
-        # (what the prepared weights were built from, the kernel's prepared weights or None).
-        self._kernel_cache: Optional[tuple[tuple[Any, ...], Optional[_core.PreparedBranch]]] = None
+        self._branch_path = "auto"
+        self._kernel = KernelPath()
 
     @property
-    def inference_backend(self) -> str:
-        """Who computes the branch at inference on CPU: ``"auto"`` (the Rust kernel when it can,
-        else PyTorch), ``"torch"``, or ``"rust"`` (the kernel, and an error when it cannot run).
-        Training, autograd and GPU tensors always use PyTorch."""
-        return self._inference_backend
+    def branch_path(self) -> str:
+        """Who computes the branch: ``"auto"`` (the default), ``"reference"``, ``"efficient"``,
+        ``"compiled"`` or ``"fused"`` (see `denselora.method.paths`)."""
+        return self._branch_path
 
-    @inference_backend.setter
-    def inference_backend(self, name: str) -> None:
-        if name not in INFERENCE_BACKENDS:
-            raise ConfigError(f"inference_backend: expected one of {list(INFERENCE_BACKENDS)}, got {name!r}")
-        self._inference_backend = name
+    @branch_path.setter
+    def branch_path(self, name: str) -> None:
+        self._branch_path = paths.check_branch_path(name)
 
     @property
     def shared(self) -> DenseLoRAShared:
@@ -185,50 +168,65 @@ class DenseLoRALayer(nn.Module):
             m = m.to(device)
         return encoder, m, decoder
 
-    # Which autograd path computes the branch: "auto" (the measured best for the device in
-    # training, the plain ops in inference), "efficient", "plain" or "compiled".
-    branch_impl: str = "auto"
-
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution for input ``x`` in float32 (the adapter's dtype) or the
-        autocast dtype."""
+        autocast dtype, computed by PyTorch."""
         encoder, m, decoder = self._factors(x.device)
         # In training mode the same path runs with and without grad, so that a checkpointed
         # layer's no-grad forward and its recomputation draw the same dropout masks.
-        training_path = self.training or (
+        needs_grad = self.training or (
             torch.is_grad_enabled()
             and (x.requires_grad or encoder.requires_grad or m.requires_grad or decoder.requires_grad)
         )
-        impl = resolve_impl(self.branch_impl, x.device, training_path, where=f"branch_impl of a {self.group!r} layer")
-        kw: dict[str, Any] = {
-            "scale": self.scaling,
-            "activation": self.activation,
-            "dropout": self.dropout,
-            "training": self.training,
-        }
-        if impl == "efficient":
-            return efficient_branch(x, encoder, m, decoder, **kw)
-        if impl == "compiled":
-            return compiled_branch(x, encoder, m, decoder, **kw)
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(encoder.dtype)
-        return dense_branch(x, encoder, m, decoder, **kw)
+        return paths.compute(
+            self._branch_path,
+            x,
+            encoder,
+            m,
+            decoder,
+            needs_grad=needs_grad,
+            scale=self.scaling,
+            activation=self.activation,
+            dropout=self.dropout,
+            training=self.training,
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged:
             return result
-        if (
-            self._inference_backend != "torch"
-            and not self.training
-            and x.is_cpu
-            and (not torch.is_grad_enabled() or not self._needs_autograd(x, result))
-            and self._add_branch_with_kernel(x, result)
-        ):
+        if self._branch_path in ("auto", "fused") and self._add_fused(x, result):
             return result
         return result + self.branch(x).to(result.dtype)
 
-    # -- the Rust kernel (CPU inference) ------------------------------------------------------
+    def _add_fused(self, x: torch.Tensor, result: torch.Tensor) -> bool:
+        """Add the branch into ``result`` with the fused kernel when this call can use it: CPU
+        inference, where no gradient is wanted."""
+        forced = self._branch_path == "fused"
+        inference = not self.training and not (torch.is_grad_enabled() and self._needs_autograd(x, result))
+        if inference:
+            # The parameter dictionaries directly: this runs for every layer and token of decoding.
+            shared = self._shared_ref[0]._parameters
+            added = self._kernel.add_(
+                result,
+                x,
+                shared["encoder"],
+                self._parameters["m"],
+                shared["decoder"],
+                scale=self.scaling,
+                activation=self.activation,
+                force=forced,
+            )
+            if added:
+                return True
+        if forced:
+            why = (
+                f"input {x.dtype} on {x.device}, output {result.dtype}, adapter {self.m.dtype} on {self.m.device}"
+                if inference
+                else "the kernel computes no gradients; the layer is in training mode or gradients are wanted"
+            )
+            raise ArgumentError(f"branch path 'fused': the kernel cannot run this call ({why}); use 'auto' or 'reference'")
+        return False
 
     def _needs_autograd(self, x: torch.Tensor, result: torch.Tensor) -> bool:
         shared = self.shared
@@ -239,80 +237,6 @@ class DenseLoRALayer(nn.Module):
             or shared.encoder.requires_grad
             or shared.decoder.requires_grad
         )
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The kernel's prepared weights point into this process's memory: copies and pickles
-        # start without them and prepare their own on first use.
-        state = self.__dict__.copy()
-        state["_kernel_cache"] = None
-        return state
-
-    def _kernel_weights(self) -> Optional[_core.PreparedBranch]:
-        """The kernel's view of E, M, D (no copy), rebuilt only when a parameter is replaced or
-        changed in place, or the scaling or activations change; None when the kernel cannot
-        take them."""
-        m = self._parameters["m"]
-        shared_params = self._shared_ref[0]._parameters
-        encoder, decoder = shared_params["encoder"], shared_params["decoder"]
-        key = (
-            m.data_ptr(),
-            encoder.data_ptr(),
-            decoder.data_ptr(),
-            m._version,
-            encoder._version,
-            decoder._version,
-            self.scaling,
-            self.encoder_activation,
-            self.decoder_activation,
-        )
-        cache = self._kernel_cache
-        if cache is not None and cache[0] == key:
-            return cache[1]
-        prepared = None
-        tensors = (encoder, m, decoder)
-        if all(t.is_cpu and t.dtype == encoder.dtype for t in tensors) and encoder.dtype in _KERNEL_VIEWS:
-            # The arrays share memory with the parameters and keep their storage alive, so a new
-            # parameter cannot reuse an address the key remembers.
-            arrays = [kernels.as_array(t.detach().contiguous(), name) for t, name in zip(tensors, ("encoder", "m", "decoder"))]
-            prepared = _core.PreparedBranch(
-                *arrays,
-                scale=self.scaling,
-                encoder_activation=self.encoder_activation,
-                decoder_activation=self.decoder_activation,
-            )
-        self._kernel_cache = (key, prepared)
-        return prepared
-
-    def _add_branch_with_kernel(self, x: torch.Tensor, result: torch.Tensor) -> bool:
-        """Add the branch into ``result`` in place with the Rust kernel. False when this call
-        cannot use it (and the backend is "auto")."""
-        prepared = self._kernel_weights()
-        code = _KERNEL_CODES.get(x.dtype)
-        rows = result.numel() // result.shape[-1] if result.dim() else 0
-        if (
-            prepared is None
-            or code is None
-            or result.dtype != x.dtype
-            or not result.is_contiguous()
-            or x.shape[-1] != prepared.in_features
-            or result.shape[-1] != prepared.out_features
-            or x.numel() != rows * prepared.in_features
-        ):
-            if self._inference_backend == "rust":
-                raise ArgumentError(
-                    f"inference_backend 'rust': the kernel cannot run this call (input {x.dtype}, output "
-                    f"{result.dtype}, adapter {self.m.dtype} on {self.m.device}); use 'auto' or 'torch'"
-                )
-            return False
-        if self._inference_backend == "auto" and x.dtype != torch.float32 and rows > _AUTO_HALF_MAX_ROWS:
-            # Large half-precision batches: PyTorch's matmuls use the CPU's native bf16/f16 dot
-            # products, which the kernel measured slower against (benches/results/kernel.json).
-            return False
-        if not x.is_contiguous():
-            x = x.contiguous()
-        # Addresses of tensors checked above: CPU, contiguous, the kernel's dtype and sizes.
-        prepared.add_unchecked(x.data_ptr(), result.data_ptr(), rows, code, kernels.get_num_threads())
-        return True
 
     # -- merging (linear branch only) ---------------------------------------------------------
 

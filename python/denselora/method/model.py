@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import re
 from collections import OrderedDict, defaultdict
@@ -16,11 +15,14 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .. import io as adapter_io
-from .autograd import check_branch_impl
-from .config import DenseLoRAConfig
 from ..errors import ConfigError, IncompatibleAdapterError, NotMergeableError
-from .layer import INFERENCE_BACKENDS, DenseLoRALayer, DenseLoRAShared, is_adaptable, is_conv1d, linear_dims
+from ..io import arrays
+from ..io.adapter import load_adapter, save_adapter
+from ..io.peft import save_peft_lora
+from ..io.sources import PathLike
+from . import paths
+from .config import DenseLoRAConfig
+from .layer import DenseLoRALayer, DenseLoRAShared, is_adaptable, is_conv1d, linear_dims
 
 SHARED_ATTR = "denselora_shared"
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -118,7 +120,7 @@ class DenseLoRAModel(nn.Module):
         for path in self.groups:
             yield path, self.base_model.get_submodule(path)
 
-    def adapter_state(self) -> "OrderedDict[str, torch.Tensor]":
+    def adapter_state(self) -> OrderedDict[str, torch.Tensor]:
         """The adapter's tensors under their file names (``shared.<g>.encoder`` ...)."""
         state: OrderedDict[str, torch.Tensor] = OrderedDict()
         for group, shared in self.shared_modules.items():
@@ -149,22 +151,22 @@ class DenseLoRAModel(nn.Module):
         config["groups"] = dict(self.groups)
         return config
 
-    def save_pretrained(self, save_directory: adapter_io.PathLike, **_: Any) -> None:
+    def save_pretrained(self, save_directory: PathLike, **_: Any) -> None:
         """Write the adapter directory: ``adapter_config.json`` and ``adapter.safetensors``."""
-        adapter_io.save_adapter(save_directory, self.adapter_config_dict(), self.adapter_state())
+        save_adapter(save_directory, self.adapter_config_dict(), self.adapter_state())
 
     @classmethod
     def from_pretrained(
         cls,
         model: nn.Module,
-        source: adapter_io.PathLike,
+        source: PathLike,
         adapter_name: Optional[str] = None,
         *,
         is_trainable: bool = False,
-    ) -> "DenseLoRAModel":
+    ) -> DenseLoRAModel:
         """Attach a saved adapter (a directory, ``bundle.dl`` with ``adapter_name``, or
         ``"bundle.dl:name"``) to ``model``. Every module and tensor must match exactly."""
-        raw_config, tensors = adapter_io.load_adapter(source, adapter_name)
+        raw_config, tensors = load_adapter(source, adapter_name)
         where = os.fspath(source) if adapter_name is None else f"{os.fspath(source)}:{adapter_name}"
         groups = raw_config.get("groups")
         if not isinstance(groups, dict) or not groups:
@@ -175,6 +177,24 @@ class DenseLoRAModel(nn.Module):
         if not is_trainable:
             wrapped.eval()
         return wrapped
+
+    def load_adapter_state(self, tensors: Mapping[str, torch.Tensor], *, source: str = "tensors") -> None:
+        """Copy ``tensors`` (named as in `adapter_state`) into the adapter's parameters, in their
+        device and dtype. Strict: every tensor present, no other, each of its parameter's shape;
+        otherwise `IncompatibleAdapterError` naming ``source`` and nothing is copied."""
+        state = self.adapter_state()
+        missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+        if missing or extra:
+            raise IncompatibleAdapterError(f"{source}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+        for name, param in state.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise IncompatibleAdapterError(
+                    f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, the adapter needs {tuple(param.shape)}"
+                )
+        with torch.no_grad():
+            for name, param in state.items():
+                if param.device.type != "meta":  # nothing to fill on the meta device
+                    param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
 
     def requires_grad_adapter(self, flag: bool = True) -> None:
         for tensor in self.adapter_state().values():
@@ -228,7 +248,7 @@ class DenseLoRAModel(nn.Module):
                 "'identity' branch is linear (configure activation='identity' to train a mergeable adapter)"
             )
 
-    def export_lora(self, save_directory: adapter_io.PathLike) -> None:
+    def export_lora(self, save_directory: PathLike) -> None:
         """Write a PEFT LoRA (``adapter_config.json`` + ``adapter_model.safetensors``) equal to this
         ``identity`` adapter: ``A = E_g``, ``B = D_g @ M_l``, and ``lora_alpha / r = alpha / r``."""
         self._require_linear("export as LoRA")
@@ -260,26 +280,17 @@ class DenseLoRAModel(nn.Module):
             "use_rslora": False,
             "use_dora": False,
         }
-        adapter_io.save_peft_lora(save_directory, config, tensors)
+        save_peft_lora(save_directory, config, tensors)
 
-    def set_inference_backend(self, backend: str) -> None:
-        """Choose who computes the branch at inference on CPU, for every adapted layer:
-        ``"auto"`` (default: the fused Rust kernel whenever it can run, PyTorch otherwise),
-        ``"torch"``, or ``"rust"`` (the kernel, raising `ArgumentError` when a CPU inference
-        call cannot use it). Training, autograd and GPU tensors always run in PyTorch."""
-        if backend not in INFERENCE_BACKENDS:
-            raise ConfigError(f"inference backend: expected one of {list(INFERENCE_BACKENDS)}, got {backend!r}")
+    def set_branch_path(self, path: str) -> None:
+        """Choose who computes the branch of every adapted layer: ``"auto"`` (the default: the
+        fused Rust kernel for CPU inference whenever it can run, the efficient autograd path in
+        training, the reference ops otherwise), ``"reference"``, ``"efficient"``, ``"compiled"``
+        or ``"fused"`` (the kernel, raising `ArgumentError` for a call it cannot run). All give the
+        same numbers up to rounding; see `denselora.method.paths`."""
+        paths.check_branch_path(path, "set_branch_path(path)")
         for _, layer in self.adapter_layers():
-            layer.inference_backend = backend
-
-    def set_branch_impl(self, impl: str) -> None:
-        """Force how every adapted layer computes its branch in training: ``"auto"`` (the default:
-        the measured best for the device), ``"efficient"`` (r-wide saved tensors, recomputation in
-        backward), ``"plain"`` (the reference tensor ops) or ``"compiled"`` (``torch.compile`` of
-        the reference). All give the same numbers."""
-        check_branch_impl(impl, "set_branch_impl(impl)")
-        for _, layer in self.adapter_layers():
-            layer.branch_impl = impl
+            layer.branch_path = path
 
 
 def _keep_adapter_entries(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -295,7 +306,7 @@ def _ignore_missing_base_entries(module: nn.Module, incompatible_keys: Any) -> N
     missing[:] = still_missing
 
 
-def _adapter_param_names(module: "DenseLoRAModel") -> set[str]:
+def _adapter_param_names(module: DenseLoRAModel) -> set[str]:
     """Parameter names (relative to the base model) of the adapter's tensors."""
     ids = {id(t) for t in module.adapter_state().values()}
     return {name for name, param in module.base_model.named_parameters() if id(param) in ids}
@@ -315,7 +326,7 @@ def _fingerprint(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
         if tensor.device.type == "meta":
             return None
         digest.update(name.encode())
-        digest.update(adapter_io.tensor_to_numpy(tensor.float()).tobytes())
+        digest.update(arrays.to_numpy(tensor.float(), name).tobytes())
     return digest.hexdigest()
 
 
@@ -397,7 +408,7 @@ def inject(
     wrapped = DenseLoRAModel(model, config, groups)
     wrapped.train(model.training)
     if tensors is not None:
-        _load_tensors(wrapped, tensors)
+        wrapped.load_adapter_state(tensors, source=source)
     elif config.init_fingerprint is None:
         wrapped.denselora_config = dataclasses.replace(config, init_fingerprint=_fingerprint(wrapped.adapter_state()))
     return wrapped
@@ -438,13 +449,6 @@ def _check_tensors_fit(
             raise IncompatibleAdapterError(
                 f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, the model needs {shape}"
             )
-
-
-def _load_tensors(wrapped: DenseLoRAModel, tensors: Mapping[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, param in wrapped.adapter_state().items():
-            if param.device.type != "meta":
-                param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
 
 
 def get_denselora_model(model: nn.Module, config: Optional[DenseLoRAConfig] = None) -> DenseLoRAModel:

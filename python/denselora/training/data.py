@@ -9,7 +9,6 @@ training and in scoring, and the label mask falls exactly on the prompt/answer b
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from ..errors import ArgumentError, FormatError
+from ..io.sources import PathLike
 
-PathLike = Union[str, "os.PathLike[str]"]
 IGNORE_INDEX = -100
 # BIG-bench slices shipped inside the package (see ``denselora/tasks/README.md``).
 _TASKS = Path(__file__).resolve().parent.parent / "tasks" / "bigbench"
@@ -298,3 +297,26 @@ def packaged_task_path(name: str = "social_iqa") -> Path:
         available = sorted(p.name for p in _TASKS.glob("*") if p.is_dir())
         raise ArgumentError(f"no packaged task {name!r}; available: {available}")
     return path
+
+
+__all__ = [
+    "ALPACA_PROMPT",
+    "ALPACA_PROMPT_NO_INPUT",
+    "CHOICE_PROMPT",
+    "IGNORE_INDEX",
+    "Collator",
+    "Example",
+    "Splits",
+    "TokenizedDataset",
+    "alpaca_prompt",
+    "choice_prompt",
+    "encode_example",
+    "encode_text",
+    "load_examples",
+    "packaged_task_path",
+    "pad_id_of",
+    "parse_bigbench_task",
+    "parse_instruction_records",
+    "split_examples",
+    "subsample",
+]

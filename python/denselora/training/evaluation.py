@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import Example, encode_text, pad_id_of
 from ..errors import ArgumentError
+from .data import Example, encode_text, pad_id_of
 
 
 @dataclass
@@ -25,7 +25,8 @@ class ChoiceResult:
     scores: list[list[float]] = field(default_factory=list)
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any)."""
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
@@ -52,7 +53,7 @@ def option_scores(
             raise ArgumentError(f"example {i} has no options (not a multiple-choice example)")
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     pad = pad_id_of(tokenizer)
     prompts = [encode_text(tokenizer, e.prompt, special=True) for e in examples]
     options = [[encode_text(tokenizer, o) for o in e.options or []] for e in examples]
@@ -211,7 +212,7 @@ def generate(
     """Greedy continuations of ``prompts`` (left-padded batches), decoded without the prompt."""
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     pad = pad_id_of(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     outputs: list[str] = []
@@ -271,3 +272,17 @@ def generation_accuracy(
     extracted = [extract_answer(kind, text) for text in outputs]
     correct = sum(int(x is not None and x == ref) for x, ref in zip(extracted, references))
     return GenerationResult(correct / len(examples), correct, len(examples), outputs, extracted)
+
+
+__all__ = [
+    "ANSWER_PATTERNS",
+    "ChoiceResult",
+    "GenerationResult",
+    "dataset_kind",
+    "extract_answer",
+    "generate",
+    "generation_accuracy",
+    "model_device",
+    "multiple_choice_accuracy",
+    "option_scores",
+]

@@ -58,3 +58,6 @@ def create_optimizer(
         m_lr_ratio = float(getattr(config, "m_lr_ratio", 1.0) or 1.0)
     groups = param_groups(model, lr, weight_decay=weight_decay, shared_lr_ratio=shared_lr_ratio, m_lr_ratio=m_lr_ratio)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+__all__ = ["create_optimizer", "param_groups"]

@@ -1,0 +1,3 @@
+"""The earlier path of `denselora.training.data`, where this module lives now."""
+
+from .training.data import *  # noqa: F403
