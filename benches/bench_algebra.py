@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -76,7 +75,7 @@ def torch_aligned(adapters):
             aligned_e.append(e[perm])
             aligned_m.append([m[:, perm] for m in m_list])
         q, rr = torch.linalg.qr(torch.cat(ds, 1))
-        avg = [sum(w * rr[:, k * r : (k + 1) * r] @ aligned_m[k][l] for k in range(len(adapters))) for l in range(len(modules))]
+        avg = [sum(w * rr[:, k * r : (k + 1) * r] @ aligned_m[k][j] for k in range(len(adapters))) for j in range(len(modules))]
         u = torch.linalg.svd(torch.cat(avg, 1), full_matrices=False)[0][:, :r]
         gauge = u.T @ rr[:, :r]
         out[f"shared.{group}.encoder"] = sum(w * e for e in aligned_e).float()

@@ -105,7 +105,7 @@ def main() -> None:
         bundle_path = root / "all.dl"
         sources = {name: dirs / name for name in names}
         pack_times, copy_times = [], []
-        for i in range(5):  # interleaved, so that both see the same disk weather
+        for _ in range(5):  # interleaved, so that both see the same disk weather
             if bundle_path.exists():
                 bundle_path.unlink()
             start = time.perf_counter()

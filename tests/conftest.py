@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, **config_overrides) -> "transformers.LlamaForCausalLM":
+def tiny_llama(seed: int = 0, layers: int = 2, **config_overrides) -> transformers.LlamaForCausalLM:
     torch.manual_seed(seed)
     settings = dict(
         vocab_size=96,
@@ -23,13 +23,13 @@ def tiny_llama(seed: int = 0, layers: int = 2, **config_overrides) -> "transform
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def tiny_gpt2(seed: int = 0) -> "transformers.GPT2LMHeadModel":
+def tiny_gpt2(seed: int = 0) -> transformers.GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-def tiny_bert(seed: int = 0) -> "transformers.BertForSequenceClassification":
+def tiny_bert(seed: int = 0) -> transformers.BertForSequenceClassification:
     torch.manual_seed(seed)
     config = transformers.BertConfig(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, num_labels=3

@@ -11,8 +11,7 @@ import torch
 from safetensors.numpy import load_file
 
 import denselora as dl
-from denselora import _core, algebra
-from denselora import io as adapter_io
+from denselora import _core
 from denselora.cli import main
 from denselora.errors import ArgumentError, IncompatibleAdapterError, NonFiniteError
 
@@ -276,7 +275,7 @@ def test_rectangular_truncation_loads_into_the_model_and_keeps_the_function(tmp_
     config, tensors = dl.load_adapter(src)
     rng = np.random.default_rng(0)
     out = dict(tensors)
-    for group, (e, d, _) in groups_of(config, tensors).items():
+    for group, (_, d, _) in groups_of(config, tensors).items():
         low = d[:, :2] @ rng.normal(size=(2, 4))
         out[f"shared.{group}.decoder"] = torch.from_numpy(low.astype(np.float32))
     dl.save_adapter(tmp_path / "low", config, out)

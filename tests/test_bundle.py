@@ -20,10 +20,10 @@ from safetensors.numpy import load_file
 
 import denselora as dl
 from denselora import _core
-from denselora.io.bundle import pack
 from denselora.cli import main, pack_main
 from denselora.errors import ArgumentError, ChecksumError, DenseLoRAError, FormatError
 from denselora.io import load_adapter, save_adapter_to
+from denselora.io.bundle import pack
 
 from conftest import randomize_adapter, tiny_llama
 

@@ -9,9 +9,10 @@ import socket
 import pytest
 import torch
 
-from _tiny import char_llama, char_tokenizer
-from denselora.training.data import Example, TokenizedDataset
 from denselora.training import TrainConfig, build_adapter_model, train
+from denselora.training.data import Example, TokenizedDataset
+
+from _tiny import char_llama, char_tokenizer
 
 WORLD = 2
 STEPS = 3

@@ -151,8 +151,9 @@ def test_build_adapter_model_presets_and_overrides():
 
 
 def test_cli_train_preset_paper_records_the_papers_settings(tmp_path, capsys):
-    from _tiny import char_llama, char_tokenizer
     from denselora.cli import main
+
+    from _tiny import char_llama, char_tokenizer
 
     model_dir = tmp_path / "model"
     char_llama().save_pretrained(model_dir)

@@ -302,6 +302,8 @@ def test_layers_on_different_devices(tokens):
     post = layer.register_forward_hook(lambda m, args, out: tuple(o.cpu() if torch.is_tensor(o) else o for o in out) if isinstance(out, tuple) else out.cpu())
     # Shared factors stay on the first layer's device (CPU); the CUDA layer gets differentiable copies.
     assert model.shared_modules["q_proj"].encoder.device.type == "cpu"
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-4, atol=1e-4)
     model.train()
     loss = model(tokens, labels=tokens).loss
     loss.backward()

@@ -70,7 +70,7 @@ class UpdateTracker:
         self._hooked: dict[str, float] = {}
         self._handles: list[Any] = []
 
-    def attach(self) -> "UpdateTracker":
+    def attach(self) -> UpdateTracker:
         for name, param in _trainable(self.model):
             def hook(p: torch.Tensor, name: str = name) -> None:
                 # Called after each accumulation; the last call of a step sees the full gradient.

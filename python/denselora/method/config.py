@@ -140,13 +140,13 @@ class DenseLoRAConfig:
         return float(self.alpha) / self.r
 
     @classmethod
-    def paper(cls, **overrides: Any) -> "DenseLoRAConfig":
+    def paper(cls, **overrides: Any) -> DenseLoRAConfig:
         """The configuration of the paper's released code (GELU on both sides, ``s = alpha / r``,
         Kaiming-uniform ``M``, one learning rate); other fields as given."""
         return cls.from_preset("paper", **overrides)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "DenseLoRAConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> DenseLoRAConfig:
         """``"default"`` (the library's defaults) or ``"paper"``, with ``overrides`` on top."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
@@ -156,13 +156,13 @@ class DenseLoRAConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DenseLoRAConfig":
+    def from_dict(cls, data: dict[str, Any]) -> DenseLoRAConfig:
         """Build from a dict; keys that are not config fields (e.g. ``groups``) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
-    def from_saved(cls, data: dict[str, Any]) -> "DenseLoRAConfig":
+    def from_saved(cls, data: dict[str, Any]) -> DenseLoRAConfig:
         """Build from a saved adapter's config. Fields missing from configs written before they
         existed take the paper's values, which is what those adapters were trained with, so a
         saved adapter's forward keeps its meaning."""
@@ -174,7 +174,7 @@ class DenseLoRAConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "DenseLoRAConfig":
+    def from_json(cls, text: str) -> DenseLoRAConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
