@@ -162,3 +162,103 @@ def test_non_contiguous_and_integer_arrays_are_refused_by_the_core(tmp_path):
         _core.save_adapter(str(tmp_path / "x"), config, {**base, "a.m": np.zeros((2, 2), np.int64)})
     _core.save_adapter(str(tmp_path / "x"), config, base)
     assert sorted(os.listdir(tmp_path / "x")) == ["adapter.safetensors", "adapter_config.json"]
+
+
+# -- the directory writer and the array seam ---------------------------------------------------
+
+
+def test_atomic_directory_creates_merges_or_replaces_and_leaves_nothing_behind(tmp_path):
+    from denselora.io.atomic import atomic_directory
+
+    target = tmp_path / "out"
+    with atomic_directory(target) as staging:
+        assert staging.parent == tmp_path and not target.exists()  # nothing visible while writing
+        (staging / "a.txt").write_text("1")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "x").write_text("x")
+    (target / "mine.txt").write_text("kept")
+    with atomic_directory(target) as staging:  # entries replace their namesakes; others stay
+        (staging / "a.txt").write_text("2")
+        (staging / "sub").mkdir()
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt", "mine.txt", "sub"]
+    assert (target / "a.txt").read_text() == "2" and not any((target / "sub").iterdir())
+    with atomic_directory(target, replace=True) as staging:  # the whole folder is the new one
+        (staging / "b.txt").write_text("3")
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+
+    class Boom(Exception):
+        pass
+
+    for replace in (False, True):
+        with pytest.raises(Boom):
+            with atomic_directory(target, replace=replace) as staging:
+                (staging / "b.txt").write_text("half")
+                raise Boom
+        assert [p.name for p in target.iterdir()] == ["b.txt"] and (target / "b.txt").read_text() == "3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or set-aside folders
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="file"):
+        with atomic_directory(tmp_path / "file"):
+            pass
+
+
+def test_saving_into_a_directory_keeps_its_other_files(saved):
+    directory, model, _ = saved
+    (directory / "README.md").write_text("notes")
+    randomize_adapter(model, seed=8)
+    model.save_pretrained(directory)
+    assert (directory / "README.md").read_text() == "notes"
+    _, tensors = dl.load_adapter(directory)
+    for name, value in model.adapter_state().items():
+        assert torch.equal(tensors[name], value.detach()), name
+    assert not [p for p in directory.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_bfloat16_crosses_as_its_bit_patterns_both_ways():
+    from denselora.io import arrays
+
+    t = torch.tensor([1.0, -2.5, 3.140625, 1e-30], dtype=torch.bfloat16)
+    bits = arrays.to_numpy(t)
+    assert bits.dtype == np.uint16 and bits.tolist() == t.view(torch.int16).numpy().view(np.uint16).tolist()
+    back = arrays.to_tensor("BF16", bits)
+    assert back.dtype == torch.bfloat16 and torch.equal(back, t)
+    assert np.shares_memory(arrays.view(t, "t"), t.view(torch.int16).numpy())  # a view, no copy
+    wide = arrays.to_numpy(t, dtypes=arrays.WRITABLE_DTYPES)  # what the file writers take
+    assert wide.dtype == np.float32 and np.array_equal(wide, t.float().numpy())
+    assert arrays.to_numpy(t.double()).dtype == np.float32
+    with pytest.raises(dl.errors.ArgumentError, match="'w' is a list"):
+        arrays.to_numpy([1.0], "w")
+    with pytest.raises(dl.errors.DTypeError, match="^x:"):
+        arrays.view(t.double(), "x")
+
+
+def test_peft_adapters_are_told_apart_from_denselora_ones(saved, tmp_path):
+    from denselora.io.peft import is_peft_lora
+
+    directory, model, _ = saved
+    model.export_lora(tmp_path / "lora")
+    assert is_peft_lora(tmp_path / "lora") and not is_peft_lora(directory)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    assert not is_peft_lora(tmp_path / "broken") and not is_peft_lora(tmp_path / "nowhere")
+
+
+def test_load_adapter_state_is_strict_and_all_or_nothing(saved):
+    directory, model, _ = saved
+    _, tensors = dl.load_adapter(directory)
+    fresh = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4))
+    before = {k: v.detach().clone() for k, v in fresh.adapter_state().items()}
+    name = "model.layers.1.mlp.down_proj.m"
+    bad = [
+        ({k: v for k, v in tensors.items() if k != name}, "missing tensors"),
+        ({**tensors, "extra.m": tensors[name]}, "unexpected tensors.*extra.m"),
+        ({**tensors, name: torch.zeros(3, 4)}, f"{name} has shape"),
+    ]
+    for given, message in bad:
+        with pytest.raises(dl.IncompatibleAdapterError, match=message):
+            fresh.load_adapter_state(given, source="given")
+        for key, value in fresh.adapter_state().items():
+            assert torch.equal(value, before[key]), key
+    fresh.load_adapter_state({k: v.double() for k, v in tensors.items()})
+    for key, value in fresh.adapter_state().items():
+        assert value.dtype == torch.float32 and torch.equal(value, tensors[key]), key

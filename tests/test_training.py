@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import denselora as dl
 from denselora.errors import ArgumentError, ConfigError, FormatError
 from denselora.training import (
     TrainConfig,
@@ -243,7 +244,15 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tok, tmp_path):
     first = build_adapter_model(char_llama(), r=4, alpha=8, dropout=0.1)
     with pytest.raises(Stop):
         train(first, tok, data, config, val_data=val, output_dir=tmp_path / "cut", callback=interrupt)
-    assert latest_checkpoint(tmp_path / "cut").name == "step-4"
+    checkpoint = latest_checkpoint(tmp_path / "cut")
+    assert checkpoint.name == "step-4"
+    # The adapter is in the checkpoint once, as an adapter directory; the trainer state has the rest.
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    assert set(state) == {
+        "step", "optimizer", "scheduler", "scaler", "rng", "history", "evals", "best_loss", "best_step", "global_batch", "seed", "config",
+    }
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["adapter", "trainer_state.pt"]
+    assert set(dl.load_adapter(checkpoint / "adapter")[1]) == set(first.adapter_state())
 
     base = char_llama()
     torch.manual_seed(9)  # another adapter init: all the state must come from the checkpoint
