@@ -153,10 +153,7 @@ class KernelPath:
 
     def __getstate__(self) -> dict[str, Any]:
         # Prepared weights point into this process's memory: copies and pickles prepare their own.
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._prepared = None
+        return {"_prepared": None}
 
     def add_(
         self,
@@ -173,15 +170,13 @@ class KernelPath:
         """Add the branch of ``x`` into ``out`` in place when the kernel can run this call, and say
         whether it did. Unless ``force``, large half-precision calls are left to PyTorch
         (`AUTO_HALF_MAX_ROWS`)."""
-        prepared = self._weights(encoder, m, decoder, scale, activation)
         code = _DTYPE_CODES.get(x.dtype)
+        if code is None or not (x.is_cpu and out.is_cpu) or out.dtype != x.dtype or not out.is_contiguous():
+            return False
+        prepared = self._weights(encoder, m, decoder, scale, activation)
         rows = out.numel() // out.shape[-1] if out.dim() else 0
         if (
             prepared is None
-            or code is None
-            or not (x.is_cpu and out.is_cpu)
-            or out.dtype != x.dtype
-            or not out.is_contiguous()
             or x.shape[-1] != prepared.in_features
             or out.shape[-1] != prepared.out_features
             or x.numel() != rows * prepared.in_features
