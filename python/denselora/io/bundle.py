@@ -1,7 +1,7 @@
 """``.dl`` adapter bundles: many adapters in one memory-mapped, checksummed file.
 
->>> with Bundle("adapters.dl") as bundle:
-...     arrays = bundle.tensors("task-a")      # read-only numpy views of the mapped file
+    with Bundle("adapters.dl") as bundle:
+        arrays = bundle.tensors("task-a")      # read-only numpy views of the mapped file
 
 The format (docs/format.md) is read and written only by the Rust core; this module is its typed
 Python face. Opening validates the whole catalog but reads no tensor data; each tensor's checksum
@@ -106,7 +106,7 @@ class Bundle:
         """The adapter's tensors as read-only numpy views of the file (no copy).
 
         With ``verify`` (the default) each blob's checksum is checked the first time this handle
-        hands it out; damaged bytes raise :class:`~denselora.errors.ChecksumError`.
+        hands it out; damaged bytes raise `denselora.errors.ChecksumError`.
         """
         return {k: array for k, (_, array) in self._open.tensors(name, verify).items()}
 
