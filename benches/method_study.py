@@ -462,7 +462,7 @@ def _selected_runs(comp: list[dict[str, Any]]) -> Iterator[tuple[str, str, list[
 
 
 def _summary_table(args: argparse.Namespace, comp: list[dict[str, Any]]) -> list[str]:
-    """One row per method: what a user compares (the README's table)."""
+    """One row per method: what a user compares (the table in docs/configuration.md)."""
     gains = {}
     for data in _load(args, "gain"):
         rows = data["rows"]

@@ -13,7 +13,7 @@ Full configuration (hours on 2 CPU cores; minutes on one GPU):
 
     python benches/replicate.py --steps 300 --seeds 0,1,2 --test-size 400 --fractions 1.0,0.1
 
-A reduced one, as measured on a shared 2-core machine (see the README; one process per task):
+A reduced one, as measured on a shared 2-core machine (see docs/training.md; one process per task):
 
     python benches/replicate.py --tasks social_iqa --steps 30 --test-size 200 --val-size 100 --threads 1
     python benches/replicate.py --steps 30 --test-size 200 --val-size 100 --report   # table and plot
