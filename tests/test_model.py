@@ -188,7 +188,9 @@ def test_autocast_bf16_trains(tokens):
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokens):
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4, dropout=0.0))
+        # Eager attention: some torch versions' SDPA backward differs in the last bits when recomputed.
+        base = tiny_llama(attn_implementation="eager")
+        model = dl.get_denselora_model(base, dl.DenseLoRAConfig(r=4, dropout=0.0))
         randomize_adapter(model)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
