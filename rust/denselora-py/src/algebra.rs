@@ -39,7 +39,9 @@ fn parse_mode(mode: &str) -> Result<Mode, Error> {
         "auto" => Ok(Mode::Auto),
         "linear" => Ok(Mode::Linear),
         "aligned" => Ok(Mode::Aligned),
-        other => Err(Error::argument("mode", ArgumentKind::Value, format!("{other:?} is not one of auto, linear, aligned"))),
+        other => {
+            Err(Error::argument("mode", ArgumentKind::Value, format!("{other:?} is not one of auto, linear, aligned")))
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 
 use denselora_core::{ArgumentKind, Error};
 use pyo3::exceptions::{
-    PyFileExistsError, PyFileNotFoundError, PyIsADirectoryError, PyNotADirectoryError, PyOSError,
-    PyPermissionError, PyRuntimeError,
+    PyFileExistsError, PyFileNotFoundError, PyIsADirectoryError, PyNotADirectoryError, PyOSError, PyPermissionError,
+    PyRuntimeError,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyType;
@@ -49,33 +49,33 @@ fn denselora_exception(py: Python<'_>, class: &str, message: String) -> PyErr {
 }
 
 fn core_to_py(err: Error) -> PyErr {
-        let message = err.to_string();
-        match &err {
-            Error::Io { source, .. } => match source.kind() {
-                std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
-                std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
-                std::io::ErrorKind::AlreadyExists => PyFileExistsError::new_err(message),
-                std::io::ErrorKind::IsADirectory => PyIsADirectoryError::new_err(message),
-                std::io::ErrorKind::NotADirectory => PyNotADirectoryError::new_err(message),
-                _ => PyOSError::new_err(message),
-            },
-            _ => Python::attach(|py| {
-                let class = match &err {
-                    Error::Format { .. } => "FormatError",
-                    Error::Checksum { .. } => "ChecksumError",
-                    Error::Incompatible { .. } => "IncompatibleAdapterError",
-                    Error::NonFinite { .. } => "NonFiniteError",
-                    Error::InvalidArgument { kind, .. } => match kind {
-                        ArgumentKind::Shape => "ShapeError",
-                        ArgumentKind::DType => "DTypeError",
-                        ArgumentKind::Layout => "LayoutError",
-                        ArgumentKind::Value => "ArgumentError",
-                    },
-                    Error::Io { .. } => unreachable!("handled above"),
-                };
-                denselora_exception(py, class, message)
-            }),
-        }
+    let message = err.to_string();
+    match &err {
+        Error::Io { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
+            std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
+            std::io::ErrorKind::AlreadyExists => PyFileExistsError::new_err(message),
+            std::io::ErrorKind::IsADirectory => PyIsADirectoryError::new_err(message),
+            std::io::ErrorKind::NotADirectory => PyNotADirectoryError::new_err(message),
+            _ => PyOSError::new_err(message),
+        },
+        _ => Python::attach(|py| {
+            let class = match &err {
+                Error::Format { .. } => "FormatError",
+                Error::Checksum { .. } => "ChecksumError",
+                Error::Incompatible { .. } => "IncompatibleAdapterError",
+                Error::NonFinite { .. } => "NonFiniteError",
+                Error::InvalidArgument { kind, .. } => match kind {
+                    ArgumentKind::Shape => "ShapeError",
+                    ArgumentKind::DType => "DTypeError",
+                    ArgumentKind::Layout => "LayoutError",
+                    ArgumentKind::Value => "ArgumentError",
+                },
+                Error::Io { .. } => unreachable!("handled above"),
+            };
+            denselora_exception(py, class, message)
+        }),
+    }
 }
 
 pub type BindingResult<T> = Result<T, BindingError>;

@@ -83,9 +83,7 @@ pub fn dense_branch<'py>(
     // SAFETY: `out` is a writeable, C-contiguous array alive for the call, and overlaps no input;
     // nothing else touches it while the GIL is released (the caller owns it for the call).
     let ob_mut = unsafe { std::slice::from_raw_parts_mut(ob.as_ptr() as *mut u8, ob.len()) };
-    py.detach(|| {
-        run_kernel((xt, xb, &xs), [(et, eb, &es), (mt, mb, &ms), (dt, db, &ds)], (ot, ob_mut, &os), &params)
-    })?;
+    py.detach(|| run_kernel((xt, xb, &xs), [(et, eb, &es), (mt, mb, &ms), (dt, db, &ds)], (ot, ob_mut, &os), &params))?;
     Ok(())
 }
 
@@ -146,7 +144,11 @@ fn dtype_from_code(code: u8) -> Result<denselora_core::DType, Error> {
         0 => Ok(denselora_core::DType::F32),
         1 => Ok(denselora_core::DType::F16),
         2 => Ok(denselora_core::DType::BF16),
-        _ => Err(Error::argument("dtype", ArgumentKind::DType, format!("unknown dtype code {code} (0 f32, 1 f16, 2 bf16)"))),
+        _ => Err(Error::argument(
+            "dtype",
+            ArgumentKind::DType,
+            format!("unknown dtype code {code} (0 f32, 1 f16, 2 bf16)"),
+        )),
     }
 }
 
@@ -175,7 +177,12 @@ impl PreparedBranch {
         for (i, (a, name)) in [(encoder, "encoder"), (m, "m"), (decoder, "decoder")].into_iter().enumerate() {
             let (shape, dt, bytes) = view(a, name)?;
             if shape.len() != 2 {
-                return Err(Error::argument(name, ArgumentKind::Shape, format!("expected a 2-D array, got shape {shape:?}")).into());
+                return Err(Error::argument(
+                    name,
+                    ArgumentKind::Shape,
+                    format!("expected a 2-D array, got shape {shape:?}"),
+                )
+                .into());
             }
             // Views with the dtype and alignment checks the kernel applies.
             Src::from_bytes(dt, bytes, name)?;
@@ -185,7 +192,9 @@ impl PreparedBranch {
         }
         let [e, mm, d] = shapes;
         if mm[1] != e[0] || d[1] != mm[0] {
-            return Err(Error::argument("m", ArgumentKind::Shape, format!("shapes {e:?}, {mm:?}, {d:?} do not chain")).into());
+            return Err(
+                Error::argument("m", ArgumentKind::Shape, format!("shapes {e:?}, {mm:?}, {d:?} do not chain")).into()
+            );
         }
         Ok(PreparedBranch {
             _arrays: [encoder.clone().unbind(), m.clone().unbind(), decoder.clone().unbind()],
@@ -236,7 +245,8 @@ impl PreparedBranch {
         let params = BranchParams { num_threads, ..self.params };
         let (xs, os) = ([rows, d_in], [rows, d_out]);
         let w = self.dtype;
-        let mut run = || run_kernel((act, xb, &xs), [(w, wb[0], &e), (w, wb[1], &m), (w, wb[2], &d)], (act, ob, &os), &params);
+        let mut run =
+            || run_kernel((act, xb, &xs), [(w, wb[0], &e), (w, wb[1], &m), (w, wb[2], &d)], (act, ob, &os), &params);
         // Releasing the GIL costs more than a tiny call takes.
         if rows * (d_in + d_out) < 1 << 16 {
             run()?;

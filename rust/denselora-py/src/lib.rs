@@ -28,9 +28,8 @@ impl<'py> BorrowedTensors<'py> {
     pub(crate) fn from_dict(tensors: &Bound<'py, PyDict>, bf16_bits: bool) -> BindingResult<Self> {
         let mut entries = Vec::with_capacity(tensors.len());
         for (key, value) in tensors.iter() {
-            let name: String = key
-                .extract()
-                .map_err(|_| Error::argument("tensors", ArgumentKind::Value, "keys must be str"))?;
+            let name: String =
+                key.extract().map_err(|_| Error::argument("tensors", ArgumentKind::Value, "keys must be str"))?;
             let array = value
                 .cast_into::<PyUntypedArray>()
                 .map_err(|_| Error::argument(&name, ArgumentKind::DType, "value is not a numpy array"))?;
@@ -42,10 +41,7 @@ impl<'py> BorrowedTensors<'py> {
     }
 
     pub(crate) fn views(&self) -> BTreeMap<String, TensorRef<'_>> {
-        self.entries
-            .iter()
-            .map(|(n, d, s, b)| (n.clone(), TensorRef { dtype: *d, shape: s, data: b }))
-            .collect()
+        self.entries.iter().map(|(n, d, s, b)| (n.clone(), TensorRef { dtype: *d, shape: s, data: b })).collect()
     }
 }
 
@@ -96,7 +92,9 @@ fn save_safetensors(
 #[pyfunction]
 fn write_text_atomic(py: Python<'_>, path: PathBuf, text: &str) -> BindingResult<()> {
     py.detach(|| {
-        atomic::write_atomically(&path, |w| std::io::Write::write_all(w, text.as_bytes()).map_err(|e| Error::io(&path, e)))
+        atomic::write_atomically(&path, |w| {
+            std::io::Write::write_all(w, text.as_bytes()).map_err(|e| Error::io(&path, e))
+        })
     })?;
     Ok(())
 }

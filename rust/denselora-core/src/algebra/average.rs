@@ -110,7 +110,11 @@ fn resolve_weights(n: usize, options: &AverageOptions) -> Result<Vec<f64>> {
                 ));
             }
             if let Some(bad) = w.iter().find(|v| !v.is_finite() || **v < 0.0) {
-                return Err(Error::argument("weights", ArgumentKind::Value, format!("weight {bad} is not a finite non-negative number")));
+                return Err(Error::argument(
+                    "weights",
+                    ArgumentKind::Value,
+                    format!("weight {bad} is not a finite non-negative number"),
+                ));
             }
             let total: f64 = w.iter().sum();
             if total <= 0.0 {
@@ -137,7 +141,8 @@ fn string_key<'a>(adapter: &'a Adapter, key: &str) -> Option<&'a str> {
 
 /// Everything that must agree before tensors are combined; returns the reference's layout.
 pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout>> {
-    let (ref_name, reference) = inputs.first().ok_or_else(|| Error::argument("inputs", ArgumentKind::Value, "no adapter given"))?;
+    let (ref_name, reference) =
+        inputs.first().ok_or_else(|| Error::argument("inputs", ArgumentKind::Value, "no adapter given"))?;
     let ref_layout = reference.layout(ref_name)?;
     let ref_groups = config_groups(&reference.config, ref_name)?;
     let ref_acts = activations(&reference.config, ref_name)?;
@@ -187,7 +192,8 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
             ));
         }
         for key in ["r", "alpha"] {
-            let (a, b) = (reference.config.get(key).and_then(Value::as_f64), adapter.config.get(key).and_then(Value::as_f64));
+            let (a, b) =
+                (reference.config.get(key).and_then(Value::as_f64), adapter.config.get(key).and_then(Value::as_f64));
             if a != b {
                 return Err(Error::incompatible(
                     name.as_str(),
@@ -309,7 +315,8 @@ struct Cores {
 impl Cores {
     fn new(runs: &[GroupFactors], linear_encoder: bool) -> Self {
         let (qd, rd) = thin_qr(&hstack(&runs.iter().map(|r| r.decoder.clone()).collect::<Vec<_>>()));
-        let qe_re = linear_encoder.then(|| thin_qr(&vstack(&runs.iter().map(|r| r.encoder.clone()).collect::<Vec<_>>()).transpose()));
+        let qe_re = linear_encoder
+            .then(|| thin_qr(&vstack(&runs.iter().map(|r| r.encoder.clone()).collect::<Vec<_>>()).transpose()));
         Cores { qd, rd, qe_re }
     }
 
@@ -507,7 +514,8 @@ pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Resul
         groups.push(result.report);
     }
     let shared_init = inputs.iter().all(|(_, a)| {
-        string_key(a, "init_fingerprint").is_some() && string_key(a, "init_fingerprint") == string_key(reference, "init_fingerprint")
+        string_key(a, "init_fingerprint").is_some()
+            && string_key(a, "init_fingerprint") == string_key(reference, "init_fingerprint")
     });
     if aligned || !shared_init {
         // The result descends from several initial adapters (or from ones not known to be one).

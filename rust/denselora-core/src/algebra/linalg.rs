@@ -317,7 +317,17 @@ mod tests {
         for (p, n) in [(8, 8), (8, 20), (20, 8), (30, 90)] {
             // Rank 4, plus rows that are tiny combinations of the others (as stacked cores are).
             let base = rng.matrix(4, n);
-            let mix = Mat::from_fn(p, 4, |i, j| if i < 4 { if i == j { 1.0 } else { 0.0 } } else { 1e-8 * (i + j) as f64 });
+            let mix = Mat::from_fn(p, 4, |i, j| {
+                if i < 4 {
+                    if i == j {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                } else {
+                    1e-8 * (i + j) as f64
+                }
+            });
             let a = mix * base;
             let (u, s) = left_singular(&a, 4);
             let resid = (&a - &u * (u.transpose() * &a)).norm() / a.norm();

@@ -15,9 +15,9 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::linalg::{hstack, left_singular, rank_for_energy, sq, thin_qr, tucker2, gauge_inverse, Mat};
+use super::linalg::{gauge_inverse, hstack, left_singular, rank_for_energy, sq, thin_qr, tucker2, Mat};
 use super::{activations, check_finite, group_factors, put_group, GroupFactors};
-use crate::adapter::{encoder_key, decoder_key, m_key, Adapter};
+use crate::adapter::{decoder_key, encoder_key, m_key, Adapter};
 use crate::error::{ArgumentKind, Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]

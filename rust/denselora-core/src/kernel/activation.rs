@@ -81,8 +81,7 @@ fn exp_reduced<S: Simd>(s: S, x: S::V) -> S::V {
     #[allow(clippy::excessive_precision)]
     let r = s.fma(n, s.splat(-0.693_359_375), x);
     let r = s.fma(n, s.splat(2.121_944_4e-4), r);
-    const TAYLOR: [f32; 8] =
-        [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
+    const TAYLOR: [f32; 8] = [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
     s.mul(horner(s, &TAYLOR, r), s.exp2_int(n))
 }
 

@@ -231,14 +231,40 @@ unsafe fn accumulate<S: Simd, X: Elem>(s: S, scale: f32, y: S::V, out: *mut X, l
 /// Decode step 1: `h[:, ks] = X E[ks]ᵀ` (before the activation) for all rows.
 #[inline(always)]
 pub unsafe fn encode_cols<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, ks: Range<usize>, h: *mut f32) {
-    dot_block(s, job.x.as_ptr(), job.d_in, 0..job.n, job.encoder.as_ptr(), job.d_in, ks, 0, job.d_in, h, job.r_e, false);
+    dot_block(
+        s,
+        job.x.as_ptr(),
+        job.d_in,
+        0..job.n,
+        job.encoder.as_ptr(),
+        job.d_in,
+        ks,
+        0,
+        job.d_in,
+        h,
+        job.r_e,
+        false,
+    );
 }
 
 /// Decode step 2: `h = act_e(h)`, `g = h Mᵀ`.
 #[inline(always)]
 pub unsafe fn middle<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, rows: usize, h: &mut [f32], g: &mut [f32]) {
     activate_in_place(s, job.act_e, h);
-    dot_block(s, h.as_ptr(), job.r_e, 0..rows, job.m.as_ptr(), job.r_e, 0..job.r_d, 0, job.r_e, g.as_mut_ptr(), job.r_d, false);
+    dot_block(
+        s,
+        h.as_ptr(),
+        job.r_e,
+        0..rows,
+        job.m.as_ptr(),
+        job.r_e,
+        0..job.r_d,
+        0,
+        job.r_e,
+        g.as_mut_ptr(),
+        job.r_d,
+        false,
+    );
 }
 
 /// Decode step 3: `out[:, os] += scale · act_d(g Dᵀ)` for outputs `os`.
@@ -438,7 +464,20 @@ pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem, E: Elem>(
                     k += 1;
                 }
             }
-            dot_block(s, xbuf.as_ptr(), KC, 0..nb, encoder.as_ptr().add(k0), job.d_in, 0..re, 0, len, h.as_mut_ptr(), re, k0 > 0);
+            dot_block(
+                s,
+                xbuf.as_ptr(),
+                KC,
+                0..nb,
+                encoder.as_ptr().add(k0),
+                job.d_in,
+                0..re,
+                0,
+                len,
+                h.as_mut_ptr(),
+                re,
+                k0 > 0,
+            );
         } else {
             dot_block(s, x, job.d_in, 0..nb, encoder.as_ptr(), job.d_in, 0..re, k0, len, h.as_mut_ptr(), re, k0 > 0);
         }

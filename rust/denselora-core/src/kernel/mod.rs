@@ -245,9 +245,15 @@ pub fn dense_branch(
     macro_rules! weights {
         ($xs:expr, $out:expr) => {
             match (encoder.data, m.data, decoder.data) {
-                (Src::F32(e), Src::F32(mm), Src::F32(d)) => run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa),
-                (Src::F16(e), Src::F16(mm), Src::F16(d)) => run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa),
-                (Src::BF16(e), Src::BF16(mm), Src::BF16(d)) => run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa),
+                (Src::F32(e), Src::F32(mm), Src::F32(d)) => {
+                    run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa)
+                }
+                (Src::F16(e), Src::F16(mm), Src::F16(d)) => {
+                    run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa)
+                }
+                (Src::BF16(e), Src::BF16(mm), Src::BF16(d)) => {
+                    run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa)
+                }
                 _ => unreachable!("weight dtypes checked above"),
             }
         };
@@ -270,7 +276,15 @@ struct Dims {
     d_out: usize,
 }
 
-fn job<'a, X, W>(x: &'a [X], e: &'a [W], m: &'a [W], d: &'a [W], out: &'a mut [X], dims: Dims, p: &BranchParams) -> Job<'a, X, W> {
+fn job<'a, X, W>(
+    x: &'a [X],
+    e: &'a [W],
+    m: &'a [W],
+    d: &'a [W],
+    out: &'a mut [X],
+    dims: Dims,
+    p: &BranchParams,
+) -> Job<'a, X, W> {
     Job {
         x,
         encoder: e,
@@ -306,10 +320,18 @@ pub fn set_isa(name: Option<&str>) -> Result<()> {
         None => 0,
         Some(name) => {
             let isa = Isa::parse(name).ok_or_else(|| {
-                Error::argument("isa", ArgumentKind::Value, format!("unknown kernel ISA {name:?} (expected one of avx512bf16, avx512, avx2, portable)"))
+                Error::argument(
+                    "isa",
+                    ArgumentKind::Value,
+                    format!("unknown kernel ISA {name:?} (expected one of avx512bf16, avx512, avx2, portable)"),
+                )
             })?;
             if !isa.available() {
-                return Err(Error::argument("isa", ArgumentKind::Value, format!("this CPU cannot run the {name} kernel (it can: {})", available_isas().join(", "))));
+                return Err(Error::argument(
+                    "isa",
+                    ArgumentKind::Value,
+                    format!("this CPU cannot run the {name} kernel (it can: {})", available_isas().join(", ")),
+                ));
             }
             isa as u8 + 1
         }
@@ -350,7 +372,11 @@ impl Isa {
         {
             static FOUND: OnceLock<[bool; 3]> = OnceLock::new();
             let found = FOUND.get_or_init(|| {
-                [simd::Avx512::<true>::detect().is_some(), simd::Avx512::<false>::detect().is_some(), simd::Avx2::detect().is_some()]
+                [
+                    simd::Avx512::<true>::detect().is_some(),
+                    simd::Avx512::<false>::detect().is_some(),
+                    simd::Avx2::detect().is_some(),
+                ]
             });
             match self {
                 Isa::Avx512Bf16 => found[0],
@@ -448,7 +474,12 @@ entry_points!(avx2, simd::Avx2, simd::Avx2::assume(), "avx2,fma,f16c");
 #[cfg(target_arch = "x86_64")]
 entry_points!(avx512, simd::Avx512<false>, simd::Avx512::<false>::assume(), "avx512f,avx512bw,avx2,fma,f16c");
 #[cfg(target_arch = "x86_64")]
-entry_points!(avx512bf16, simd::Avx512<true>, simd::Avx512::<true>::assume(), "avx512f,avx512bw,avx512bf16,avx2,fma,f16c");
+entry_points!(
+    avx512bf16,
+    simd::Avx512<true>,
+    simd::Avx512::<true>::assume(),
+    "avx512f,avx512bw,avx512bf16,avx2,fma,f16c"
+);
 
 /// Dispatch one task to the chosen backend.
 macro_rules! dispatch {
@@ -480,7 +511,13 @@ fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
     if let Some((_, p)) = pools.iter().find(|(t, _)| *t == threads) {
         return Some(p.clone());
     }
-    let p = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("denselora-kernel-{i}")).build().ok()?);
+    let p = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("denselora-kernel-{i}"))
+            .build()
+            .ok()?,
+    );
     pools.push((threads, p.clone()));
     Some(p)
 }
@@ -495,7 +532,13 @@ fn tasks_for(work: usize, units: usize, threads: usize) -> usize {
 
 /// Run `f(range)` over `0..units` split into `tasks` contiguous ranges whose starts are
 /// multiples of `align`.
-fn split<F: Fn(std::ops::Range<usize>) + Sync>(pool: &Option<Arc<rayon::ThreadPool>>, units: usize, tasks: usize, align: usize, f: F) {
+fn split<F: Fn(std::ops::Range<usize>) + Sync>(
+    pool: &Option<Arc<rayon::ThreadPool>>,
+    units: usize,
+    tasks: usize,
+    align: usize,
+    f: F,
+) {
     if tasks <= 1 || pool.is_none() {
         f(0..units);
         return;

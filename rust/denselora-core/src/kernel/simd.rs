@@ -374,7 +374,8 @@ mod x86 {
         unsafe fn store_bf16(self, p: *mut u16, v: __m256) {
             let bits = _mm256_castps_si256(v);
             let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
-            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb));
+            let rounded =
+                _mm256_srli_epi32::<16>(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb));
             let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
             let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
             let halves = _mm256_blendv_epi8(rounded, quiet, nan);
@@ -480,7 +481,8 @@ mod x86 {
 
     impl<const BF16: bool> Avx512<BF16> {
         pub fn detect() -> Option<Self> {
-            let base = Avx2::detect().is_some() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+            let base =
+                Avx2::detect().is_some() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
             if base && (!BF16 || is_x86_feature_detected!("avx512bf16")) {
                 Some(Avx512(()))
             } else {
@@ -536,7 +538,8 @@ mod x86 {
             // Integer rounding rather than vcvtneps2bf16, which flushes subnormals.
             let bits = _mm512_castps_si512(v);
             let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb));
+            let rounded =
+                _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb));
             let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
             let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
             let halves = _mm512_mask_blend_epi32(nan, rounded, quiet);
@@ -617,7 +620,10 @@ mod x86 {
         #[inline(always)]
         fn hsum(self, a: __m512) -> f32 {
             unsafe {
-                let s = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))));
+                let s = _mm256_add_ps(
+                    _mm512_castps512_ps256(a),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))),
+                );
                 let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
                 let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
                 let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
