@@ -19,13 +19,13 @@ INFERENCE_BACKENDS = ("auto", "torch", "rust")
 _AUTO_HALF_MAX_ROWS = 32
 
 # Weight dtypes the Rust kernel takes (with the integer dtype that carries bfloat16 bits), and
-# the codes of activation dtypes in `PreparedBranch.add_unchecked`.
+# the names of activation dtypes in `PreparedBranch.add_unchecked`.
 _KERNEL_VIEWS: dict[torch.dtype, Optional[torch.dtype]] = {
     torch.float32: None,
     torch.float16: None,
     torch.bfloat16: torch.uint16,
 }
-_KERNEL_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_KERNEL_DTYPES: dict[torch.dtype, str] = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -286,11 +286,11 @@ class DenseLoRALayer(nn.Module):
         """Add the branch into ``result`` in place with the Rust kernel. False when this call
         cannot use it (and the backend is "auto")."""
         prepared = self._kernel_weights()
-        code = _KERNEL_CODES.get(x.dtype)
+        dtype = _KERNEL_DTYPES.get(x.dtype)
         rows = result.numel() // result.shape[-1] if result.dim() else 0
         if (
             prepared is None
-            or code is None
+            or dtype is None
             or result.dtype != x.dtype
             or not result.is_contiguous()
             or x.shape[-1] != prepared.in_features
@@ -310,7 +310,7 @@ class DenseLoRALayer(nn.Module):
         if not x.is_contiguous():
             x = x.contiguous()
         # Addresses of tensors checked above: CPU, contiguous, the kernel's dtype and sizes.
-        prepared.add_unchecked(x.data_ptr(), result.data_ptr(), rows, code, kernels.get_num_threads())
+        prepared.add_unchecked(x.data_ptr(), result.data_ptr(), rows, dtype, kernels.get_num_threads())
         return True
 
     # -- merging (linear branch only) ---------------------------------------------------------

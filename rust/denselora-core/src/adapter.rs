@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::activation::Activation;
 use crate::atomic::write_atomically;
 use crate::error::{Error, Result};
 use crate::safetensors_io::{load_safetensors, save_safetensors};
@@ -73,6 +74,23 @@ pub fn config_groups(config: &Map<String, Value>, context: &str) -> Result<BTree
         return Err(Error::incompatible(context, "config adapts no module (\"groups\" is empty)"));
     }
     Ok(out)
+}
+
+/// (encoder side, decoder side) activations of a config; the per-side keys override
+/// `activation`, which defaults to GELU as in the config class.
+pub fn config_activations(config: &ConfigMap, context: &str) -> Result<(Activation, Activation)> {
+    let name = |key: &str| -> Result<Option<&str>> {
+        match config.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(other) => Err(Error::incompatible(context, format!("config {key:?} is {other}, not a string"))),
+        }
+    };
+    let both = name("activation")?.unwrap_or("gelu");
+    let parse = |key: &str| -> Result<Activation> {
+        name(key)?.unwrap_or(both).parse().map_err(|m: String| Error::incompatible(context, m))
+    };
+    Ok((parse("encoder_activation")?, parse("decoder_activation")?))
 }
 
 fn matrix_shape(tensors: &BTreeMap<String, TensorRef<'_>>, key: &str, context: &str) -> Result<(usize, usize)> {

@@ -1,8 +1,8 @@
 //! Binding of the fused branch kernel: numpy arrays are viewed in place (no copy) and the GIL is
 //! released while the kernel runs.
 
-use denselora_core::kernel::{self, Activation, BranchParams, Dst, Operand, Src};
-use denselora_core::{ArgumentKind, DType, Error};
+use denselora_core::kernel::{self, BranchParams, Dst, Operand, Src};
+use denselora_core::{Activation, ArgumentKind, DType, Error};
 use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
 use numpy::{PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -19,7 +19,7 @@ fn byte_range(bytes: &[u8]) -> std::ops::Range<usize> {
     start..start + bytes.len()
 }
 
-type View<'py> = (Vec<usize>, denselora_core::DType, &'py [u8]);
+type View<'py> = (Vec<usize>, DType, &'py [u8]);
 
 fn view<'py>(a: &Bound<'py, PyUntypedArray>, name: &str) -> Result<View<'py>, Error> {
     let dtype = array_dtype(a, name, true)?;
@@ -134,22 +134,9 @@ pub fn kernel_set_isa(name: Option<&str>) -> BindingResult<()> {
 pub struct PreparedBranch {
     _arrays: [Py<PyUntypedArray>; 3],
     weights: [(usize, usize); 3],
-    dtype: denselora_core::DType,
+    dtype: DType,
     shapes: [[usize; 2]; 3],
     params: BranchParams,
-}
-
-fn dtype_from_code(code: u8) -> Result<denselora_core::DType, Error> {
-    match code {
-        0 => Ok(denselora_core::DType::F32),
-        1 => Ok(denselora_core::DType::F16),
-        2 => Ok(denselora_core::DType::BF16),
-        _ => Err(Error::argument(
-            "dtype",
-            ArgumentKind::DType,
-            format!("unknown dtype code {code} (0 f32, 1 f16, 2 bf16)"),
-        )),
-    }
 }
 
 #[pymethods]
@@ -199,7 +186,7 @@ impl PreparedBranch {
         Ok(PreparedBranch {
             _arrays: [encoder.clone().unbind(), m.clone().unbind(), decoder.clone().unbind()],
             weights,
-            dtype: dtype.unwrap_or(denselora_core::DType::F32),
+            dtype: dtype.unwrap_or(DType::F32),
             shapes,
             params,
         })
@@ -217,18 +204,18 @@ impl PreparedBranch {
 
     /// `out += branch(x)` for `rows` rows at raw addresses. Unchecked: the caller guarantees that
     /// `x_ptr` and `out_ptr` address live, C-contiguous, non-overlapping buffers of
-    /// `rows × in_features` and `rows × out_features` elements of dtype `dtype_code`
-    /// (0 float32, 1 float16, 2 bfloat16). Only `denselora.layer` calls it, on tensors it checked.
+    /// `rows × in_features` and `rows × out_features` elements of `dtype` (`"f32"`, `"f16"` or
+    /// `"bf16"`). Only `denselora.layer` calls it, on tensors it checked.
     fn add_unchecked(
         &self,
         py: Python<'_>,
         x_ptr: usize,
         out_ptr: usize,
         rows: usize,
-        dtype_code: u8,
+        dtype: &str,
         num_threads: usize,
     ) -> BindingResult<()> {
-        let act = dtype_from_code(dtype_code)?;
+        let act: DType = dtype.parse().map_err(|m| Error::argument("dtype", ArgumentKind::DType, m))?;
         let [e, m, d] = self.shapes;
         let (d_in, d_out) = (e[1], d[0]);
         let size = act.size();

@@ -24,8 +24,9 @@ use super::hungarian;
 use super::linalg::{
     cols, gauge_inverse, hstack, left_singular, procrustes, relative_distance, sq, thin_qr, tucker2, vstack, Mat,
 };
-use super::{activations, check_finite, group_factors, put_group, Activation, GroupFactors};
-use crate::adapter::{config_groups, Adapter, GroupLayout};
+use super::{check_finite, group_factors, put_group, GroupFactors};
+use crate::activation::Activation;
+use crate::adapter::{config_activations, config_groups, Adapter, GroupLayout};
 use crate::error::{ArgumentKind, Error, Result};
 use crate::tensor::Tensor;
 
@@ -145,7 +146,7 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
         inputs.first().ok_or_else(|| Error::argument("inputs", ArgumentKind::Value, "no adapter given"))?;
     let ref_layout = reference.layout(ref_name)?;
     let ref_groups = config_groups(&reference.config, ref_name)?;
-    let ref_acts = activations(&reference.config, ref_name)?;
+    let ref_acts = config_activations(&reference.config, ref_name)?;
     for (name, adapter) in inputs {
         let layout = adapter.layout(name)?;
         check_finite(adapter, name)?;
@@ -184,7 +185,7 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
                 ));
             }
         }
-        let acts = activations(&adapter.config, name)?;
+        let acts = config_activations(&adapter.config, name)?;
         if acts != ref_acts {
             return Err(Error::incompatible(
                 name.as_str(),
@@ -496,7 +497,7 @@ pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Resul
     };
     let aligned = mode == Mode::Aligned;
     let (ref_name, reference) = &inputs[0];
-    let encoder_activation = activations(&reference.config, ref_name)?.0;
+    let encoder_activation = config_activations(&reference.config, ref_name)?.0;
     let mut out = if aligned { (*reference).clone() } else { linear_mean(inputs, &weights) };
     // Groups are independent: one task each.
     let results: Vec<GroupResult> = layouts

@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::linalg::{gauge_inverse, hstack, left_singular, rank_for_energy, sq, thin_qr, tucker2, Mat};
-use super::{activations, check_finite, group_factors, put_group, GroupFactors};
-use crate::adapter::{decoder_key, encoder_key, m_key, Adapter};
+use super::{check_finite, group_factors, put_group, GroupFactors};
+use crate::adapter::{config_activations, decoder_key, encoder_key, m_key, Adapter};
 use crate::error::{ArgumentKind, Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -212,7 +212,7 @@ pub fn truncate(adapter: &Adapter, name: &str, target: RankTarget) -> Result<(Ad
         }
         RankTarget::Energy(_) => {}
     }
-    let encoder_activation = activations(&adapter.config, name)?.0;
+    let encoder_activation = config_activations(&adapter.config, name)?.0;
     let mut out = adapter.clone();
     // Groups are independent: one task each.
     let done_all: Vec<Truncated> = layouts

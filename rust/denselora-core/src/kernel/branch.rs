@@ -14,8 +14,9 @@
 
 use std::ops::Range;
 
-use super::activation::{apply, Activation};
+use super::activation::apply;
 use super::simd::{Elem, Simd, MAX_LANES};
+use crate::activation::Activation;
 
 /// Rows of `x` from which the packed (prefill) path is used.
 pub const PREFILL_MIN_ROWS: usize = 32;

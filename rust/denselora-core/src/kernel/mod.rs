@@ -27,10 +27,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use half::{bf16, f16};
 
-pub use activation::Activation;
 use branch::Job;
 use simd::{Elem, Portable};
 
+use crate::activation::Activation;
 use crate::dtype::DType;
 use crate::error::{ArgumentKind, Error, Result};
 

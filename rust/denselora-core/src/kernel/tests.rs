@@ -6,7 +6,7 @@ use std::cell::Cell;
 
 use half::{bf16, f16};
 
-use super::activation::{self, Activation};
+use super::activation;
 use super::simd::{Elem, Portable, Simd};
 use super::*;
 
