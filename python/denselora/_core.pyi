@@ -59,7 +59,7 @@ def truncate_adapter(
     energy: Optional[float] = None,
 ) -> tuple[str, dict[str, tuple[str, np.ndarray]], str]: ...
 def linear_assignment(cost: Sequence[Sequence[float]]) -> list[int]: ...
-def dense_branch(
+def fused_branch(
     x: np.ndarray,
     encoder: np.ndarray,
     m: np.ndarray,

@@ -129,7 +129,7 @@ def dense_branch(
     else:
         result = out
         oa = as_array(out, "out")
-    _core.dense_branch(
+    _core.fused_branch(
         xa,
         ea,
         ma,

@@ -26,13 +26,13 @@ fn view<'py>(a: &Bound<'py, PyUntypedArray>, name: &str) -> Result<View<'py>, Er
     Ok((a.shape().to_vec(), dtype, array_bytes(a, name, dtype)?))
 }
 
-/// `out += scale * act_d(decoder @ m @ act_e(encoder @ x_i))` for every row of `x` (..., in),
-/// into `out` (..., out) in place.
+/// The fused kernel: `out += scale * act_d(decoder @ m @ act_e(encoder @ x_i))` for every row of
+/// `x` (..., in), into `out` (..., out) in place.
 /// bfloat16 arrays travel as uint16 bit patterns.
 #[pyfunction]
 #[pyo3(signature = (x, encoder, m, decoder, out, *, scale, encoder_activation, decoder_activation, num_threads, check_finite=false))]
 #[allow(clippy::too_many_arguments)]
-pub fn dense_branch<'py>(
+pub fn fused_branch<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyUntypedArray>,
     encoder: &Bound<'py, PyUntypedArray>,
@@ -97,7 +97,7 @@ fn run_kernel(
     params: &BranchParams,
 ) -> Result<(), Error> {
     let [(et, eb, es), (mt, mb, ms), (dt, db, ds)] = weights;
-    kernel::dense_branch(
+    kernel::fused_branch(
         Operand { shape: x.2, data: Src::from_bytes(x.0, x.1, "x")? },
         Operand { shape: es, data: Src::from_bytes(et, eb, "encoder")? },
         Operand { shape: ms, data: Src::from_bytes(mt, mb, "m")? },

@@ -111,7 +111,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(algebra::average_adapters, m)?)?;
     m.add_function(wrap_pyfunction!(algebra::truncate_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(algebra::linear_assignment, m)?)?;
-    m.add_function(wrap_pyfunction!(kernel::dense_branch, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel::fused_branch, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::kernel_isa, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::kernel_available_isas, m)?)?;
     m.add_function(wrap_pyfunction!(kernel::kernel_set_isa, m)?)?;

@@ -12,9 +12,11 @@
 //! activations (here: `identity`); GELU and SiLU are not odd, so a GELU/SiLU encoder row can be
 //! matched only to a row pointing the same way.
 
+pub mod align;
+pub mod assignment;
 pub mod average;
-pub mod hungarian;
 pub mod linalg;
+pub mod refactor;
 pub mod truncate;
 
 use crate::adapter::{decoder_key, encoder_key, m_key, Adapter, GroupLayout};

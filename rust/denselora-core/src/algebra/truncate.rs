@@ -15,7 +15,8 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::linalg::{gauge_inverse, hstack, left_singular, rank_for_energy, sq, thin_qr, tucker2, Mat};
+use super::linalg::{hstack, left_singular, rank_for_energy, sq, thin_qr, tucker2, Mat};
+use super::refactor::{gauge, latent_rms};
 use super::{check_finite, group_factors, put_group, GroupFactors};
 use crate::adapter::{config_activations, decoder_key, encoder_key, m_key, Adapter};
 use crate::error::{ArgumentKind, Error, Result};
@@ -67,18 +68,6 @@ fn pick(target: RankTarget, current: usize, spectrum: &[f64]) -> usize {
     }
 }
 
-/// `t` when it is a well-conditioned square gauge, else the RMS column norm of `like` times I.
-fn gauge(t: Option<Mat>, like: &Mat, n: usize) -> (Mat, Mat) {
-    if let Some(t) = t {
-        if let Some(inv) = gauge_inverse(&t) {
-            return (t, inv);
-        }
-    }
-    let scale = (sq(like) / like.ncols().max(1) as f64).sqrt();
-    let scale = if scale > 0.0 { scale } else { 1.0 };
-    (Mat::identity(n, n) * scale, Mat::identity(n, n) / scale)
-}
-
 fn rel(err_sq: f64, total_sq: f64) -> f64 {
     if total_sq > 0.0 {
         (err_sq.max(0.0) / total_sq).sqrt()
@@ -124,8 +113,8 @@ fn truncate_linear_encoder(name: &str, modules: &[String], f: &GroupFactors, tar
     }
     let tk = tucker2(&cores, new_d, new_e);
     let (u, v) = (&tk.u, &tk.v);
-    let (td, td_inv) = gauge((new_d == r_d).then(|| u.transpose() * &rd), &f.decoder, new_d);
-    let (te, te_inv) = gauge((new_e == r_e).then(|| re.transpose() * v), &f.encoder.transpose(), new_e);
+    let (td, td_inv) = gauge((new_d == r_d).then(|| u.transpose() * &rd), new_d, latent_rms(&f.decoder, r_d));
+    let (te, te_inv) = gauge((new_e == r_e).then(|| re.transpose() * v), new_e, latent_rms(&f.encoder, r_e));
     let mut err_total = 0.0;
     let mut total = 0.0;
     let mut ms = Vec::with_capacity(cores.len());
@@ -174,7 +163,7 @@ fn truncate_nonlinear_encoder(name: &str, modules: &[String], f: &GroupFactors, 
         return Truncated { factors: None, report };
     }
     let (u, _) = left_singular(&hstack(&selected), new_d);
-    let (td, td_inv) = gauge((new_d == r_d).then(|| u.transpose() * &rd), &f.decoder, new_d);
+    let (td, td_inv) = gauge((new_d == r_d).then(|| u.transpose() * &rd), new_d, latent_rms(&f.decoder, r_d));
     let mut err_total = 0.0;
     let mut total = 0.0;
     let mut ms = Vec::with_capacity(selected.len());

@@ -171,7 +171,9 @@ pub struct BlobUse<O> {
 /// Distinct blobs by offset, after checking that tensors either share a blob exactly (same
 /// offset, length and checksum: deduplication) or do not overlap at all. Each blob keeps its
 /// first owner; errors name the two tensors involved.
-pub fn distinct_blobs<O: fmt::Display>(uses: impl IntoIterator<Item = BlobUse<O>>) -> Result<BTreeMap<usize, BlobUse<O>>, String> {
+pub fn distinct_blobs<O: fmt::Display>(
+    uses: impl IntoIterator<Item = BlobUse<O>>,
+) -> Result<BTreeMap<usize, BlobUse<O>>, String> {
     let mut blobs: BTreeMap<usize, BlobUse<O>> = BTreeMap::new();
     for b in uses {
         match blobs.get(&b.offset) {

@@ -2,18 +2,11 @@
 //! fraction for erf), on every backend this CPU can run (those it cannot are skipped).
 #![allow(clippy::too_many_arguments, clippy::type_complexity, clippy::useless_vec)]
 
-use std::cell::Cell;
-
 use half::{bf16, f16};
 
 use super::activation;
 use super::simd::{Elem, Portable, Simd};
 use super::*;
-
-thread_local! {
-    /// The backend `dense_branch` uses on this thread, when set.
-    pub static FORCE_ISA: Cell<Option<Isa>> = const { Cell::new(None) };
-}
 
 /// erf in f64: Taylor series near 0, Lentz continued fraction for erfc further out.
 fn erf64(z: f64) -> f64 {
@@ -97,16 +90,18 @@ unsafe fn eval_act_avx512(act: Activation, xs: &[f32]) -> Vec<f32> {
 }
 
 fn backends_act(act: Activation, xs: &[f32]) -> Vec<(&'static str, Vec<f32>)> {
-    let mut v = vec![("portable", eval_act(Portable, act, xs))];
+    let v = vec![("portable", eval_act(Portable, act, xs))];
     #[cfg(target_arch = "x86_64")]
-    {
+    let v = {
+        let mut v = v;
         if simd::Avx2::detect().is_some() {
             v.push(("avx2", unsafe { eval_act_avx2(act, xs) }));
         }
         if simd::Avx512::<false>::detect().is_some() {
             v.push(("avx512", unsafe { eval_act_avx512(act, xs) }));
         }
-    }
+        v
+    };
     v
 }
 
@@ -283,7 +278,7 @@ fn check_case<X: AsSrc, W: AsSrc>(
     let (d, df) = round_to::<W>(&rng.vec(dout * rd, 1.0));
     let (mut out, outf) = round_to::<X>(&rng.vec(n * dout, 1.0));
     let want = reference(&xf, &ef, &mf, &df, dims, 0.75, acts);
-    dense_branch(
+    fused_branch(
         Operand { shape: &[n, din], data: X::src(&x) },
         Operand { shape: &[re, din], data: W::src(&e) },
         Operand { shape: &[rd, re], data: W::src(&m) },
@@ -323,10 +318,10 @@ fn all_acts() -> Vec<(Activation, Activation)> {
 /// Runs `f` once on each backend this CPU has.
 fn both_backends(f: impl Fn()) {
     for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
-        FORCE_ISA.with(|p| p.set(Some(isa)));
+        isa::FORCE.with(|p| p.set(Some(isa)));
         f();
     }
-    FORCE_ISA.with(|p| p.set(None));
+    isa::FORCE.with(|p| p.set(None));
 }
 
 #[test]
@@ -382,7 +377,7 @@ fn call(
     os: &[usize],
     p: &BranchParams,
 ) -> Result<()> {
-    dense_branch(
+    fused_branch(
         Operand { shape: xs, data: Src::F32(x) },
         Operand { shape: es, data: Src::F32(e) },
         Operand { shape: ms, data: Src::F32(m) },
@@ -433,7 +428,7 @@ fn bad_arguments_are_named() {
     }
     // dtype mismatches
     let vb = vec![bf16::ZERO; 16];
-    let err = dense_branch(
+    let err = fused_branch(
         Operand { shape: &[2, 4], data: Src::F32(&v[..8]) },
         Operand { shape: &[2, 4], data: Src::F32(&v[..8]) },
         Operand { shape: &[2, 2], data: Src::BF16(&vb[..4]) },
@@ -445,7 +440,7 @@ fn bad_arguments_are_named() {
     .unwrap_err();
     assert_eq!(argument_of(err), ("m".into(), Some(ArgumentKind::DType)));
     let mut ob = vec![bf16::ZERO; 8];
-    let err = dense_branch(
+    let err = fused_branch(
         Operand { shape: &[2, 4], data: Src::F32(&v[..8]) },
         Operand { shape: &[2, 4], data: Src::F32(&v[..8]) },
         Operand { shape: &[2, 2], data: Src::F32(&v[..4]) },
