@@ -113,5 +113,5 @@ pub fn linear_assignment(cost: Vec<Vec<f64>>) -> BindingResult<Vec<usize>> {
     if flat.iter().any(|v| !v.is_finite()) {
         return Err(Error::non_finite("cost", "cost matrix holds NaN or infinity").into());
     }
-    Ok(algebra::hungarian::assign(&flat, n))
+    Ok(algebra::assignment::assign(&flat, n))
 }

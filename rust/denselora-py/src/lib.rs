@@ -6,6 +6,7 @@ mod arrays;
 mod bundle;
 mod dropout;
 mod errors;
+mod exceptions;
 mod kernel;
 
 use std::collections::BTreeMap;
@@ -103,6 +104,7 @@ fn write_text_atomic(py: Python<'_>, path: PathBuf, text: &str) -> BindingResult
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("ADAPTER_FORMAT_VERSION", adapter::FORMAT_VERSION)?;
+    exceptions::register(m)?;
     m.add_function(wrap_pyfunction!(save_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(load_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(save_safetensors, m)?)?;
