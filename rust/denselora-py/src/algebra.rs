@@ -10,8 +10,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
 use crate::arrays::tensor_to_py;
+use crate::arrays::BorrowedTensors;
 use crate::errors::BindingResult;
-use crate::BorrowedTensors;
 
 fn to_adapter(name: &str, config_json: &str, tensors: &Bound<'_, PyDict>) -> BindingResult<Adapter> {
     let config = adapter::parse_config_object(config_json, Path::new(name))?;
@@ -114,4 +114,11 @@ pub fn linear_assignment(cost: Vec<Vec<f64>>) -> BindingResult<Vec<usize>> {
         return Err(Error::non_finite("cost", "cost matrix holds NaN or infinity").into());
     }
     Ok(algebra::assignment::assign(&flat, n))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(average_adapters, m)?)?;
+    m.add_function(wrap_pyfunction!(truncate_adapter, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_assignment, m)?)?;
+    Ok(())
 }

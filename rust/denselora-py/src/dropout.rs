@@ -129,3 +129,9 @@ fn run_detached_if_large(py: Python<'_>, len: usize, f: impl FnOnce() + Send) {
         py.detach(f)
     }
 }
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(dropout_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(dropout_zero_, m)?)?;
+    Ok(())
+}

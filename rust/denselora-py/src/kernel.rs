@@ -243,3 +243,12 @@ impl PreparedBranch {
         Ok(())
     }
 }
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(fused_branch, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_available_isas, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_set_isa, m)?)?;
+    m.add_class::<PreparedBranch>()?;
+    Ok(())
+}
