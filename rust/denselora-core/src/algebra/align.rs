@@ -11,7 +11,7 @@ use super::GroupFactors;
 /// row i of the aligned encoder is `sign[i] * other[perm[i]]`.
 pub fn match_rows(reference: &Mat, other: &Mat, odd: bool) -> (Vec<usize>, Vec<f64>) {
     let n = reference.nrows();
-    let norms = |m: &Mat| (0..m.nrows()).map(|i| m.row(i).norm()).collect::<Vec<_>>();
+    let norms = |m: &Mat| (0..m.nrows()).map(|i| m.row(i).norm_l2()).collect::<Vec<_>>();
     let (na, nb) = (norms(reference), norms(other));
     let sim = reference * other.transpose();
     let cosine = |i: usize, j: usize| if na[i] > 0.0 && nb[j] > 0.0 { sim[(i, j)] / (na[i] * nb[j]) } else { 0.0 };
@@ -27,21 +27,8 @@ pub fn match_rows(reference: &Mat, other: &Mat, odd: bool) -> (Vec<usize>, Vec<f
 }
 
 pub(crate) fn permute(run: &GroupFactors, perm: &[usize], sign: &[f64]) -> GroupFactors {
-    let mut encoder = run.encoder.clone();
-    for (i, (&j, &s)) in perm.iter().zip(sign).enumerate() {
-        encoder.set_row(i, &(run.encoder.row(j) * s));
-    }
-    let ms = run
-        .ms
-        .iter()
-        .map(|m| {
-            let mut out = m.clone();
-            for (i, (&j, &s)) in perm.iter().zip(sign).enumerate() {
-                out.set_column(i, &(m.column(j) * s));
-            }
-            out
-        })
-        .collect();
+    let encoder = Mat::from_fn(run.encoder.nrows(), run.encoder.ncols(), |i, c| sign[i] * run.encoder[(perm[i], c)]);
+    let ms = run.ms.iter().map(|m| Mat::from_fn(m.nrows(), m.ncols(), |r, i| sign[i] * m[(r, perm[i])])).collect();
     GroupFactors { encoder, decoder: run.decoder.clone(), ms }
 }
 
@@ -66,8 +53,8 @@ pub(crate) fn product_residuals(set: &[GroupFactors], linear_encoder: bool) -> V
             .map(|(ma, mb)| {
                 let left = ma.transpose() * &gd * mb;
                 match &ge {
-                    Some(ge) => (left * ge).trace(),
-                    None => left.trace(),
+                    Some(ge) => trace(&(left * ge)),
+                    None => trace(&left),
                 }
             })
             .sum()
@@ -89,4 +76,8 @@ pub(crate) fn product_residuals(set: &[GroupFactors], linear_encoder: bool) -> V
             }
         })
         .collect()
+}
+
+fn trace(m: &Mat) -> f64 {
+    (0..m.nrows().min(m.ncols())).map(|i| m[(i, i)]).sum()
 }

@@ -35,7 +35,7 @@ pub(crate) struct GroupFactors {
 }
 
 pub(crate) fn group_factors(adapter: &Adapter, layout: &GroupLayout) -> GroupFactors {
-    let get = |key: String| to_matrix(&adapter.tensors[&key]);
+    let get = |key: String| to_matrix(adapter.tensors[&key].view());
     GroupFactors {
         encoder: get(encoder_key(&layout.name)),
         decoder: get(decoder_key(&layout.name)),

@@ -76,8 +76,9 @@ pub(crate) struct Cores {
 impl Cores {
     pub fn new(runs: &[GroupFactors], linear_encoder: bool) -> Self {
         let (qd, rd) = thin_qr(&hstack(&runs.iter().map(|r| r.decoder.clone()).collect::<Vec<_>>()));
-        let qe_re = linear_encoder
-            .then(|| thin_qr(&vstack(&runs.iter().map(|r| r.encoder.clone()).collect::<Vec<_>>()).transpose()));
+        let qe_re = linear_encoder.then(|| {
+            thin_qr(&vstack(&runs.iter().map(|r| r.encoder.clone()).collect::<Vec<_>>()).transpose().to_owned())
+        });
         Cores { qd, rd, qe_re }
     }
 
