@@ -85,6 +85,20 @@ def fused_branch(
     num_threads: int,
     check_finite: bool = False,
 ) -> None: ...
+def fused_routed_branch(
+    x: np.ndarray,
+    encoder: np.ndarray,
+    cores: np.ndarray,
+    decoder: np.ndarray,
+    row_core: np.ndarray,
+    out: np.ndarray,
+    *,
+    scale: float,
+    encoder_activation: str,
+    decoder_activation: str,
+    num_threads: int,
+    check_finite: bool = False,
+) -> None: ...
 def kernel_isa() -> str: ...
 def kernel_available_isas() -> list[str]: ...
 def kernel_set_isa(name: Optional[str]) -> None: ...
@@ -107,6 +121,30 @@ class PreparedBranch:
     @property
     def out_features(self) -> int: ...
     def add_unchecked(self, x_ptr: int, out_ptr: int, rows: int, dtype: str, num_threads: int) -> None: ...
+
+class PreparedRoutedBranch:
+    """One layer's shared E and D and a stack of cores (T, r_d, r_e), viewed in place, for the
+    routed fast path of mixed-adapter batches."""
+
+    def __init__(
+        self,
+        encoder: np.ndarray,
+        cores: np.ndarray,
+        decoder: np.ndarray,
+        *,
+        scale: float,
+        encoder_activation: str,
+        decoder_activation: str,
+    ) -> None: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def num_cores(self) -> int: ...
+    def add_unchecked(
+        self, x_ptr: int, out_ptr: int, row_core_ptr: int, rows: int, dtype: str, num_threads: int
+    ) -> None: ...
 
 def dropout_mask(out: np.ndarray, seed: int, threshold: int, offset: int = 0) -> None:
     """Fill the writable 1-D bool array ``out`` with whether element ``offset + i`` of the

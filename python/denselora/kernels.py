@@ -16,6 +16,8 @@
   agree to rounding, not bit for bit.
 - The GIL is released while the kernel runs; it uses `get_num_threads` threads (by default
   ``torch.get_num_threads()``), and only splits work large enough to gain from it.
+- ``fused_routed_branch`` is the same kernel for a batch whose rows belong to different adapters
+  on one basis (shared encoder and decoder): each row takes its own core from a stack, or none.
 - NaN policy: non-finite values propagate as in IEEE arithmetic (and as in PyTorch): a NaN in
   row ``i`` of ``x`` makes row ``i`` of the branch NaN, a NaN weight reaches every row. With
   ``check_finite=True`` any NaN or infinity in an input raises `NonFiniteError` naming the
@@ -114,21 +116,8 @@ def dense_branch(
     """
     act_e, act_d = split_activations(activation)
     xa = as_array(x, "x")
-    if xa.ndim == 0:
-        raise ShapeError("x: expected at least 1 dimension, got a scalar")
     ea, ma, da = as_array(encoder, "encoder"), as_array(m, "m"), as_array(decoder, "decoder")
-    if out is None:
-        if da.ndim != 2:
-            raise ShapeError(f"decoder: expected a 2-D array (out_features, r), got shape {da.shape}")
-        result: Any = np.zeros(xa.shape[:-1] + (da.shape[0],), dtype=xa.dtype)
-        oa = result
-        if isinstance(x, torch.Tensor):
-            result = torch.from_numpy(result)
-            if x.dtype == torch.bfloat16:
-                result = result.view(torch.bfloat16)
-    else:
-        result = out
-        oa = as_array(out, "out")
+    result, oa = _output(x, xa, da, out)
     _core.fused_branch(
         xa,
         ea,
@@ -144,4 +133,90 @@ def dense_branch(
     return result
 
 
-__all__ = ["available_isas", "dense_branch", "get_num_threads", "isa", "set_isa", "set_num_threads"]
+def fused_routed_branch(
+    x: ArrayLike,
+    encoder: ArrayLike,
+    cores: ArrayLike,
+    decoder: ArrayLike,
+    row_core: Any,
+    *,
+    scale: float,
+    activation: Activations,
+    out: Optional[ArrayLike] = None,
+    check_finite: bool = False,
+) -> Any:
+    """The routed branch of a batch whose rows belong to different adapters on one basis:
+    ``scale * act_d(decoder @ (cores[row_core[i]] @ act_e(encoder @ x_i)))`` for every row
+    ``x_i`` of ``x`` whose index is not -1; rows with index -1 take no branch (their ``out`` is
+    left exactly as it is).
+
+    ``cores`` is (T, r_d, r_e), one core per adapter; ``row_core`` holds one integer index in
+    ``-1 .. T-1`` per row, with ``x``'s leading shape (a numpy array, a CPU torch tensor or a
+    sequence; int32 is used in place, other integer types are converted). The rest is as in
+    `dense_branch`, which this is with a core per row. An index out of range raises
+    `ArgumentError` naming its row, before anything is written; with ``check_finite`` only what
+    the call reads is checked (rows of ``x`` with a branch, the cores they take).
+    """
+    act_e, act_d = split_activations(activation)
+    xa = as_array(x, "x")
+    ea, ca, da = as_array(encoder, "encoder"), as_array(cores, "cores"), as_array(decoder, "decoder")
+    index = _indices(row_core)
+    result, oa = _output(x, xa, da, out)
+    _core.fused_routed_branch(
+        xa,
+        ea,
+        ca,
+        da,
+        index,
+        oa,
+        scale=float(scale),
+        encoder_activation=act_e,
+        decoder_activation=act_d,
+        num_threads=get_num_threads(),
+        check_finite=check_finite,
+    )
+    return result
+
+
+def _output(x: ArrayLike, xa: np.ndarray, da: np.ndarray, out: Optional[ArrayLike]) -> tuple[Any, np.ndarray]:
+    """What a kernel call returns (``out``, or new zeros of ``x``'s kind, leading shape and
+    dtype) and the numpy array the kernel adds into."""
+    if out is not None:
+        return out, as_array(out, "out")
+    if xa.ndim == 0:
+        raise ShapeError("x: expected at least 1 dimension, got a scalar")
+    if da.ndim != 2:
+        raise ShapeError(f"decoder: expected a 2-D array (out_features, r), got shape {da.shape}")
+    result: Any = np.zeros(xa.shape[:-1] + (da.shape[0],), dtype=xa.dtype)
+    oa = result
+    if isinstance(x, torch.Tensor):
+        result = torch.from_numpy(result)
+        if x.dtype == torch.bfloat16:
+            result = result.view(torch.bfloat16)
+    return result, oa
+
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _indices(row_core: Any) -> np.ndarray:
+    """Core indices as the kernel takes them: C-contiguous int32 (int32 input is not copied)."""
+    if isinstance(row_core, torch.Tensor):
+        if row_core.device.type != "cpu":
+            raise ArgumentError(f"row_core: the kernel runs on CPU tensors, got one on {row_core.device}")
+        row_core = row_core.detach().numpy()
+    a = np.asarray(row_core)
+    if a.dtype == np.int32:
+        return np.ascontiguousarray(a)
+    if a.size == 0:
+        return np.zeros(a.shape, dtype=np.int32)
+    if a.dtype.kind not in "iu":
+        raise DTypeError(f"row_core: expected integer core indices, got {a.dtype}")
+    wide = np.flatnonzero((a < _INT32.min) | (a > _INT32.max))
+    if wide.size:
+        row = int(wide[0])
+        raise ArgumentError(f"row_core: row {row} has core index {a.flat[row]}, out of the int32 range")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+__all__ = ["available_isas", "dense_branch", "fused_routed_branch", "get_num_threads", "isa", "set_isa", "set_num_threads"]

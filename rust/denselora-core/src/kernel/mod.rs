@@ -1,5 +1,7 @@
 //! The fused CPU kernel of the DenseLoRA branch:
-//! `out[i] += scale · act_d(D · M · act_e(E · x[i]))` for every row `i` of `x`.
+//! `out[i] += scale · act_d(D · M · act_e(E · x[i]))` for every row `i` of `x` ([`fused_branch`]),
+//! and its routed form for batches whose rows belong to different adapters on one basis, each
+//! row with its own core `M[t_i]` from a stack, or none ([`fused_routed_branch`]).
 //!
 //! - Element types: `x` and `out` are f32, f16 or bf16 (the same type); `encoder`, `m` and
 //!   `decoder` are f32, f16 or bf16 (one type for the three). Arithmetic is f32. With the
@@ -26,7 +28,7 @@ mod threads;
 
 use half::{bf16, f16};
 
-use branch::Job;
+use branch::{Cores, Job};
 use isa::{dispatch, Isa};
 use simd::Elem;
 use threads::{pool, split, tasks_for, SharedMut, PARALLEL_MIN_WORK};
@@ -99,6 +101,15 @@ impl<'a> Src<'a> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The elements in `range`.
+    fn slice(&self, range: std::ops::Range<usize>) -> Src<'a> {
+        match self {
+            Src::F32(v) => Src::F32(&v[range]),
+            Src::F16(v) => Src::F16(&v[range]),
+            Src::BF16(v) => Src::BF16(&v[range]),
+        }
     }
 
     fn all_finite(&self) -> bool {
@@ -189,18 +200,114 @@ pub fn fused_branch(
     out_shape: &[usize],
     params: &BranchParams,
 ) -> Result<()> {
+    branch(x, encoder, Middle::One(m), decoder, out, out_shape, params)
+}
+
+/// The routed branch of a batch whose rows belong to different adapters on one basis (shared
+/// encoder and decoder, a core each): `out[i] += scale · act_d(decoder · cores[row_core[i]] ·
+/// act_e(encoder · x[i]))` for every row with `row_core[i] >= 0`; rows with `row_core[i] == -1`
+/// take no branch and their output is left bit for bit as it is.
+///
+/// Shapes: `cores` (T, r_d, r_e), `row_core` n indices in `-1..T`, the rest as in
+/// [`fused_branch`], which this is with a per-row core (same paths, same speed per row). An index
+/// out of range is an error naming its row, reported before anything is written. With
+/// `check_finite`, of the stack only the cores some row takes are checked, and of `x` only the
+/// rows with a branch.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_routed_branch(
+    x: Operand<'_>,
+    encoder: Operand<'_>,
+    cores: Operand<'_>,
+    decoder: Operand<'_>,
+    row_core: &[i32],
+    out: Dst<'_>,
+    out_shape: &[usize],
+    params: &BranchParams,
+) -> Result<()> {
+    branch(x, encoder, Middle::PerRow(cores, row_core), decoder, out, out_shape, params)
+}
+
+/// The middle step's operands as the caller gave them.
+#[derive(Clone, Copy)]
+enum Middle<'a> {
+    One(Operand<'a>),
+    PerRow(Operand<'a>, &'a [i32]),
+}
+
+impl<'a> Middle<'a> {
+    fn operand(&self) -> (&Operand<'a>, &'static str) {
+        match self {
+            Middle::One(m) => (m, "m"),
+            Middle::PerRow(cores, _) => (cores, "cores"),
+        }
+    }
+
+    /// `(T, r_d, r_e)`, with `T = 1` for a single core.
+    fn dims(&self) -> Result<(usize, usize, usize)> {
+        match self {
+            Middle::One(m) => matrix(m, "m", "(r_decoder, r_encoder)").map(|(r_d, r_e)| (1, r_d, r_e)),
+            Middle::PerRow(cores, _) => {
+                let &[t, r_d, r_e] = cores.shape else {
+                    let message =
+                        format!("expected a 3-D array (cores, r_decoder, r_encoder), got shape {:?}", cores.shape);
+                    return Err(shape_err("cores", message));
+                };
+                let len = t.checked_mul(r_d).and_then(|v| v.checked_mul(r_e));
+                if len != Some(cores.data.len()) {
+                    let message = format!("shape {:?} does not match its {} elements", cores.shape, cores.data.len());
+                    return Err(shape_err("cores", message));
+                }
+                Ok((t, r_d, r_e))
+            }
+        }
+    }
+}
+
+/// Every `row_core` index names a core of the stack or is -1.
+fn check_row_core(row_core: &[i32], n: usize, cores: usize) -> Result<()> {
+    if row_core.len() != n {
+        return Err(shape_err("row_core", format!("has {} indices but x has {n} rows", row_core.len())));
+    }
+    if let Some((row, &t)) = row_core.iter().enumerate().find(|&(_, &t)| t < -1 || t as i64 >= cores as i64) {
+        let range = if cores == 0 { "-1 (the stack is empty)".to_string() } else { format!("-1 or 0..{cores}") };
+        return Err(Error::argument(
+            "row_core",
+            ArgumentKind::Value,
+            format!("row {row} has core index {t}, expected {range}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `op`'s rows (of `width` elements) that `take` selects are all finite.
+fn rows_finite(op: &Src<'_>, width: usize, take: impl Fn(usize) -> bool) -> bool {
+    let rows = op.len().checked_div(width).unwrap_or(0);
+    (0..rows).filter(|&i| take(i)).all(|i| op.slice(i * width..(i + 1) * width).all_finite())
+}
+
+/// The checks and dispatch shared by the single and the routed branch.
+fn branch(
+    x: Operand<'_>,
+    encoder: Operand<'_>,
+    middle: Middle<'_>,
+    decoder: Operand<'_>,
+    out: Dst<'_>,
+    out_shape: &[usize],
+    params: &BranchParams,
+) -> Result<()> {
     let (n, d_in) = matrix(&x, "x", "(n, in_features)")?;
     let (r_e, e_in) = matrix(&encoder, "encoder", "(r, in_features)")?;
-    let (r_d, m_re) = matrix(&m, "m", "(r_decoder, r_encoder)")?;
+    let (t_cores, r_d, m_re) = middle.dims()?;
+    let (m, m_name) = middle.operand();
     let (d_out, d_rd) = matrix(&decoder, "decoder", "(out_features, r)")?;
     if e_in != d_in {
         return Err(shape_err("encoder", format!("has {e_in} columns but x has {d_in} features")));
     }
     if m_re != r_e {
-        return Err(shape_err("m", format!("has {m_re} columns but the encoder has rank {r_e}")));
+        return Err(shape_err(m_name, format!("has {m_re} columns but the encoder has rank {r_e}")));
     }
     if d_rd != r_d {
-        return Err(shape_err("decoder", format!("has {d_rd} columns but m has {r_d} rows")));
+        return Err(shape_err("decoder", format!("has {d_rd} columns but {m_name} has {r_d} rows")));
     }
     if out_shape != [n, d_out] {
         return Err(shape_err("out", format!("expected shape [{n}, {d_out}], got {out_shape:?}")));
@@ -208,8 +315,15 @@ pub fn fused_branch(
     if out.len() != n * d_out {
         return Err(shape_err("out", format!("shape {out_shape:?} does not match its {} elements", out.len())));
     }
+    let row_core = match middle {
+        Middle::One(_) => None,
+        Middle::PerRow(_, row_core) => {
+            check_row_core(row_core, n, t_cores)?;
+            Some(row_core)
+        }
+    };
     let wtype = encoder.data.dtype();
-    for (name, op) in [("m", &m), ("decoder", &decoder)] {
+    for (name, op) in [(m_name, m), ("decoder", &decoder)] {
         if op.data.dtype() != wtype {
             return Err(Error::argument(
                 name,
@@ -232,10 +346,19 @@ pub fn fused_branch(
         return Err(Error::argument("num_threads", ArgumentKind::Value, "must be at least 1"));
     }
     if params.check_finite {
-        for (name, op) in [("x", &x), ("encoder", &encoder), ("m", &m), ("decoder", &decoder)] {
-            if !op.data.all_finite() {
-                return Err(Error::non_finite(name, "contains NaN or infinity (check_finite is set)"));
-            }
+        // What the branch reads: the rows of `x` that take one, and the cores they take.
+        let mut used = vec![row_core.is_none(); t_cores];
+        for &t in row_core.unwrap_or_default().iter().filter(|&&t| t >= 0) {
+            used[t as usize] = true;
+        }
+        let checks = [
+            ("x", rows_finite(&x.data, d_in, |i| row_core.is_none_or(|rc| rc[i] >= 0))),
+            ("encoder", encoder.data.all_finite()),
+            (m_name, rows_finite(&m.data, r_d * r_e, |t| used[t])),
+            ("decoder", decoder.data.all_finite()),
+        ];
+        if let Some((name, _)) = checks.into_iter().find(|(_, finite)| !finite) {
+            return Err(Error::non_finite(name, "contains NaN or infinity (check_finite is set)"));
         }
     }
     if n == 0 || d_out == 0 {
@@ -247,13 +370,13 @@ pub fn fused_branch(
         ($xs:expr, $out:expr) => {
             match (encoder.data, m.data, decoder.data) {
                 (Src::F32(e), Src::F32(mm), Src::F32(d)) => {
-                    run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa)
+                    run(job($xs, e, select(mm, row_core), d, $out, dims, params), params.num_threads, isa)
                 }
                 (Src::F16(e), Src::F16(mm), Src::F16(d)) => {
-                    run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa)
+                    run(job($xs, e, select(mm, row_core), d, $out, dims, params), params.num_threads, isa)
                 }
                 (Src::BF16(e), Src::BF16(mm), Src::BF16(d)) => {
-                    run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa)
+                    run(job($xs, e, select(mm, row_core), d, $out, dims, params), params.num_threads, isa)
                 }
                 _ => unreachable!("weight dtypes checked above"),
             }
@@ -268,6 +391,14 @@ pub fn fused_branch(
     Ok(())
 }
 
+/// One core for every row, or each row's own from the stack.
+fn select<'a, W>(m: &'a [W], row_core: Option<&'a [i32]>) -> Cores<'a, W> {
+    match row_core {
+        None => Cores::One(m),
+        Some(index) => Cores::PerRow { stack: m, index },
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Dims {
     n: usize,
@@ -280,7 +411,7 @@ struct Dims {
 fn job<'a, X, W>(
     x: &'a [X],
     e: &'a [W],
-    m: &'a [W],
+    cores: Cores<'a, W>,
     d: &'a [W],
     out: &'a mut [X],
     dims: Dims,
@@ -289,7 +420,7 @@ fn job<'a, X, W>(
     Job {
         x,
         encoder: e,
-        m,
+        cores,
         decoder: d,
         out: out.as_mut_ptr(),
         n: dims.n,

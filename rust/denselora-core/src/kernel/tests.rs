@@ -538,3 +538,5 @@ fn hsum_lanes_puts_each_sum_in_its_lane() {
         }
     }
 }
+
+mod routed;
