@@ -114,22 +114,10 @@ def dense_branch(
     torch tensor when ``x`` is one); with ``out`` the branch is added into it in place and
     ``out`` is returned.
     """
-    act_e, act_d = split_activations(activation)
     xa = as_array(x, "x")
     ea, ma, da = as_array(encoder, "encoder"), as_array(m, "m"), as_array(decoder, "decoder")
     result, oa = _output(x, xa, da, out)
-    _core.fused_branch(
-        xa,
-        ea,
-        ma,
-        da,
-        oa,
-        scale=float(scale),
-        encoder_activation=act_e,
-        decoder_activation=act_d,
-        num_threads=get_num_threads(),
-        check_finite=check_finite,
-    )
+    _core.fused_branch(xa, ea, ma, da, oa, **_options(scale, activation, check_finite))
     return result
 
 
@@ -157,25 +145,24 @@ def fused_routed_branch(
     `ArgumentError` naming its row, before anything is written; with ``check_finite`` only what
     the call reads is checked (rows of ``x`` with a branch, the cores they take).
     """
-    act_e, act_d = split_activations(activation)
     xa = as_array(x, "x")
     ea, ca, da = as_array(encoder, "encoder"), as_array(cores, "cores"), as_array(decoder, "decoder")
     index = _indices(row_core)
     result, oa = _output(x, xa, da, out)
-    _core.fused_routed_branch(
-        xa,
-        ea,
-        ca,
-        da,
-        index,
-        oa,
-        scale=float(scale),
-        encoder_activation=act_e,
-        decoder_activation=act_d,
-        num_threads=get_num_threads(),
-        check_finite=check_finite,
-    )
+    _core.fused_routed_branch(xa, ea, ca, da, index, oa, **_options(scale, activation, check_finite))
     return result
+
+
+def _options(scale: float, activation: Activations, check_finite: bool) -> dict[str, Any]:
+    """The keyword arguments of a kernel call."""
+    act_e, act_d = split_activations(activation)
+    return {
+        "scale": float(scale),
+        "encoder_activation": act_e,
+        "decoder_activation": act_d,
+        "num_threads": get_num_threads(),
+        "check_finite": check_finite,
+    }
 
 
 def _output(x: ArrayLike, xa: np.ndarray, da: np.ndarray, out: Optional[ArrayLike]) -> tuple[Any, np.ndarray]:
