@@ -39,7 +39,7 @@ def random_adapter(seed: int, r: int = 16):
             module = f"model.layers.{layer}.{'mlp' if group in ('up_proj', 'down_proj') else 'self_attn'}.{group}"
             tensors[f"{module}.m"] = torch.randn(r, r, generator=g) / r**0.5
             groups[module] = group
-    config = dl.DenseLoRAConfig(r=r, init_fingerprint=f"seed{seed}").to_dict()
+    config = dl.DenseLoRAConfig(r=r, activation="gelu", init_fingerprint=f"seed{seed}").to_dict()
     config["groups"] = groups
     return config, tensors
 

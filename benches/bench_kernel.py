@@ -15,6 +15,16 @@ Rust path.
 ``--isa`` measures several kernel backends side by side in one run (each against the same torch
 timings, all alternated); by default only the one in use. Prints a table per backend and writes
 benches/results/kernel.json.
+
+Routed (``--routed``): a batch whose rows belong to different adapters on one basis, r = 16, n in
+{1, 8, 32, 64, 512} rows at the same projection shapes, float32 and bfloat16. Side by side: the
+routed kernel with every row on its own core (and, at n = 512, rows as sequences of 64 tokens,
+one core per sequence), the single-adapter kernel on the same rows with one core, and PyTorch
+doing the routed branch with a gather of the cores and a batched product. Both kernels are timed
+through their prepared forms (the adapted layers' path); on one thread by the thread's CPU time.
+Writes benches/results/kernel_routed.json.
+
+    python benches/bench_kernel.py --routed [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import numpy as np
 import torch
 
 import denselora as dl
-from denselora import kernels
+from denselora import _core, kernels
 from denselora.io import arrays
 from denselora.method.functional import dense_branch as torch_branch
 
@@ -40,13 +50,14 @@ SMOL = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 RANKS = [16, 32, 64]
 ROWS = [1, 8, 128, 512]
 GOALS = {1: 3.0, 8: 1.5, 128: 1.0, 512: 1.0}
+RESULTS = Path(__file__).parent / "results"
 
 
-def _per_call(fn: Callable[[], object], reps: int) -> float:
-    start = time.perf_counter()
+def _per_call(fn: Callable[[], object], reps: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - start) / reps
+    return (clock() - start) / reps
 
 
 def compare(fa: Callable[[], object], fb: Callable[[], object], budget: float, rounds: int = 7) -> tuple[float, float]:
@@ -62,9 +73,14 @@ def compare(fa: Callable[[], object], fb: Callable[[], object], budget: float, r
     return ta, tb
 
 
-def compare_many(fns: list[tuple[Callable[[], object], Callable[[], object]]], budget: float, rounds: int = 7) -> list[float]:
-    """Seconds per call of each ``(setup, fn)``: ``setup()`` runs before each batch of ``fn``;
-    batches alternate between the functions and the best batch of each counts."""
+def compare_many(
+    fns: list[tuple[Callable[[], object], Callable[[], object]]],
+    budget: float,
+    rounds: int = 7,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Seconds per call of each ``(setup, fn)`` by ``clock``: ``setup()`` runs before each batch
+    of ``fn``; batches alternate between the functions and the best batch of each counts."""
     once = 1e-7
     for setup, fn in fns:
         setup()
@@ -75,7 +91,7 @@ def compare_many(fns: list[tuple[Callable[[], object], Callable[[], object]]], b
     for _ in range(rounds):
         for i, (setup, fn) in enumerate(fns):
             setup()
-            best[i] = min(best[i], _per_call(fn, reps))
+            best[i] = min(best[i], _per_call(fn, reps, clock))
     return best
 
 
@@ -150,6 +166,141 @@ def micro(budget: float, shapes, ranks, rows, dtypes, peak: float, isas: list[st
                             flush=True,
                         )
     return results
+
+
+ROUTED_ROWS = [1, 8, 32, 64, 512]
+ROUTED_RANK = 16
+#: Tokens per sequence when the rows of a prefill batch are sequences (one core each).
+ROUTED_SEQUENCE = 64
+ROUTED_GOAL = 0.9
+
+
+def _torch_routed_add(out, x, e, cores, index, d, scale: float) -> None:
+    """The routed branch in PyTorch: a gather of each row's core and a batched product."""
+    h = torch.nn.functional.gelu(x @ e.T)
+    z = torch.bmm(cores[index], h.unsqueeze(-1)).squeeze(-1)
+    out.add_(torch.nn.functional.gelu(z @ d.T), alpha=scale)
+
+
+def routed_clock() -> Callable[[], float]:
+    """On one thread, the calling thread's CPU time: the kernels differ by a few percent at most,
+    less than what other processes' share of a busy machine adds to wall time."""
+    return time.thread_time if kernels.get_num_threads() == 1 and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def routed(budget: float, shapes, rows, dtypes) -> list[dict]:
+    """The routed kernel against the single-adapter kernel and PyTorch gather + bmm."""
+    results = []
+    gen = torch.Generator().manual_seed(0)
+    r, scale = ROUTED_RANK, 2.0
+    clock = routed_clock()
+    for dtype in dtypes:
+        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        code = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+        for d_in, d_out in shapes:
+            e = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(tdtype)
+            d = (torch.randn(d_out, r, generator=gen) / r**0.5).to(tdtype)
+            cores = (torch.randn(max(rows), r, r, generator=gen) / r**0.5).to(tdtype)
+            single = _core.PreparedBranch(
+                arrays.view(e, "encoder"), arrays.view(cores[0], "m"), arrays.view(d, "decoder"), scale=scale, encoder_activation="gelu", decoder_activation="gelu"
+            )
+            stack = _core.PreparedRoutedBranch(
+                arrays.view(e, "encoder"), arrays.view(cores, "cores"), arrays.view(d, "decoder"), scale=scale, encoder_activation="gelu", decoder_activation="gelu"
+            )
+            for n in rows:
+                x = torch.randn(n, d_in, generator=gen).to(tdtype)
+                out = torch.zeros(n, d_out, dtype=tdtype)
+                layouts = [("distinct", torch.arange(n, dtype=torch.int32))]
+                if n >= 2 * ROUTED_SEQUENCE:
+                    layouts.append((f"seq{ROUTED_SEQUENCE}", torch.arange(n, dtype=torch.int32) // ROUTED_SEQUENCE))
+                threads = kernels.get_num_threads()
+                for layout, index in layouts:
+                    run_single = functools.partial(single.add_unchecked, x.data_ptr(), out.data_ptr(), n, code, threads)
+                    run_routed = functools.partial(stack.add_unchecked, x.data_ptr(), out.data_ptr(), index.data_ptr(), n, code, threads)
+                    run_torch = functools.partial(_torch_routed_add, out, x, e, cores, index.long(), d, scale)
+                    none = lambda: None  # noqa: E731
+                    with torch.no_grad():
+                        fns = [(none, run_single), (none, run_routed), (none, run_torch)]
+                        t_single, t_routed, t_torch = compare_many(fns, 3 * budget, rounds=15, clock=clock)
+                    row = {
+                        "dtype": dtype,
+                        "in": d_in,
+                        "out": d_out,
+                        "r": r,
+                        "n": n,
+                        "rows": layout,
+                        "cores": int(index.max()) + 1,
+                        "single_us": t_single * 1e6,
+                        "routed_us": t_routed * 1e6,
+                        "torch_gather_bmm_us": t_torch * 1e6,
+                        "routed_vs_single": t_single / t_routed,
+                        "routed_vs_torch": t_torch / t_routed,
+                    }
+                    results.append(row)
+                    print(
+                        f"{dtype:8s} {d_in:5d}->{d_out:<5d} n={n:<3d} {layout:8s} single {t_single*1e6:9.1f} us  routed {t_routed*1e6:9.1f} us "
+                        f"(x{row['routed_vs_single']:4.2f} of single)  torch gather+bmm {t_torch*1e6:9.1f} us (routed x{row['routed_vs_torch']:5.2f})",
+                        flush=True,
+                    )
+    return results
+
+
+def routed_summary(results: list[dict]) -> list[dict]:
+    rows = []
+    geomean = lambda v: float(np.exp(np.mean(np.log(v))))  # noqa: E731
+    for dtype in dict.fromkeys(r["dtype"] for r in results):
+        for n, layout in dict.fromkeys((r["n"], r["rows"]) for r in results):
+            for model, test in (("SmolLM2-135M", lambda r: r["in"] < 4096), ("LLaMA-7B", lambda r: r["in"] >= 4096)):
+                sel = [r for r in results if r["dtype"] == dtype and r["n"] == n and r["rows"] == layout and test(r)]
+                if not sel:
+                    continue
+                rows.append({
+                    "dtype": dtype,
+                    "n": n,
+                    "rows": layout,
+                    "shapes": model,
+                    "cores": sel[0]["cores"],
+                    "min_vs_single": min(r["routed_vs_single"] for r in sel),
+                    "geomean_vs_single": geomean([r["routed_vs_single"] for r in sel]),
+                    "geomean_vs_torch": geomean([r["routed_vs_torch"] for r in sel]),
+                    "min_vs_torch": min(r["routed_vs_torch"] for r in sel),
+                })
+    return rows
+
+
+def write_record(record: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+def run_routed(args, shapes: list, budget: float) -> None:
+    print(f"routed branch, r = {ROUTED_RANK}, GELU both sides; kernel ISA: {kernels.isa()}, {args.threads} thread(s)")
+    results = routed(budget, shapes, ROUTED_ROWS, ["float32", "bfloat16"])
+    table = routed_summary(results)
+    print()
+    print("routed speed as a share of the single-adapter kernel's on the same rows (goal >= "
+          f"{ROUTED_GOAL}), and as a multiple of PyTorch gather + bmm")
+    print(f"{'dtype':9s} {'shapes':13s} {'n':>4s} {'rows':9s} {'cores':>5s} {'vs single min':>14s} {'geomean':>8s} {'vs torch min':>13s} {'geomean':>8s}")
+    for row in table:
+        print(
+            f"{row['dtype']:9s} {row['shapes']:13s} {row['n']:4d} {row['rows']:9s} {row['cores']:5d} {row['min_vs_single']:14.2f} "
+            f"{row['geomean_vs_single']:8.2f} {row['min_vs_torch']:13.2f} {row['geomean_vs_torch']:8.2f}"
+        )
+    record = {
+        "threads": args.threads,
+        "quick": args.quick,
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "kernel_isa": kernels.isa()},
+        "note": (
+            "vs_single: single-adapter kernel time / routed kernel time on the same rows (both prepared); "
+            "vs_torch: torch gather + bmm time / routed kernel time; same thread count; best of alternated batches; "
+            f"times are {routed_clock().__name__}"
+        ),
+        "goal_vs_single": ROUTED_GOAL,
+        "summary": table,
+        "micro": results,
+    }
+    write_record(record, Path(args.output or RESULTS / "kernel_routed.json"))
 
 
 def end_to_end(new_tokens: int, repeats: int) -> dict:
@@ -237,7 +388,8 @@ def main() -> None:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--isa", default=None, help="comma-separated kernel backends to measure side by side (default: the one in use)")
     parser.add_argument("--e2e-only", action="store_true")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "kernel.json"))
+    parser.add_argument("--routed", action="store_true", help="the routed branch of mixed-adapter batches instead")
+    parser.add_argument("--output", default=None, help="JSON path (default benches/results/kernel.json, or kernel_routed.json)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -248,6 +400,9 @@ def main() -> None:
         shapes, ranks, budget = [LLAMA[1], SMOL[0]], [16, 64], budget / 3
     if args.e2e_only:
         print(json.dumps(end_to_end(args.new_tokens, repeats=3), indent=2))
+        return
+    if args.routed:
+        run_routed(args, [LLAMA[1], SMOL[0]] if args.quick else LLAMA + SMOL, budget)
         return
     isas = args.isa.split(",") if args.isa else [kernels.isa()]
     for isa in isas:
@@ -291,10 +446,7 @@ def main() -> None:
         "micro": results,
         "end_to_end": e2e,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_record(record, Path(args.output or RESULTS / "kernel.json"))
 
 
 if __name__ == "__main__":

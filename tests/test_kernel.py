@@ -426,8 +426,8 @@ def test_prepared_branch_checks_its_weights():
     prepared = _core.PreparedBranch(e, m, d, scale=0.5, encoder_activation="gelu", decoder_activation="silu")
     assert (prepared.in_features, prepared.out_features) == (8, 6)
     xt, out = torch.from_numpy(x), torch.zeros(3, 6)
-    prepared.add_unchecked(xt.data_ptr(), out.data_ptr(), 3, 0, 1)
+    prepared.add_unchecked(xt.data_ptr(), out.data_ptr(), 3, "f32", 1)
     want = reference(x.astype(np.float64), e.astype(np.float64), m.astype(np.float64), d.astype(np.float64), 0.5, ("gelu", "silu"))
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(DTypeError, match="dtype code"):
-        prepared.add_unchecked(xt.data_ptr(), out.data_ptr(), 3, 7, 1)
+    with pytest.raises(DTypeError, match='^dtype: unsupported dtype "f64"'):
+        prepared.add_unchecked(xt.data_ptr(), out.data_ptr(), 3, "f64", 1)

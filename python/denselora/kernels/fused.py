@@ -17,6 +17,8 @@ reference `denselora.method.functional.dense_branch` in one pass.
   agree to rounding, not bit for bit.
 - The GIL is released while the kernel runs; it uses `get_num_threads` threads (by default
   ``torch.get_num_threads()``), and only splits work large enough to gain from it.
+- `fused_routed_branch` is the same kernel for a batch whose rows belong to different adapters
+  on one basis (shared encoder and decoder): each row takes its own core from a stack, or none.
 - NaN policy: non-finite values propagate as in IEEE arithmetic (and as in PyTorch): a NaN in
   row ``i`` of ``x`` makes row ``i`` of the branch NaN, a NaN weight reaches every row. With
   ``check_finite=True`` any NaN or infinity in an input raises `NonFiniteError` naming the
@@ -105,29 +107,90 @@ def fused_branch(
     torch tensor when ``x`` is one); with ``out`` the branch is added into it in place and
     ``out`` is returned.
     """
-    act_e, act_d = _sides(activation)
     xa = _array(x, "x")
+    ea, ma, da = _array(encoder, "encoder"), _array(m, "m"), _array(decoder, "decoder")
+    out = _output(x, xa, da, out)
+    _core.fused_branch(xa, ea, ma, da, _array(out, "out"), **_options(scale, activation, check_finite))
+    return out
+
+
+def fused_routed_branch(
+    x: ArrayLike,
+    encoder: ArrayLike,
+    cores: ArrayLike,
+    decoder: ArrayLike,
+    row_core: Any,
+    *,
+    scale: float,
+    activation: Activations,
+    out: Optional[ArrayLike] = None,
+    check_finite: bool = False,
+) -> Any:
+    """The branch of a batch whose rows belong to different adapters on one basis (shared encoder
+    and decoder): ``scale * act_d(decoder @ (cores[row_core[i]] @ act_e(encoder @ x_i)))`` for
+    every row ``x_i`` of ``x`` whose index is not -1; rows with index -1 take no branch (their
+    ``out`` is left exactly as it is).
+
+    ``cores`` is (T, r_d, r_e), one core per adapter; ``row_core`` holds one integer index in
+    ``-1 .. T-1`` per row, with ``x``'s leading shape (a numpy array, a CPU torch tensor or a
+    sequence; int32 is used in place, other integer types are converted). The rest is as in
+    `fused_branch`, which this is with a core per row. An index out of range raises
+    `ArgumentError` naming its row, before anything is written; with ``check_finite`` only what
+    the call reads is checked (rows of ``x`` with a branch, the cores they take).
+    """
+    xa = _array(x, "x")
+    ea, ca, da = _array(encoder, "encoder"), _array(cores, "cores"), _array(decoder, "decoder")
+    index = _indices(row_core)
+    out = _output(x, xa, da, out)
+    _core.fused_routed_branch(xa, ea, ca, da, index, _array(out, "out"), **_options(scale, activation, check_finite))
+    return out
+
+
+def _options(scale: float, activation: Activations, check_finite: bool) -> dict[str, Any]:
+    """The keyword arguments of a kernel call."""
+    act_e, act_d = _sides(activation)
+    return {
+        "scale": float(scale),
+        "encoder_activation": act_e,
+        "decoder_activation": act_d,
+        "num_threads": get_num_threads(),
+        "check_finite": check_finite,
+    }
+
+
+def _output(x: ArrayLike, xa: np.ndarray, da: np.ndarray, out: Optional[ArrayLike]) -> Any:
+    """``out``, or new zeros of ``x``'s kind (numpy or torch), leading shape and dtype."""
+    if out is not None:
+        return out
     if xa.ndim == 0:
         raise ShapeError("x: expected at least 1 dimension, got a scalar")
-    ea, ma, da = _array(encoder, "encoder"), _array(m, "m"), _array(decoder, "decoder")
-    if out is None:
-        if da.ndim != 2:
-            raise ShapeError(f"decoder: expected a 2-D array (out_features, r), got shape {da.shape}")
-        shape = xa.shape[:-1] + (da.shape[0],)
-        out = torch.zeros(shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else np.zeros(shape, dtype=xa.dtype)
-    _core.dense_branch(
-        xa,
-        ea,
-        ma,
-        da,
-        _array(out, "out"),
-        scale=float(scale),
-        encoder_activation=act_e,
-        decoder_activation=act_d,
-        num_threads=get_num_threads(),
-        check_finite=check_finite,
-    )
-    return out
+    if da.ndim != 2:
+        raise ShapeError(f"decoder: expected a 2-D array (out_features, r), got shape {da.shape}")
+    shape = xa.shape[:-1] + (da.shape[0],)
+    return torch.zeros(shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else np.zeros(shape, dtype=xa.dtype)
+
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _indices(row_core: Any) -> np.ndarray:
+    """Core indices as the kernel takes them: C-contiguous int32 (int32 input is not copied)."""
+    if isinstance(row_core, torch.Tensor):
+        if row_core.device.type != "cpu":
+            raise ArgumentError(f"row_core: the kernel runs on CPU tensors, got one on {row_core.device}")
+        row_core = row_core.detach().numpy()
+    a = np.asarray(row_core)
+    if a.dtype == np.int32:
+        return np.ascontiguousarray(a)
+    if a.size == 0:
+        return np.zeros(a.shape, dtype=np.int32)
+    if a.dtype.kind not in "iu":
+        raise DTypeError(f"row_core: expected integer core indices, got {a.dtype}")
+    wide = np.flatnonzero((a < _INT32.min) | (a > _INT32.max))
+    if wide.size:
+        row = int(wide[0])
+        raise ArgumentError(f"row_core: row {row} has core index {a.flat[row]}, out of the int32 range")
+    return np.ascontiguousarray(a, dtype=np.int32)
 
 
 # -- the adapted layers' path to the kernel ---------------------------------------------------
@@ -137,8 +200,8 @@ def fused_branch(
 #: against on prefill (benches/results/kernel.json); decoding stays on the kernel.
 AUTO_HALF_MAX_ROWS = 32
 
-# The binding's codes for the activation dtype of `PreparedBranch.add_unchecked`.
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# The binding's names for the activation dtype of `PreparedBranch.add_unchecked`.
+KERNEL_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 class KernelPath:
@@ -170,8 +233,8 @@ class KernelPath:
         """Add the branch of ``x`` into ``out`` in place when the kernel can run this call, and say
         whether it did. Unless ``force``, large half-precision calls are left to PyTorch
         (`AUTO_HALF_MAX_ROWS`)."""
-        code = _DTYPE_CODES.get(x.dtype)
-        if code is None or not (x.is_cpu and out.is_cpu) or out.dtype != x.dtype or not out.is_contiguous():
+        dtype = KERNEL_DTYPES.get(x.dtype)
+        if dtype is None or not (x.is_cpu and out.is_cpu) or out.dtype != x.dtype or not out.is_contiguous():
             return False
         prepared = self._weights(encoder, m, decoder, scale, activation)
         rows = out.numel() // out.shape[-1] if out.dim() else 0
@@ -187,7 +250,7 @@ class KernelPath:
         if not x.is_contiguous():
             x = x.contiguous()
         # Addresses of tensors checked above: CPU, contiguous, the kernel's dtype and sizes.
-        prepared.add_unchecked(x.data_ptr(), out.data_ptr(), rows, code, get_num_threads())
+        prepared.add_unchecked(x.data_ptr(), out.data_ptr(), rows, dtype, get_num_threads())
         return True
 
     def _weights(
@@ -216,4 +279,4 @@ class KernelPath:
         return prepared
 
 
-__all__ = ["AUTO_HALF_MAX_ROWS", "KernelPath", "available_isas", "fused_branch", "get_num_threads", "isa", "set_isa", "set_num_threads"]
+__all__ = ["AUTO_HALF_MAX_ROWS", "KernelPath", "available_isas", "fused_branch", "fused_routed_branch", "get_num_threads", "isa", "set_isa", "set_num_threads"]

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::activation::Activation;
 use crate::atomic::write_atomically;
 use crate::error::{Error, Result};
 use crate::safetensors_io::{load_safetensors, save_safetensors};
@@ -64,9 +65,9 @@ pub fn config_groups(config: &Map<String, Value>, context: &str) -> Result<BTree
         .ok_or_else(|| Error::incompatible(context, "config has no \"groups\" object (module path -> group)"))?;
     let mut out = BTreeMap::new();
     for (module, group) in groups {
-        let group = group.as_str().ok_or_else(|| {
-            Error::incompatible(context, format!("group of module {module:?} is not a string"))
-        })?;
+        let group = group
+            .as_str()
+            .ok_or_else(|| Error::incompatible(context, format!("group of module {module:?} is not a string")))?;
         out.insert(module.clone(), group.to_string());
     }
     if out.is_empty() {
@@ -75,13 +76,31 @@ pub fn config_groups(config: &Map<String, Value>, context: &str) -> Result<BTree
     Ok(out)
 }
 
+/// (encoder side, decoder side) activations of a config; the per-side keys override
+/// `activation`, which defaults to GELU as in the config class.
+pub fn config_activations(config: &ConfigMap, context: &str) -> Result<(Activation, Activation)> {
+    let name = |key: &str| -> Result<Option<&str>> {
+        match config.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(other) => Err(Error::incompatible(context, format!("config {key:?} is {other}, not a string"))),
+        }
+    };
+    let both = name("activation")?.unwrap_or("gelu");
+    let parse = |key: &str| -> Result<Activation> {
+        name(key)?.unwrap_or(both).parse().map_err(|m: String| Error::incompatible(context, m))
+    };
+    Ok((parse("encoder_activation")?, parse("decoder_activation")?))
+}
+
 fn matrix_shape(tensors: &BTreeMap<String, TensorRef<'_>>, key: &str, context: &str) -> Result<(usize, usize)> {
-    let t = tensors
-        .get(key)
-        .ok_or_else(|| Error::incompatible(context, format!("tensor {key:?} is missing")))?;
+    let t = tensors.get(key).ok_or_else(|| Error::incompatible(context, format!("tensor {key:?} is missing")))?;
     match t.shape {
         [rows, cols] if *rows > 0 && *cols > 0 => Ok((*rows, *cols)),
-        shape => Err(Error::incompatible(context, format!("tensor {key:?} has shape {shape:?}; expected a non-empty matrix"))),
+        shape => Err(Error::incompatible(
+            context,
+            format!("tensor {key:?} has shape {shape:?}; expected a non-empty matrix"),
+        )),
     }
 }
 
@@ -150,8 +169,7 @@ fn check_format_version(config: &Map<String, Value>, path: &Path) -> Result<()> 
 
 /// Parse JSON text that must be an object (named `path` in errors), without version checks.
 pub fn parse_config_object(text: &str, path: &Path) -> Result<ConfigMap> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
     match value {
         Value::Object(config) => Ok(config),
         _ => Err(Error::format(path, "the config must be a JSON object")),
@@ -183,15 +201,18 @@ pub fn read_adapter_dir(dir: &Path) -> Result<Adapter> {
     let config = parse_config(&text, &config_path)?;
     let tensors_path = dir.join(TENSORS_FILE);
     let contents = load_safetensors(&tensors_path)?;
-    let views: BTreeMap<String, TensorRef<'_>> =
-        contents.tensors.iter().map(|(k, t)| (k.clone(), t.view())).collect();
+    let views: BTreeMap<String, TensorRef<'_>> = contents.tensors.iter().map(|(k, t)| (k.clone(), t.view())).collect();
     validate_layout(&config, &views, &dir.display().to_string())?;
     Ok(Adapter { config, tensors: contents.tensors })
 }
 
 /// Write an adapter directory (created if needed). The layout is validated first, so an
 /// inconsistent adapter is never written; each file is replaced atomically, tensors first.
-pub fn write_adapter_dir(dir: &Path, config: &Map<String, Value>, tensors: &BTreeMap<String, TensorRef<'_>>) -> Result<()> {
+pub fn write_adapter_dir(
+    dir: &Path,
+    config: &Map<String, Value>,
+    tensors: &BTreeMap<String, TensorRef<'_>>,
+) -> Result<()> {
     let mut config = config.clone();
     config.insert("format_version".into(), Value::from(FORMAT_VERSION));
     validate_layout(&config, tensors, &dir.display().to_string())?;
@@ -299,10 +320,9 @@ pub(crate) mod tests {
     #[test]
     fn wrong_m_shape_is_named() {
         let mut adapter = sample_adapter();
-        adapter.tensors.insert(
-            m_key("model.layers.0.mlp.up_proj"),
-            Tensor::from_f32(DType::F32, vec![3, 4], &[0.0; 12]),
-        );
+        adapter
+            .tensors
+            .insert(m_key("model.layers.0.mlp.up_proj"), Tensor::from_f32(DType::F32, vec![3, 4], &[0.0; 12]));
         let err = adapter.layout("adapter-x").unwrap_err();
         assert!(err.to_string().contains("model.layers.0.mlp.up_proj"), "{err}");
     }

@@ -1,4 +1,5 @@
-//! Element types of stored tensors. Only floating types an adapter can hold are accepted.
+//! Element types of stored tensors. Only floating types an adapter can hold are accepted, and
+//! each has exactly two spellings: the stored (safetensors) name and the same in lower case.
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,6 +14,8 @@ pub enum DType {
 }
 
 impl DType {
+    pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
     /// Bytes per element.
     pub const fn size(self) -> usize {
         match self {
@@ -40,13 +43,35 @@ impl fmt::Display for DType {
 impl FromStr for DType {
     type Err = String;
 
-    /// Accepts safetensors names and the usual lower-case spellings (`f32`, `float32`, `bf16`, ...).
+    /// The one dtype parser: `F32`, `F16`, `BF16` (as stored) or `f32`, `f16`, `bf16`; nothing
+    /// looser (no other case, no aliases such as `float32` or `half`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" | "fp32" => Ok(DType::F32),
-            "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
-            "bf16" | "bfloat16" => Ok(DType::BF16),
-            _ => Err(format!("unsupported dtype {s:?} (expected F32, F16 or BF16)")),
+        DType::ALL
+            .into_iter()
+            .find(|d| d.name() == s || d.name().to_ascii_lowercase() == s)
+            .ok_or_else(|| format!("unsupported dtype {s:?} (expected F32, F16 or BF16, or the same in lower case)"))
+    }
+}
+
+impl TryFrom<safetensors::Dtype> for DType {
+    type Error = String;
+
+    fn try_from(dtype: safetensors::Dtype) -> Result<Self, Self::Error> {
+        match dtype {
+            safetensors::Dtype::F32 => Ok(DType::F32),
+            safetensors::Dtype::F16 => Ok(DType::F16),
+            safetensors::Dtype::BF16 => Ok(DType::BF16),
+            other => Err(format!("dtype {other:?}; adapters hold only F32, F16 or BF16")),
+        }
+    }
+}
+
+impl From<DType> for safetensors::Dtype {
+    fn from(dtype: DType) -> Self {
+        match dtype {
+            DType::F32 => safetensors::Dtype::F32,
+            DType::F16 => safetensors::Dtype::F16,
+            DType::BF16 => safetensors::Dtype::BF16,
         }
     }
 }
@@ -76,11 +101,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_round_trip() {
-        for d in [DType::F32, DType::F16, DType::BF16] {
+    fn names_round_trip_and_the_parser_is_strict() {
+        for d in DType::ALL {
             assert_eq!(d.name().parse::<DType>().unwrap(), d);
+            assert_eq!(d.name().to_ascii_lowercase().parse::<DType>().unwrap(), d);
+            assert_eq!(DType::try_from(safetensors::Dtype::from(d)).unwrap(), d);
         }
-        assert!("I64".parse::<DType>().is_err());
+        for bad in ["I64", "Bf16", "float32", "half", "fp16", "", " F32"] {
+            assert!(bad.parse::<DType>().is_err(), "{bad:?}");
+        }
+        assert!(DType::try_from(safetensors::Dtype::F64).is_err());
     }
 
     #[test]

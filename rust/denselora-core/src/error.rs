@@ -32,11 +32,7 @@ pub enum Error {
     Incompatible { context: String, message: String },
     /// A caller-supplied argument with the wrong shape, dtype, memory layout or value.
     #[error("{argument}: {message}")]
-    InvalidArgument {
-        argument: String,
-        kind: ArgumentKind,
-        message: String,
-    },
+    InvalidArgument { argument: String, kind: ArgumentKind, message: String },
     /// NaN or infinity where only finite numbers make sense.
     #[error("{context}: {message}")]
     NonFinite { context: String, message: String },

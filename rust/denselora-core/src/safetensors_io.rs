@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-use safetensors::{Dtype as StDtype, SafeTensors};
+use safetensors::SafeTensors;
 
 use crate::atomic::write_atomically;
 use crate::dtype::DType;
@@ -82,18 +82,6 @@ pub fn save_safetensors(
     write_atomically(path, |w| write_safetensors(w, path, tensors, metadata))
 }
 
-fn dtype_from_st(dtype: StDtype, path: &Path, name: &str) -> Result<DType> {
-    match dtype {
-        StDtype::F32 => Ok(DType::F32),
-        StDtype::F16 => Ok(DType::F16),
-        StDtype::BF16 => Ok(DType::BF16),
-        other => Err(Error::format(
-            path,
-            format!("tensor {name:?} has dtype {other:?}; adapters hold only F32, F16 or BF16"),
-        )),
-    }
-}
-
 /// Parse safetensors bytes read from `path` (named in errors).
 pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsContents> {
     let bad = |e: safetensors::SafeTensorError| Error::format(path, format!("not a valid safetensors file: {e}"));
@@ -104,7 +92,7 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsContent
     let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
     let mut tensors = BTreeMap::new();
     for (name, info) in meta.tensors() {
-        let dtype = dtype_from_st(info.dtype, path, &name)?;
+        let dtype = DType::try_from(info.dtype).map_err(|m| Error::format(path, format!("tensor {name:?} has {m}")))?;
         let (start, end) = info.data_offsets;
         let tensor = Tensor { dtype, shape: info.shape.clone(), data: data[start..end].to_vec() };
         tensors.insert(name, tensor);

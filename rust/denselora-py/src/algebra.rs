@@ -10,8 +10,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
 use crate::arrays::tensor_to_py;
+use crate::arrays::BorrowedTensors;
 use crate::errors::BindingResult;
-use crate::BorrowedTensors;
 
 fn to_adapter(name: &str, config_json: &str, tensors: &Bound<'_, PyDict>) -> BindingResult<Adapter> {
     let config = adapter::parse_config_object(config_json, Path::new(name))?;
@@ -39,7 +39,9 @@ fn parse_mode(mode: &str) -> Result<Mode, Error> {
         "auto" => Ok(Mode::Auto),
         "linear" => Ok(Mode::Linear),
         "aligned" => Ok(Mode::Aligned),
-        other => Err(Error::argument("mode", ArgumentKind::Value, format!("{other:?} is not one of auto, linear, aligned"))),
+        other => {
+            Err(Error::argument("mode", ArgumentKind::Value, format!("{other:?} is not one of auto, linear, aligned")))
+        }
     }
 }
 
@@ -111,5 +113,12 @@ pub fn linear_assignment(cost: Vec<Vec<f64>>) -> BindingResult<Vec<usize>> {
     if flat.iter().any(|v| !v.is_finite()) {
         return Err(Error::non_finite("cost", "cost matrix holds NaN or infinity").into());
     }
-    Ok(algebra::hungarian::assign(&flat, n))
+    Ok(algebra::assignment::assign(&flat, n))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(average_adapters, m)?)?;
+    m.add_function(wrap_pyfunction!(truncate_adapter, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_assignment, m)?)?;
+    Ok(())
 }

@@ -1,10 +1,14 @@
 //! Conversion between numpy arrays and core tensors. Inputs are borrowed (no copy); bfloat16,
 //! which numpy lacks, travels as uint16 bit patterns with its dtype named beside it.
 
-use denselora_core::{ArgumentKind, DType, Error, Tensor};
+use std::collections::BTreeMap;
+
+use denselora_core::{ArgumentKind, DType, Error, Tensor, TensorRef};
 use numpy::{PyArray1, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyDict, PyTuple};
+
+use crate::errors::BindingResult;
 
 /// A borrowed view of a C-contiguous numpy array's bytes. The returned slice is valid while
 /// `array` is alive and unmodified; callers hold the array for that long.
@@ -58,4 +62,30 @@ pub fn tensor_to_py<'py>(py: Python<'py>, tensor: Tensor) -> PyResult<Bound<'py,
         }
     };
     PyTuple::new(py, [tensor.dtype.name().into_pyobject(py)?.into_any(), array])
+}
+
+/// Borrowed arrays of a `{name: ndarray}` dict, ready to be viewed as core tensors.
+pub(crate) struct BorrowedTensors<'py> {
+    entries: Vec<(String, DType, Vec<usize>, &'py [u8])>,
+}
+
+impl<'py> BorrowedTensors<'py> {
+    pub(crate) fn from_dict(tensors: &Bound<'py, PyDict>, bf16_bits: bool) -> BindingResult<Self> {
+        let mut entries = Vec::with_capacity(tensors.len());
+        for (key, value) in tensors.iter() {
+            let name: String =
+                key.extract().map_err(|_| Error::argument("tensors", ArgumentKind::Value, "keys must be str"))?;
+            let array = value
+                .cast_into::<PyUntypedArray>()
+                .map_err(|_| Error::argument(&name, ArgumentKind::DType, "value is not a numpy array"))?;
+            let dtype = array_dtype(&array, &name, bf16_bits)?;
+            let bytes = array_bytes(&array, &name, dtype)?;
+            entries.push((name, dtype, array.shape().to_vec(), bytes));
+        }
+        Ok(BorrowedTensors { entries })
+    }
+
+    pub(crate) fn views(&self) -> BTreeMap<String, TensorRef<'_>> {
+        self.entries.iter().map(|(n, d, s, b)| (n.clone(), TensorRef { dtype: *d, shape: s, data: b })).collect()
+    }
 }

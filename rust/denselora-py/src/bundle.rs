@@ -13,8 +13,8 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
+use crate::arrays::BorrowedTensors;
 use crate::errors::BindingResult;
-use crate::BorrowedTensors;
 
 /// `(name, dtype, shape, offset, length, converted_from)` of one tensor.
 type TensorInfo = (String, &'static str, Vec<usize>, usize, usize, Option<&'static str>);

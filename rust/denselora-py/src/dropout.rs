@@ -22,11 +22,9 @@ fn stream_arguments(
 ) -> Result<(u64, u16, u64), Error> {
     let seed = u64_argument(seed, "seed")?;
     let offset = offset.map(|o| u64_argument(o, "offset")).transpose()?.unwrap_or(0);
-    let threshold = threshold
-        .extract::<u16>()
-        .ok()
-        .filter(|&t| t > 0)
-        .ok_or_else(|| Error::argument("threshold", ArgumentKind::Value, format!("expected an int in [1, 65535], got {threshold}")))?;
+    let threshold = threshold.extract::<u16>().ok().filter(|&t| t > 0).ok_or_else(|| {
+        Error::argument("threshold", ArgumentKind::Value, format!("expected an int in [1, 65535], got {threshold}"))
+    })?;
     Ok((seed, threshold, offset))
 }
 
@@ -36,13 +34,20 @@ fn one_dimensional<'a, 'py>(value: &'a Bound<'py, PyAny>, name: &str) -> Result<
         .cast::<PyUntypedArray>()
         .map_err(|_| Error::argument(name, ArgumentKind::DType, "expected a numpy array"))?;
     if untyped.ndim() != 1 {
-        return Err(Error::argument(name, ArgumentKind::Shape, format!("expected a 1-D array, got shape {:?}", untyped.shape())));
+        return Err(Error::argument(
+            name,
+            ArgumentKind::Shape,
+            format!("expected a 1-D array, got shape {:?}", untyped.shape()),
+        ));
     }
     Ok(untyped)
 }
 
 /// The writable contiguous data of `array`, or the typed error naming `name`.
-fn writable<'py, T: numpy::Element>(array: &Bound<'py, PyArray1<T>>, name: &str) -> Result<numpy::PyReadwriteArray1<'py, T>, Error> {
+fn writable<'py, T: numpy::Element>(
+    array: &Bound<'py, PyArray1<T>>,
+    name: &str,
+) -> Result<numpy::PyReadwriteArray1<'py, T>, Error> {
     let borrowed = array
         .try_readwrite()
         .map_err(|e| Error::argument(name, ArgumentKind::Layout, format!("cannot write into the array: {e}")))?;
@@ -66,7 +71,12 @@ pub fn dropout_mask(
     let (seed, threshold, offset) = stream_arguments(seed, threshold, offset)?;
     let untyped = one_dimensional(out, "out")?;
     if !untyped.dtype().is_equiv_to(&numpy::dtype::<bool>(py)) {
-        return Err(Error::argument("out", ArgumentKind::DType, format!("expected dtype bool, got {}", untyped.dtype())).into());
+        return Err(Error::argument(
+            "out",
+            ArgumentKind::DType,
+            format!("expected dtype bool, got {}", untyped.dtype()),
+        )
+        .into());
     }
     let array = out
         .cast::<PyArray1<bool>>()
@@ -103,7 +113,12 @@ pub fn dropout_zero_(
         )*};
     }
     zero_as!(i16, u16, i32, u32, i64, u64);
-    Err(Error::argument("data", ArgumentKind::DType, format!("expected 16-, 32- or 64-bit integers, got {}", untyped.dtype())).into())
+    Err(Error::argument(
+        "data",
+        ArgumentKind::DType,
+        format!("expected 16-, 32- or 64-bit integers, got {}", untyped.dtype()),
+    )
+    .into())
 }
 
 /// Releasing the GIL costs more than a small mask takes.
@@ -113,4 +128,10 @@ fn run_detached_if_large(py: Python<'_>, len: usize, f: impl FnOnce() + Send) {
     } else {
         py.detach(f)
     }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(dropout_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(dropout_zero_, m)?)?;
+    Ok(())
 }

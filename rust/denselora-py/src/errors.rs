@@ -1,13 +1,16 @@
-//! Every core error becomes a Python exception here, in one place. The exception classes live in
-//! `denselora.errors` (Python), so that they can also subclass `ValueError`/`TypeError`.
+//! Every core error becomes a Python exception here, in one place; the classes are declared in
+//! `exceptions`.
 
 use denselora_core::{ArgumentKind, Error};
 use pyo3::exceptions::{
-    PyFileExistsError, PyFileNotFoundError, PyIsADirectoryError, PyNotADirectoryError, PyOSError,
-    PyPermissionError, PyRuntimeError,
+    PyFileExistsError, PyFileNotFoundError, PyIsADirectoryError, PyNotADirectoryError, PyOSError, PyPermissionError,
 };
 use pyo3::prelude::*;
-use pyo3::types::PyType;
+
+use crate::exceptions::{
+    ARGUMENT_ERROR, CHECKSUM_ERROR, DTYPE_ERROR, FORMAT_ERROR, INCOMPATIBLE_ADAPTER_ERROR, LAYOUT_ERROR,
+    NON_FINITE_ERROR, SHAPE_ERROR,
+};
 
 /// What a binding function can fail with: a core error, or a Python error raised while
 /// converting arguments. `?` works on both inside `#[pyfunction]`s.
@@ -37,45 +40,31 @@ impl From<BindingError> for PyErr {
     }
 }
 
-fn denselora_exception(py: Python<'_>, class: &str, message: String) -> PyErr {
-    let class = py
-        .import("denselora.errors")
-        .and_then(|m| m.getattr(class))
-        .and_then(|c| c.cast_into::<PyType>().map_err(Into::into));
-    match class {
-        Ok(class) => PyErr::from_type(class, message),
-        Err(e) => PyRuntimeError::new_err(format!("{message} (denselora.errors unavailable: {e})")),
-    }
-}
-
+/// The one place where a core error becomes a Python exception: I/O errors become the built-in
+/// `OSError` family, everything else the class of `exceptions` that names what went wrong.
 fn core_to_py(err: Error) -> PyErr {
-        let message = err.to_string();
-        match &err {
-            Error::Io { source, .. } => match source.kind() {
+    let message = err.to_string();
+    let class = match &err {
+        Error::Io { source, .. } => {
+            return match source.kind() {
                 std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
                 std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
                 std::io::ErrorKind::AlreadyExists => PyFileExistsError::new_err(message),
                 std::io::ErrorKind::IsADirectory => PyIsADirectoryError::new_err(message),
                 std::io::ErrorKind::NotADirectory => PyNotADirectoryError::new_err(message),
                 _ => PyOSError::new_err(message),
-            },
-            _ => Python::attach(|py| {
-                let class = match &err {
-                    Error::Format { .. } => "FormatError",
-                    Error::Checksum { .. } => "ChecksumError",
-                    Error::Incompatible { .. } => "IncompatibleAdapterError",
-                    Error::NonFinite { .. } => "NonFiniteError",
-                    Error::InvalidArgument { kind, .. } => match kind {
-                        ArgumentKind::Shape => "ShapeError",
-                        ArgumentKind::DType => "DTypeError",
-                        ArgumentKind::Layout => "LayoutError",
-                        ArgumentKind::Value => "ArgumentError",
-                    },
-                    Error::Io { .. } => unreachable!("handled above"),
-                };
-                denselora_exception(py, class, message)
-            }),
+            }
         }
+        Error::Format { .. } => &FORMAT_ERROR,
+        Error::Checksum { .. } => &CHECKSUM_ERROR,
+        Error::Incompatible { .. } => &INCOMPATIBLE_ADAPTER_ERROR,
+        Error::NonFinite { .. } => &NON_FINITE_ERROR,
+        Error::InvalidArgument { kind: ArgumentKind::Shape, .. } => &SHAPE_ERROR,
+        Error::InvalidArgument { kind: ArgumentKind::DType, .. } => &DTYPE_ERROR,
+        Error::InvalidArgument { kind: ArgumentKind::Layout, .. } => &LAYOUT_ERROR,
+        Error::InvalidArgument { kind: ArgumentKind::Value, .. } => &ARGUMENT_ERROR,
+    };
+    Python::attach(|py| class.err(py, message))
 }
 
 pub type BindingResult<T> = Result<T, BindingError>;

@@ -2,7 +2,8 @@
 //! adapter, including an exponential moving average of checkpoints along one run), or the same
 //! mean after aligning every run's latent coordinates to the first run's (`aligned`).
 //!
-//! Alignment, per group, of run k to the reference run (the first input):
+//! Alignment, per group, of run k to the reference run (the first input; `align`, then
+//! `refactor`):
 //! 1. Encoder side: a Hungarian assignment on the cosine similarity of encoder rows finds the
 //!    permutation (for an odd, i.e. `identity`, encoder activation a signed one, on |cosine|).
 //! 2. Decoder side, two methods:
@@ -20,12 +21,12 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::hungarian;
-use super::linalg::{
-    cols, gauge_inverse, hstack, left_singular, procrustes, relative_distance, sq, thin_qr, tucker2, vstack, Mat,
-};
-use super::{activations, check_finite, group_factors, put_group, Activation, GroupFactors};
-use crate::adapter::{config_groups, Adapter, GroupLayout};
+use super::align::{encoder_residuals, match_rows, permute, product_residuals};
+use super::linalg::{cols, hstack, left_singular, sq, tucker2, Mat};
+use super::refactor::{gauge, latent_rms, procrustes_mean, weighted_sum, Cores};
+use super::{check_finite, group_factors, put_group, GroupFactors};
+use crate::activation::Activation;
+use crate::adapter::{config_activations, config_groups, Adapter, GroupLayout};
 use crate::error::{ArgumentKind, Error, Result};
 use crate::tensor::Tensor;
 
@@ -110,7 +111,11 @@ fn resolve_weights(n: usize, options: &AverageOptions) -> Result<Vec<f64>> {
                 ));
             }
             if let Some(bad) = w.iter().find(|v| !v.is_finite() || **v < 0.0) {
-                return Err(Error::argument("weights", ArgumentKind::Value, format!("weight {bad} is not a finite non-negative number")));
+                return Err(Error::argument(
+                    "weights",
+                    ArgumentKind::Value,
+                    format!("weight {bad} is not a finite non-negative number"),
+                ));
             }
             let total: f64 = w.iter().sum();
             if total <= 0.0 {
@@ -137,10 +142,11 @@ fn string_key<'a>(adapter: &'a Adapter, key: &str) -> Option<&'a str> {
 
 /// Everything that must agree before tensors are combined; returns the reference's layout.
 pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout>> {
-    let (ref_name, reference) = inputs.first().ok_or_else(|| Error::argument("inputs", ArgumentKind::Value, "no adapter given"))?;
+    let (ref_name, reference) =
+        inputs.first().ok_or_else(|| Error::argument("inputs", ArgumentKind::Value, "no adapter given"))?;
     let ref_layout = reference.layout(ref_name)?;
     let ref_groups = config_groups(&reference.config, ref_name)?;
-    let ref_acts = activations(&reference.config, ref_name)?;
+    let ref_acts = config_activations(&reference.config, ref_name)?;
     for (name, adapter) in inputs {
         let layout = adapter.layout(name)?;
         check_finite(adapter, name)?;
@@ -179,7 +185,7 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
                 ));
             }
         }
-        let acts = activations(&adapter.config, name)?;
+        let acts = config_activations(&adapter.config, name)?;
         if acts != ref_acts {
             return Err(Error::incompatible(
                 name.as_str(),
@@ -187,7 +193,8 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
             ));
         }
         for key in ["r", "alpha"] {
-            let (a, b) = (reference.config.get(key).and_then(Value::as_f64), adapter.config.get(key).and_then(Value::as_f64));
+            let (a, b) =
+                (reference.config.get(key).and_then(Value::as_f64), adapter.config.get(key).and_then(Value::as_f64));
             if a != b {
                 return Err(Error::incompatible(
                     name.as_str(),
@@ -229,143 +236,6 @@ fn linear_mean(inputs: &[(String, &Adapter)], weights: &[f64]) -> Adapter {
     out
 }
 
-/// The (signed) permutation matching the rows of `other` to those of `reference`:
-/// row i of the aligned encoder is `sign[i] * other[perm[i]]`.
-pub fn match_rows(reference: &Mat, other: &Mat, odd: bool) -> (Vec<usize>, Vec<f64>) {
-    let n = reference.nrows();
-    let norms = |m: &Mat| (0..m.nrows()).map(|i| m.row(i).norm()).collect::<Vec<_>>();
-    let (na, nb) = (norms(reference), norms(other));
-    let sim = reference * other.transpose();
-    let cosine = |i: usize, j: usize| if na[i] > 0.0 && nb[j] > 0.0 { sim[(i, j)] / (na[i] * nb[j]) } else { 0.0 };
-    let cost: Vec<f64> = (0..n * n)
-        .map(|k| {
-            let c = cosine(k / n, k % n);
-            -(if odd { c.abs() } else { c })
-        })
-        .collect();
-    let perm = hungarian::assign(&cost, n);
-    let sign = perm.iter().enumerate().map(|(i, &j)| if odd && cosine(i, j) < 0.0 { -1.0 } else { 1.0 }).collect();
-    (perm, sign)
-}
-
-fn permute(run: &GroupFactors, perm: &[usize], sign: &[f64]) -> GroupFactors {
-    let mut encoder = run.encoder.clone();
-    for (i, (&j, &s)) in perm.iter().zip(sign).enumerate() {
-        encoder.set_row(i, &(run.encoder.row(j) * s));
-    }
-    let ms = run
-        .ms
-        .iter()
-        .map(|m| {
-            let mut out = m.clone();
-            for (i, (&j, &s)) in perm.iter().zip(sign).enumerate() {
-                out.set_column(i, &(m.column(j) * s));
-            }
-            out
-        })
-        .collect();
-    GroupFactors { encoder, decoder: run.decoder.clone(), ms }
-}
-
-fn weighted_sum<'a>(items: impl Iterator<Item = &'a Mat>, weights: &[f64]) -> Mat {
-    let mut acc: Option<Mat> = None;
-    for (m, w) in items.zip(weights) {
-        acc = Some(match acc {
-            None => m * *w,
-            Some(a) => a + m * *w,
-        });
-    }
-    acc.expect("at least one input")
-}
-
-fn plain_mean(runs: &[GroupFactors], weights: &[f64]) -> GroupFactors {
-    GroupFactors {
-        encoder: weighted_sum(runs.iter().map(|r| &r.encoder), weights),
-        decoder: weighted_sum(runs.iter().map(|r| &r.decoder), weights),
-        ms: (0..runs[0].ms.len()).map(|l| weighted_sum(runs.iter().map(|r| &r.ms[l]), weights)).collect(),
-    }
-}
-
-/// A square gauge `t`, or `scale * I` when `t` is (nearly) singular; with its inverse.
-fn gauge(t: Mat, reference: &Mat) -> (Mat, Mat) {
-    if let Some(inv) = gauge_inverse(&t) {
-        return (t, inv);
-    }
-    let n = t.nrows();
-    let scale = (sq(reference) / n as f64).sqrt();
-    let scale = if scale > 0.0 { scale } else { 1.0 };
-    (Mat::identity(n, n) * scale, Mat::identity(n, n) / scale)
-}
-
-/// Products that fix the function, in the small coordinates of the QR factors: `R_d,k M_l`
-/// (out-side basis `Q_d`), times `R_e,k^T` with a linear encoder.
-struct Cores {
-    qd: Mat,
-    rd: Mat,
-    /// `(Q_e, R_e)` of `[E_1; ...; E_K]^T` for a linear encoder.
-    qe_re: Option<(Mat, Mat)>,
-}
-
-impl Cores {
-    fn new(runs: &[GroupFactors], linear_encoder: bool) -> Self {
-        let (qd, rd) = thin_qr(&hstack(&runs.iter().map(|r| r.decoder.clone()).collect::<Vec<_>>()));
-        let qe_re = linear_encoder.then(|| thin_qr(&vstack(&runs.iter().map(|r| r.encoder.clone()).collect::<Vec<_>>()).transpose()));
-        Cores { qd, rd, qe_re }
-    }
-
-    fn core(&self, k: usize, rank_d: usize, rank_e: usize, m: &Mat) -> Mat {
-        let left = cols(&self.rd, k * rank_d, rank_d) * m;
-        match &self.qe_re {
-            Some((_, re)) => left * cols(re, k * rank_e, rank_e).transpose(),
-            None => left,
-        }
-    }
-
-    fn run_cores(&self, k: usize, run: &GroupFactors) -> Vec<Mat> {
-        let (rank_d, rank_e) = (run.decoder.ncols(), run.encoder.nrows());
-        run.ms.iter().map(|m| self.core(k, rank_d, rank_e, m)).collect()
-    }
-}
-
-/// Relative distance of each run's products to the reference's (`D M_l`, or `D M_l E` with a
-/// linear encoder), from r x r Gram matrices: `||X_k - X_0||^2 = <X_k, X_k> + <X_0, X_0> - 2 <X_k, X_0>`
-/// with `<D_a M_a, D_b M_b> = tr(M_a^T (D_a^T D_b) M_b)` (times `E_b E_a^T` for a linear encoder).
-/// Exact to about 1e-8 relative, which is what a report needs; out x in is never formed.
-fn product_residuals(set: &[GroupFactors], linear_encoder: bool) -> Vec<f64> {
-    let reference = &set[0];
-    let inner = |a: &GroupFactors, b: &GroupFactors| -> f64 {
-        let gd = a.decoder.transpose() * &b.decoder;
-        let ge = linear_encoder.then(|| &b.encoder * a.encoder.transpose());
-        a.ms.iter()
-            .zip(&b.ms)
-            .map(|(ma, mb)| {
-                let left = ma.transpose() * &gd * mb;
-                match &ge {
-                    Some(ge) => (left * ge).trace(),
-                    None => left.trace(),
-                }
-            })
-            .sum()
-    };
-    let own = inner(reference, reference);
-    set.iter()
-        .enumerate()
-        .map(|(k, run)| {
-            if k == 0 {
-                return 0.0;
-            }
-            let dist = (inner(run, run) + own - 2.0 * inner(run, reference)).max(0.0);
-            if dist == 0.0 {
-                0.0
-            } else if own == 0.0 {
-                dist.sqrt()
-            } else {
-                (dist / own).sqrt()
-            }
-        })
-        .collect()
-}
-
 struct GroupResult {
     /// None in linear mode, where every tensor is averaged as it is.
     factors: Option<GroupFactors>,
@@ -393,11 +263,7 @@ fn average_group(
     } else {
         runs.iter().map(GroupFactors::clone).collect()
     };
-    let enc_res = |set: &[GroupFactors]| -> Vec<f64> {
-        set.iter()
-            .map(|r| relative_distance(std::slice::from_ref(&r.encoder), std::slice::from_ref(&reference.encoder)))
-            .collect()
-    };
+    let enc_res = |set: &[GroupFactors]| encoder_residuals(set, reference);
     let prod_res = |set: &[GroupFactors]| product_residuals(set, linear_encoder);
     let before_set = if linear_encoder { &matched } else { runs };
     let mut report = GroupAlignment {
@@ -421,22 +287,9 @@ fn average_group(
     // products D M E do not change under the encoder permutation).
     let cores = Cores::new(&matched, linear_encoder);
     let fits = cores.qd.ncols() >= rank_d && cores.qe_re.as_ref().is_none_or(|(qe, _)| qe.ncols() >= rank_e);
-    let procrustes_mean = |matched: &[GroupFactors]| {
-        let rotated: Vec<GroupFactors> = matched
-            .iter()
-            .map(|r| {
-                let q = procrustes(&r.decoder, &reference.decoder);
-                GroupFactors {
-                    encoder: r.encoder.clone(),
-                    decoder: &r.decoder * &q,
-                    ms: r.ms.iter().map(|m| q.transpose() * m).collect(),
-                }
-            })
-            .collect();
-        plain_mean(&rotated, weights)
-    };
+
     if method == DecoderAlignment::Procrustes || !fits {
-        return GroupResult { factors: Some(procrustes_mean(&matched)), report };
+        return GroupResult { factors: Some(procrustes_mean(&matched, reference, weights)), report };
     }
 
     let layers = layout.modules.len();
@@ -446,13 +299,13 @@ fn average_group(
     if total == 0.0 {
         // Every product is zero (e.g. untrained decoders): nothing to refactor.
         report.refactor_error = Some(0.0);
-        return GroupResult { factors: Some(procrustes_mean(&matched)), report };
+        return GroupResult { factors: Some(procrustes_mean(&matched, reference, weights)), report };
     }
     let ref_d = cols(&cores.rd, 0, rank_d);
     let factors = match &cores.qe_re {
         None => {
             let (u, _) = left_singular(&hstack(&avg), rank_d);
-            let (t, t_inv) = gauge(u.transpose() * &ref_d, &reference.decoder);
+            let (t, t_inv) = gauge(Some(u.transpose() * &ref_d), rank_d, latent_rms(&reference.decoder, rank_d));
             let kept: f64 = avg.iter().map(|c| sq(&(u.transpose() * c))).sum();
             report.refactor_error = Some(((total - kept).max(0.0) / total).sqrt());
             GroupFactors {
@@ -464,8 +317,9 @@ fn average_group(
         Some((qe, re)) => {
             let tk = tucker2(&avg, rank_d, rank_e);
             let (u, v) = (&tk.u, &tk.v);
-            let (td, td_inv) = gauge(u.transpose() * &ref_d, &reference.decoder);
-            let (te, te_inv) = gauge(cols(re, 0, rank_e).transpose() * v, &reference.encoder);
+            let (td, td_inv) = gauge(Some(u.transpose() * &ref_d), rank_d, latent_rms(&reference.decoder, rank_d));
+            let (te, te_inv) =
+                gauge(Some(cols(re, 0, rank_e).transpose() * v), rank_e, latent_rms(&reference.encoder, rank_e));
             let kept: f64 = avg.iter().map(|c| sq(&(u.transpose() * c * v))).sum();
             report.refactor_error = Some(((total - kept).max(0.0) / total).sqrt());
             GroupFactors {
@@ -489,7 +343,7 @@ pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Resul
     };
     let aligned = mode == Mode::Aligned;
     let (ref_name, reference) = &inputs[0];
-    let encoder_activation = activations(&reference.config, ref_name)?.0;
+    let encoder_activation = config_activations(&reference.config, ref_name)?.0;
     let mut out = if aligned { (*reference).clone() } else { linear_mean(inputs, &weights) };
     // Groups are independent: one task each.
     let results: Vec<GroupResult> = layouts
@@ -507,7 +361,8 @@ pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Resul
         groups.push(result.report);
     }
     let shared_init = inputs.iter().all(|(_, a)| {
-        string_key(a, "init_fingerprint").is_some() && string_key(a, "init_fingerprint") == string_key(reference, "init_fingerprint")
+        string_key(a, "init_fingerprint").is_some()
+            && string_key(a, "init_fingerprint") == string_key(reference, "init_fingerprint")
     });
     if aligned || !shared_init {
         // The result descends from several initial adapters (or from ones not known to be one).
@@ -525,148 +380,4 @@ pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Resul
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::testutil::{factors, random_adapter, set_factors, Rng};
-    use super::*;
-
-    /// The branch's pre-activation products for a given input batch `x` (in x n):
-    /// `D M_l act(E x)` with GELU replaced by a fixed non-odd elementwise function (softplus).
-    fn outputs(adapter: &Adapter, x: &Mat, linear: bool) -> Vec<Mat> {
-        let f = factors(adapter);
-        let mut h = &f.encoder * x;
-        if !linear {
-            h.apply(|v| *v = (1.0 + v.exp()).ln());
-        }
-        f.ms.iter().map(|m| &f.decoder * m * &h).collect()
-    }
-
-    /// A copy with permuted (and, for `linear`, re-based on the encoder side), re-based latents.
-    fn symmetric_copy(adapter: &Adapter, seed: u64, linear: bool) -> Adapter {
-        let mut rng = Rng::new(seed);
-        let f = factors(adapter);
-        let r = f.encoder.nrows();
-        let mut p = Mat::zeros(r, r);
-        for i in 0..r {
-            p[(i, (i * 3 + 1) % r)] = 1.0;
-        }
-        let a = if linear { rng.matrix(r, r) + Mat::identity(r, r) * 3.0 } else { p.clone() };
-        let b = rng.matrix(r, r) + Mat::identity(r, r) * 3.0;
-        let b_inv = b.clone().try_inverse().unwrap();
-        let a_inv = a.clone().try_inverse().unwrap();
-        let g = GroupFactors {
-            encoder: &a * &f.encoder,
-            decoder: &f.decoder * &b_inv,
-            ms: f.ms.iter().map(|m| &b * m * &a_inv).collect(),
-        };
-        let mut out = adapter.clone();
-        set_factors(&mut out, &g);
-        out
-    }
-
-    fn max_rel(a: &[Mat], b: &[Mat]) -> f64 {
-        relative_distance(a, b)
-    }
-
-    #[test]
-    fn aligned_average_of_a_symmetric_copy_is_the_same_function() {
-        for (act, linear) in [("gelu", false), ("identity", true), ("silu", false)] {
-            let a = random_adapter(1, 5, 3, act);
-            let b = symmetric_copy(&a, 9, linear);
-            let x = Rng::new(4).matrix(6, 10);
-            let inputs = [("a".to_string(), &a), ("b".to_string(), &b)];
-            for method in [DecoderAlignment::Product, DecoderAlignment::Procrustes] {
-                let opts = AverageOptions { mode: Mode::Aligned, decoder: method, ..Default::default() };
-                let (avg, report) = average(&inputs, &opts).unwrap();
-                let err = max_rel(&outputs(&avg, &x, linear), &outputs(&a, &x, linear));
-                // Procrustes can only undo an orthogonal decoder map, and this one is not orthogonal.
-                if method == DecoderAlignment::Product {
-                    assert!(err < 1e-5, "{act} {method:?}: {err}");
-                    assert!(report.groups[0].refactor_error.unwrap() < 1e-6);
-                }
-                if !linear {
-                    assert!(report.groups[0].encoder_residual_after.as_ref().unwrap()[1] < 1e-6);
-                }
-            }
-            let opts = AverageOptions { mode: Mode::Linear, ..Default::default() };
-            let (avg, _) = average(&inputs, &opts).unwrap();
-            let err = max_rel(&outputs(&avg, &x, linear), &outputs(&a, &x, linear));
-            assert!(err > 0.1, "{act}: linear averaging of misaligned runs should not be exact ({err})");
-        }
-    }
-
-    #[test]
-    fn weights_and_ema_are_exact() {
-        let adapters: Vec<Adapter> = (0..3).map(|s| random_adapter(s, 3, 2, "gelu")).collect();
-        let inputs: Vec<(String, &Adapter)> = adapters.iter().enumerate().map(|(i, a)| (format!("a{i}"), a)).collect();
-        let opts = AverageOptions { mode: Mode::Linear, weights: Some(vec![1.0, 2.0, 1.0]), ..Default::default() };
-        let (avg, report) = average(&inputs, &opts).unwrap();
-        assert_eq!(report.weights, vec![0.25, 0.5, 0.25]);
-        let fs: Vec<GroupFactors> = adapters.iter().map(factors).collect();
-        let want = (&fs[0].encoder * 0.25) + (&fs[1].encoder * 0.5) + (&fs[2].encoder * 0.25);
-        assert!((factors(&avg).encoder - want).norm() < 1e-5);
-
-        let opts = AverageOptions { mode: Mode::Linear, ema: Some(0.5), ..Default::default() };
-        let (avg, _) = average(&inputs, &opts).unwrap();
-        let mut ema = fs[0].decoder.clone();
-        for f in &fs[1..] {
-            ema = ema * 0.5 + &f.decoder * 0.5;
-        }
-        assert!((factors(&avg).decoder - ema).norm() < 1e-5);
-    }
-
-    #[test]
-    fn auto_mode_follows_fingerprints() {
-        let mut a = random_adapter(1, 3, 1, "gelu");
-        let mut b = random_adapter(2, 3, 1, "gelu");
-        a.config.insert("init_fingerprint".into(), "x".into());
-        b.config.insert("init_fingerprint".into(), "x".into());
-        let run = |a: &Adapter, b: &Adapter| {
-            average(&[("a".into(), a), ("b".into(), b)], &AverageOptions::default()).unwrap().1.mode
-        };
-        assert_eq!(run(&a, &b), "linear");
-        b.config.insert("init_fingerprint".into(), "y".into());
-        assert_eq!(run(&a, &b), "aligned");
-    }
-
-    #[test]
-    fn incompatible_inputs_name_the_module() {
-        let a = random_adapter(1, 3, 2, "gelu");
-        let b = random_adapter(2, 4, 2, "gelu");
-        let err = average(&[("a".into(), &a), ("b".into(), &b)], &AverageOptions::default()).unwrap_err();
-        assert!(matches!(err, Error::Incompatible { .. }));
-        assert!(err.to_string().contains("layers.0.q"), "{err}");
-        let c = random_adapter(2, 3, 2, "identity");
-        let err = average(&[("a".into(), &a), ("c".into(), &c)], &AverageOptions::default()).unwrap_err();
-        assert!(err.to_string().contains("activations"), "{err}");
-        let mut d = random_adapter(3, 3, 2, "gelu");
-        let key = crate::adapter::m_key("layers.1.q");
-        let mut values = d.tensors[&key].to_f32();
-        values[2] = f32::NAN;
-        d.tensors.insert(key.clone(), Tensor::from_f32(crate::DType::F32, vec![3, 3], &values));
-        let err = average(&[("a".into(), &a), ("d".into(), &d)], &AverageOptions::default()).unwrap_err();
-        assert!(matches!(err, Error::NonFinite { .. }));
-        assert!(err.to_string().contains(&key) && err.to_string().starts_with("d:"), "{err}");
-    }
-}
-
-#[cfg(test)]
-mod residual_tests {
-    use super::super::testutil::{factors, random_adapter};
-    use super::*;
-
-    #[test]
-    fn gram_residuals_match_the_explicit_products() {
-        for (act, linear) in [("gelu", false), ("identity", true)] {
-            let set: Vec<GroupFactors> = (0..3).map(|s| factors(&random_adapter(s, 4, 2, act))).collect();
-            let explicit = |f: &GroupFactors| -> Vec<Mat> {
-                f.ms.iter().map(|m| if linear { &f.decoder * m * &f.encoder } else { &f.decoder * m }).collect()
-            };
-            let got = product_residuals(&set, linear);
-            assert_eq!(got[0], 0.0);
-            for k in 1..3 {
-                let want = relative_distance(&explicit(&set[k]), &explicit(&set[0]));
-                assert!((got[k] - want).abs() < 1e-9 * want, "{act}: {} vs {want}", got[k]);
-            }
-        }
-    }
-}
+mod tests;

@@ -12,13 +12,12 @@
 //! activations (here: `identity`); GELU and SiLU are not odd, so a GELU/SiLU encoder row can be
 //! matched only to a row pointing the same way.
 
+pub mod align;
+pub mod assignment;
 pub mod average;
-pub mod hungarian;
 pub mod linalg;
+pub mod refactor;
 pub mod truncate;
-
-use serde::Serialize;
-use serde_json::{Map, Value};
 
 use crate::adapter::{decoder_key, encoder_key, m_key, Adapter, GroupLayout};
 use crate::error::{Error, Result};
@@ -26,55 +25,6 @@ use linalg::{to_matrix, Mat};
 
 pub use average::{average, AverageOptions, AverageReport, DecoderAlignment, GroupAlignment, Mode};
 pub use truncate::{truncate, GroupTruncation, RankTarget, TruncateReport};
-
-/// An elementwise activation as named in adapter configs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Activation {
-    Gelu,
-    Identity,
-    Silu,
-}
-
-impl Activation {
-    fn parse(name: &str, context: &str) -> Result<Self> {
-        match name {
-            "gelu" => Ok(Activation::Gelu),
-            "identity" => Ok(Activation::Identity),
-            "silu" => Ok(Activation::Silu),
-            other => Err(Error::incompatible(
-                context,
-                format!("unknown activation {other:?} (expected \"gelu\", \"identity\" or \"silu\")"),
-            )),
-        }
-    }
-
-    /// Linear: any invertible change of basis passes through it.
-    pub fn is_linear(self) -> bool {
-        self == Activation::Identity
-    }
-
-    /// Odd (`act(-z) = -act(z)`): a latent dim may be matched with its sign flipped.
-    pub fn is_odd(self) -> bool {
-        self == Activation::Identity
-    }
-}
-
-/// (encoder side, decoder side) activations of an adapter config; the per-side keys override
-/// `activation`, which defaults to GELU as in the config class.
-pub fn activations(config: &Map<String, Value>, context: &str) -> Result<(Activation, Activation)> {
-    let name = |key: &str| -> Result<Option<String>> {
-        match config.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(Error::incompatible(context, format!("config {key:?} is {other}, not a string"))),
-        }
-    };
-    let both = name("activation")?.unwrap_or_else(|| "gelu".into());
-    let enc = name("encoder_activation")?.unwrap_or_else(|| both.clone());
-    let dec = name("decoder_activation")?.unwrap_or(both);
-    Ok((Activation::parse(&enc, context)?, Activation::parse(&dec, context)?))
-}
 
 /// The factors of one group in f64: `E`, `D` and each layer's `M` in `layout.modules` order.
 #[derive(Clone)]
@@ -85,7 +35,7 @@ pub(crate) struct GroupFactors {
 }
 
 pub(crate) fn group_factors(adapter: &Adapter, layout: &GroupLayout) -> GroupFactors {
-    let get = |key: String| to_matrix(&adapter.tensors[&key]);
+    let get = |key: String| to_matrix(adapter.tensors[&key].view());
     GroupFactors {
         encoder: get(encoder_key(&layout.name)),
         decoder: get(decoder_key(&layout.name)),
@@ -122,6 +72,8 @@ pub fn check_finite(adapter: &Adapter, context: &str) -> Result<()> {
 #[cfg(test)]
 pub(crate) mod testutil {
     use std::collections::BTreeMap;
+
+    use serde_json::{Map, Value};
 
     use super::*;
     use crate::adapter::FORMAT_VERSION;

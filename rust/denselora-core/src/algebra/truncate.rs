@@ -15,9 +15,10 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::linalg::{hstack, left_singular, rank_for_energy, sq, thin_qr, tucker2, gauge_inverse, Mat};
-use super::{activations, check_finite, group_factors, put_group, GroupFactors};
-use crate::adapter::{encoder_key, decoder_key, m_key, Adapter};
+use super::linalg::{hstack, left_singular, rank_for_energy, singular_values, sq, thin_qr, tucker2, Mat};
+use super::refactor::{gauge, latent_rms};
+use super::{check_finite, group_factors, put_group, GroupFactors};
+use crate::adapter::{config_activations, decoder_key, encoder_key, m_key, Adapter};
 use crate::error::{ArgumentKind, Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -67,18 +68,6 @@ fn pick(target: RankTarget, current: usize, spectrum: &[f64]) -> usize {
     }
 }
 
-/// `t` when it is a well-conditioned square gauge, else the RMS column norm of `like` times I.
-fn gauge(t: Option<Mat>, like: &Mat, n: usize) -> (Mat, Mat) {
-    if let Some(t) = t {
-        if let Some(inv) = gauge_inverse(&t) {
-            return (t, inv);
-        }
-    }
-    let scale = (sq(like) / like.ncols().max(1) as f64).sqrt();
-    let scale = if scale > 0.0 { scale } else { 1.0 };
-    (Mat::identity(n, n) * scale, Mat::identity(n, n) / scale)
-}
-
 fn rel(err_sq: f64, total_sq: f64) -> f64 {
     if total_sq > 0.0 {
         (err_sq.max(0.0) / total_sq).sqrt()
@@ -100,11 +89,11 @@ struct Truncated {
 fn truncate_linear_encoder(name: &str, modules: &[String], f: &GroupFactors, target: RankTarget) -> Truncated {
     let (r_e, r_d) = (f.encoder.nrows(), f.decoder.ncols());
     let (qd, rd) = thin_qr(&f.decoder);
-    let (qe, re) = thin_qr(&f.encoder.transpose());
+    let (qe, re) = thin_qr(&f.encoder.transpose().to_owned());
     let cores: Vec<Mat> = f.ms.iter().map(|m| &rd * m * re.transpose()).collect();
     // The HOSVD spectra choose the ranks; the factorization itself is then refined.
-    let left_sigma = left_singular(&hstack(&cores), 0).1;
-    let right_sigma = left_singular(&hstack(&cores.iter().map(Mat::transpose).collect::<Vec<_>>()), 0).1;
+    let left_sigma = singular_values(&hstack(&cores));
+    let right_sigma = singular_values(&hstack(&cores.iter().map(|c| c.transpose().to_owned()).collect::<Vec<_>>()));
     let new_d = pick(target, r_d, &left_sigma).min(qd.ncols());
     let new_e = pick(target, r_e, &right_sigma).min(qe.ncols());
     let mut report = GroupTruncation {
@@ -124,8 +113,8 @@ fn truncate_linear_encoder(name: &str, modules: &[String], f: &GroupFactors, tar
     }
     let tk = tucker2(&cores, new_d, new_e);
     let (u, v) = (&tk.u, &tk.v);
-    let (td, td_inv) = gauge((new_d == r_d).then(|| u.transpose() * &rd), &f.decoder, new_d);
-    let (te, te_inv) = gauge((new_e == r_e).then(|| re.transpose() * v), &f.encoder.transpose(), new_e);
+    let (td, td_inv) = gauge((new_d == r_d).then(|| u.transpose() * &rd), new_d, latent_rms(&f.decoder, r_d));
+    let (te, te_inv) = gauge((new_e == r_e).then(|| re.transpose() * v), new_e, latent_rms(&f.encoder, r_e));
     let mut err_total = 0.0;
     let mut total = 0.0;
     let mut ms = Vec::with_capacity(cores.len());
@@ -147,7 +136,7 @@ fn truncate_nonlinear_encoder(name: &str, modules: &[String], f: &GroupFactors, 
     let (qd, rd) = thin_qr(&f.decoder);
     let products: Vec<Mat> = f.ms.iter().map(|m| &rd * m).collect();
     let importance: Vec<f64> = (0..r_e)
-        .map(|j| f.encoder.row(j).norm_squared() * products.iter().map(|p| p.column(j).norm_squared()).sum::<f64>())
+        .map(|j| f.encoder.row(j).squared_norm_l2() * products.iter().map(|p| p.col(j).squared_norm_l2()).sum::<f64>())
         .collect();
     let mut order: Vec<usize> = (0..r_e).collect();
     order.sort_by(|&a, &b| importance[b].total_cmp(&importance[a]).then(a.cmp(&b)));
@@ -156,7 +145,7 @@ fn truncate_nonlinear_encoder(name: &str, modules: &[String], f: &GroupFactors, 
     let mut kept: Vec<usize> = order[..new_e].to_vec();
     kept.sort();
     let selected: Vec<Mat> = products.iter().map(|p| Mat::from_fn(p.nrows(), new_e, |i, c| p[(i, kept[c])])).collect();
-    let sigma = left_singular(&hstack(&selected), 0).1;
+    let sigma = singular_values(&hstack(&selected));
     let new_d = pick(target, r_d, &sigma).min(qd.ncols());
     let mut report = GroupTruncation {
         group: name.to_string(),
@@ -174,7 +163,7 @@ fn truncate_nonlinear_encoder(name: &str, modules: &[String], f: &GroupFactors, 
         return Truncated { factors: None, report };
     }
     let (u, _) = left_singular(&hstack(&selected), new_d);
-    let (td, td_inv) = gauge((new_d == r_d).then(|| u.transpose() * &rd), &f.decoder, new_d);
+    let (td, td_inv) = gauge((new_d == r_d).then(|| u.transpose() * &rd), new_d, latent_rms(&f.decoder, r_d));
     let mut err_total = 0.0;
     let mut total = 0.0;
     let mut ms = Vec::with_capacity(selected.len());
@@ -212,7 +201,7 @@ pub fn truncate(adapter: &Adapter, name: &str, target: RankTarget) -> Result<(Ad
         }
         RankTarget::Energy(_) => {}
     }
-    let encoder_activation = activations(&adapter.config, name)?.0;
+    let encoder_activation = config_activations(&adapter.config, name)?.0;
     let mut out = adapter.clone();
     // Groups are independent: one task each.
     let done_all: Vec<Truncated> = layouts
@@ -268,8 +257,8 @@ mod tests {
         // Kill two encoder dims so that the encoder side drops them exactly.
         let mut f = factors(&a);
         for m in &mut f.ms {
-            m.column_mut(1).fill(0.0);
-            m.column_mut(3).fill(0.0);
+            m.col_mut(1).fill(0.0);
+            m.col_mut(3).fill(0.0);
         }
         let mut a = a;
         set_factors(&mut a, &f);
@@ -303,9 +292,9 @@ mod tests {
         let a = random_adapter(7, 5, 2, "identity");
         let mut f = factors(&a);
         // Rank-2 decoder and encoder: D M E has Tucker rank (2, 2).
-        let c2 = f.decoder.column(0) * 2.0 - f.decoder.column(1);
-        f.decoder.column_mut(2).copy_from(&c2);
-        f.decoder.columns_mut(3, 2).fill(0.0);
+        let c2 = f.decoder.col(0) * 2.0 - f.decoder.col(1);
+        f.decoder.col_mut(2).copy_from(&c2);
+        f.decoder.subcols_mut(3, 2).fill(0.0);
         f.encoder.row_mut(2).fill(0.0);
         let r3 = f.encoder.row(0) + f.encoder.row(1);
         f.encoder.row_mut(3).copy_from(&r3);

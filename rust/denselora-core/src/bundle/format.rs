@@ -14,6 +14,9 @@
 //! record locations, so opening a bundle of thousands of adapters parses a few bytes per adapter;
 //! each adapter's record is checked and parsed the first time that adapter is used.
 
+use std::collections::BTreeMap;
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -154,6 +157,52 @@ pub fn check_adapter_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// One stored blob as the catalog describes it, with the name of a tensor that uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobUse<O> {
+    pub offset: usize,
+    pub length: usize,
+    pub xxh3: u64,
+    pub owner: O,
+}
+
+/// Distinct blobs by offset, after checking that tensors either share a blob exactly (same
+/// offset, length and checksum: deduplication) or do not overlap at all. Each blob keeps its
+/// first owner; errors name the two tensors involved.
+pub fn distinct_blobs<O: fmt::Display>(
+    uses: impl IntoIterator<Item = BlobUse<O>>,
+) -> Result<BTreeMap<usize, BlobUse<O>>, String> {
+    let mut blobs: BTreeMap<usize, BlobUse<O>> = BTreeMap::new();
+    for b in uses {
+        match blobs.get(&b.offset) {
+            Some(first) if (first.length, first.xxh3) != (b.length, b.xxh3) => {
+                return Err(format!(
+                    "tensor {} overlaps tensor {} at offset {} with a different length or checksum",
+                    b.owner, first.owner, b.offset
+                ));
+            }
+            Some(_) => {}
+            None => {
+                blobs.insert(b.offset, b);
+            }
+        }
+    }
+    let mut prev: Option<&BlobUse<O>> = None;
+    for b in blobs.values() {
+        if let Some(p) = prev.filter(|p| b.offset < p.offset + p.length) {
+            return Err(format!(
+                "tensor {} at {} overlaps tensor {} (ends at {})",
+                b.owner,
+                b.offset,
+                p.owner,
+                p.offset + p.length
+            ));
+        }
+        prev = Some(b);
+    }
+    Ok(blobs)
 }
 
 /// Round `pos` up to the next multiple of `ALIGN` (None on overflow).

@@ -316,7 +316,6 @@ impl Bundle {
             None => return Err(fail("config has no integer \"format_version\"".into())),
         }
         let mut tensor_names = HashSet::new();
-        let mut by_offset: BTreeMap<usize, (usize, u64, &str)> = BTreeMap::new();
         let mut tensors = Vec::with_capacity(record.tensors.len());
         for t in &record.tensors {
             let tail = validate_tensor(t, self.catalog_offset, bytes.len() as u64)
@@ -327,31 +326,15 @@ impl Bundle {
             if self.overlaps_record(tail.offset, tail.offset + tail.length) {
                 return Err(fail(format!("tensor {:?}: its bytes overlap an adapter record", t.name)));
             }
-            match by_offset.get(&tail.offset) {
-                Some(&(len, h, owner)) if (len, h) != (tail.length, tail.xxh3) => {
-                    return Err(fail(format!(
-                        "tensor {:?} overlaps tensor {owner:?} at offset {} with a different length or checksum",
-                        t.name, tail.offset
-                    )));
-                }
-                Some(_) => {}
-                None => {
-                    by_offset.insert(tail.offset, (tail.length, tail.xxh3, t.name.as_str()));
-                }
-            }
             tensors.push(tail);
         }
-        let mut prev: Option<(usize, &str)> = None;
-        for (&offset, &(length, _, owner)) in &by_offset {
-            if let Some((p_end, p_owner)) = prev {
-                if offset < p_end {
-                    return Err(fail(format!(
-                        "tensor {owner:?} at {offset} overlaps tensor {p_owner:?} (ends at {p_end})"
-                    )));
-                }
-            }
-            prev = Some((offset + length, owner));
-        }
+        distinct_blobs(tensors.iter().map(|t| BlobUse {
+            offset: t.offset,
+            length: t.length,
+            xxh3: t.xxh3,
+            owner: format!("{:?}", t.name),
+        }))
+        .map_err(fail)?;
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         let views: BTreeMap<String, TensorRef<'_>> = tensors
             .iter()
@@ -410,39 +393,19 @@ impl Bundle {
         Ok(self.tensors(name, true)?.into_iter().map(|(t, r)| (t.name.clone(), r)).collect())
     }
 
-    /// Distinct blobs of all adapters: offset -> (length, xxh3, "adapter/tensor"), after checking
-    /// that blobs of different adapters either coincide or do not overlap.
-    fn all_blobs(&self) -> Result<BTreeMap<usize, (usize, u64, String)>> {
-        let mut blobs: BTreeMap<usize, (usize, u64, String)> = BTreeMap::new();
-        for a in self.adapters()? {
-            for t in &a.tensors {
-                match blobs.get(&t.offset) {
-                    Some((len, h, owner)) if (*len, *h) != (t.length, t.xxh3) => {
-                        return Err(Error::format(
-                            &self.path,
-                            format!(
-                                "tensor {}/{} overlaps tensor {owner} with a different length or checksum",
-                                a.name, t.name
-                            ),
-                        ));
-                    }
-                    Some(_) => {}
-                    None => {
-                        blobs.insert(t.offset, (t.length, t.xxh3, format!("{}/{}", a.name, t.name)));
-                    }
-                }
-            }
-        }
-        let mut prev: Option<(usize, &String)> = None;
-        for (&offset, (length, _, owner)) in &blobs {
-            if let Some((p_end, p_owner)) = prev {
-                if offset < p_end {
-                    return Err(Error::format(&self.path, format!("tensor {owner} overlaps tensor {p_owner}")));
-                }
-            }
-            prev = Some((offset + length, owner));
-        }
-        Ok(blobs)
+    /// Distinct blobs of all adapters (owners named "adapter/tensor"), after checking that blobs
+    /// of different adapters either coincide or do not overlap.
+    fn all_blobs(&self) -> Result<BTreeMap<usize, BlobUse<String>>> {
+        let adapters = self.adapters()?;
+        let uses = adapters.iter().flat_map(|a| {
+            a.tensors.iter().map(|t| BlobUse {
+                offset: t.offset,
+                length: t.length,
+                xxh3: t.xxh3,
+                owner: format!("{}/{}", a.name, t.name),
+            })
+        });
+        distinct_blobs(uses).map_err(|m| Error::format(&self.path, m))
     }
 
     /// Check every record, every blob's checksum, and that every byte outside them is zero
@@ -455,17 +418,17 @@ impl Bundle {
     pub fn verify_with(&self, progress: &mut dyn FnMut(u64, u64) -> Result<()>) -> Result<()> {
         let bytes = self.storage.bytes();
         let blobs = self.all_blobs()?;
-        let total: u64 = blobs.values().map(|b| b.0 as u64).sum();
+        let total: u64 = blobs.values().map(|b| b.length as u64).sum();
         let mut done = 0u64;
         let mut last_report = 0u64;
         let mut bad: HashSet<usize> = HashSet::new();
-        for (i, (&offset, (length, hash, _))) in blobs.iter().enumerate() {
-            let ok = checksum(&bytes[offset..offset + length]) == *hash;
+        for (i, (&offset, &BlobUse { length, xxh3, .. })) in blobs.iter().enumerate() {
+            let ok = checksum(&bytes[offset..offset + length]) == xxh3;
             self.checked.lock().expect("checksum cache").insert(offset, ok);
             if !ok {
                 bad.insert(offset);
             }
-            done += *length as u64;
+            done += length as u64;
             if done - last_report >= 1 << 24 || i + 1 == blobs.len() {
                 progress(done, total)?;
                 last_report = done;
@@ -487,7 +450,7 @@ impl Bundle {
             });
         }
         // Padding: everything outside the preamble, blobs, records and catalog must be zero.
-        let mut used: Vec<(usize, usize)> = blobs.iter().map(|(&o, (l, _, _))| (o, o + l)).collect();
+        let mut used: Vec<(usize, usize)> = blobs.values().map(|b| (b.offset, b.offset + b.length)).collect();
         used.extend(self.record_ranges.iter().copied());
         used.push((self.catalog_offset, self.catalog_offset));
         used.sort_unstable();
@@ -515,20 +478,15 @@ impl Bundle {
             tensors: adapters.iter().map(|a| a.tensors.len()).sum(),
             blobs: blobs.len(),
             logical_bytes: adapters.iter().map(|a| a.logical_bytes()).sum(),
-            stored_bytes: blobs.values().map(|b| b.0 as u64).sum(),
+            stored_bytes: blobs.values().map(|b| b.length as u64).sum(),
             file_bytes: self.storage.bytes().len() as u64,
         })
     }
 }
 
 fn parse_dtype(text: &str) -> Option<DType> {
-    // The catalog spells dtypes exactly as written ("F32", "F16", "BF16"); nothing looser.
-    match text {
-        "F32" => Some(DType::F32),
-        "F16" => Some(DType::F16),
-        "BF16" => Some(DType::BF16),
-        _ => None,
-    }
+    // The catalog spells dtypes exactly as the writer does ("F32", "F16", "BF16").
+    text.parse::<DType>().ok().filter(|d| d.name() == text)
 }
 
 /// Check one tensor record against the data section `[64, data_end)` of a file of `file_len` bytes.

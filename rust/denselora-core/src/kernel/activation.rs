@@ -5,40 +5,8 @@
 //! `z = |x|/√2` and `erfc(z) = exp(-z²)·Q(1/(1 + z/2))`, Q a least-squares fit made for this
 //! crate; `Φ(|x|) = 1 - Φ(-|x|)`.
 
-use std::str::FromStr;
-
 use super::simd::Simd;
-
-/// The activation on one side of the branch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Identity,
-    Gelu,
-    Silu,
-}
-
-impl Activation {
-    pub const fn name(self) -> &'static str {
-        match self {
-            Activation::Identity => "identity",
-            Activation::Gelu => "gelu",
-            Activation::Silu => "silu",
-        }
-    }
-}
-
-impl FromStr for Activation {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "identity" => Ok(Activation::Identity),
-            "gelu" => Ok(Activation::Gelu),
-            "silu" => Ok(Activation::Silu),
-            _ => Err(format!("unknown activation {s:?} (expected \"gelu\", \"identity\" or \"silu\")")),
-        }
-    }
-}
+use crate::activation::Activation;
 
 // erfc(z)·exp(z²) (the scaled complementary error function) as a polynomial in
 // t = 1/(1 + z/2), for z >= 0: relative error 1.3e-7 in f64, about 2.5e-7 evaluated in f32.
@@ -81,8 +49,7 @@ fn exp_reduced<S: Simd>(s: S, x: S::V) -> S::V {
     #[allow(clippy::excessive_precision)]
     let r = s.fma(n, s.splat(-0.693_359_375), x);
     let r = s.fma(n, s.splat(2.121_944_4e-4), r);
-    const TAYLOR: [f32; 8] =
-        [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
+    const TAYLOR: [f32; 8] = [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
     s.mul(horner(s, &TAYLOR, r), s.exp2_int(n))
 }
 

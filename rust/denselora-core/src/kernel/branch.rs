@@ -1,6 +1,7 @@
 //! The branch itself, generic over the vector backend and the element types.
 //!
-//! `h = act_e(X Eᵀ)` (n × r_e), `g = h Mᵀ` (n × r_d), `out += scale · act_d(g Dᵀ)` (n × out).
+//! `h = act_e(X Eᵀ)` (n × r_e), `g_i = M_i h_i` (n × r_d), `out += scale · act_d(g Dᵀ)` (n × out),
+//! where `M_i` is one core for every row or each row's own from a stack ([`Cores`]).
 //! Two shapes of work:
 //! - decode (few rows): dot products straight off the weights, so each weight is read once per
 //!   call; the decoder's outputs are reduced one vector's worth at a time into one vector for the
@@ -14,8 +15,9 @@
 
 use std::ops::Range;
 
-use super::activation::{apply, Activation};
+use super::activation::apply;
 use super::simd::{Elem, Simd, MAX_LANES};
+use crate::activation::Activation;
 
 /// Rows of `x` from which the packed (prefill) path is used.
 pub const PREFILL_MIN_ROWS: usize = 32;
@@ -26,11 +28,32 @@ pub const fn panel_width<S: Simd>() -> usize {
 /// Slice of the input dimension kept hot while the encoder is applied to a block of rows.
 pub const KC: usize = 512;
 
+/// The core each row takes in the middle step.
+#[derive(Clone, Copy)]
+pub enum Cores<'a, W> {
+    /// One `r_d × r_e` core for every row: a single adapter.
+    One(&'a [W]),
+    /// Row `i` takes core `index[i]` of a `T × r_d × r_e` stack; rows with index -1 have no
+    /// branch and their output is left as it is. Indices were checked against `T`.
+    PerRow { stack: &'a [W], index: &'a [i32] },
+}
+
+impl<W> Cores<'_, W> {
+    /// Whether row `row` of the call has no branch.
+    #[inline(always)]
+    pub fn skips(&self, row: usize) -> bool {
+        match self {
+            Cores::One(_) => false,
+            Cores::PerRow { index, .. } => index[row] < 0,
+        }
+    }
+}
+
 /// One call's operands. `out` is a raw pointer because tasks write disjoint parts of it.
 pub struct Job<'a, X, W> {
     pub x: &'a [X],
     pub encoder: &'a [W],
-    pub m: &'a [W],
+    pub cores: Cores<'a, W>,
     pub decoder: &'a [W],
     pub out: *mut X,
     pub n: usize,
@@ -231,14 +254,63 @@ unsafe fn accumulate<S: Simd, X: Elem>(s: S, scale: f32, y: S::V, out: *mut X, l
 /// Decode step 1: `h[:, ks] = X E[ks]ᵀ` (before the activation) for all rows.
 #[inline(always)]
 pub unsafe fn encode_cols<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, ks: Range<usize>, h: *mut f32) {
-    dot_block(s, job.x.as_ptr(), job.d_in, 0..job.n, job.encoder.as_ptr(), job.d_in, ks, 0, job.d_in, h, job.r_e, false);
+    dot_block(
+        s,
+        job.x.as_ptr(),
+        job.d_in,
+        0..job.n,
+        job.encoder.as_ptr(),
+        job.d_in,
+        ks,
+        0,
+        job.d_in,
+        h,
+        job.r_e,
+        false,
+    );
 }
 
-/// Decode step 2: `h = act_e(h)`, `g = h Mᵀ`.
+/// `g[i] = M_i h[i]` for the call's rows `rows`, held in `h` and `g` from their row 0. Each run
+/// of consecutive rows on one core is one blocked product (a single adapter is one run); rows
+/// without a branch get `g = 0`.
+#[inline(always)]
+unsafe fn apply_cores<S: Simd, X: Elem, W: Elem>(
+    s: S,
+    job: &Job<'_, X, W>,
+    rows: Range<usize>,
+    h: &[f32],
+    g: &mut [f32],
+) {
+    let (re, rd) = (job.r_e, job.r_d);
+    // The product is written out in each arm: a closure would not be inlined into the
+    // `#[target_feature]` caller.
+    match job.cores {
+        Cores::One(m) => {
+            dot_block(s, h.as_ptr(), re, 0..rows.len(), m.as_ptr(), re, 0..rd, 0, re, g.as_mut_ptr(), rd, false)
+        }
+        Cores::PerRow { stack, index } => {
+            let index = &index[rows];
+            let mut i = 0;
+            while i < index.len() {
+                let t = index[i];
+                let end = i + index[i..].iter().take_while(|&&u| u == t).count();
+                if t < 0 {
+                    g[i * rd..end * rd].fill(0.0);
+                } else {
+                    let m = stack.as_ptr().add(t as usize * rd * re);
+                    dot_block(s, h.as_ptr(), re, i..end, m, re, 0..rd, 0, re, g.as_mut_ptr(), rd, false);
+                }
+                i = end;
+            }
+        }
+    }
+}
+
+/// Decode step 2: `h = act_e(h)`, `g_i = M_i h_i`.
 #[inline(always)]
 pub unsafe fn middle<S: Simd, X: Elem, W: Elem>(s: S, job: &Job<'_, X, W>, rows: usize, h: &mut [f32], g: &mut [f32]) {
     activate_in_place(s, job.act_e, h);
-    dot_block(s, h.as_ptr(), job.r_e, 0..rows, job.m.as_ptr(), job.r_e, 0..job.r_d, 0, job.r_e, g.as_mut_ptr(), job.r_d, false);
+    apply_cores(s, job, 0..rows, h, g);
 }
 
 /// Decode step 3: `out[:, os] += scale · act_d(g Dᵀ)` for outputs `os`.
@@ -320,7 +392,9 @@ unsafe fn decode_tile<S: Simd, X: Elem, W: Elem, R: Elem>(
                 }
             }
             for (j, &y) in ys.iter().enumerate().take(i + 1 - first) {
-                accumulate(s, job.scale, y, job.out.add((first + j) * job.d_out + o), cnt);
+                if !job.cores.skips(first + j) {
+                    accumulate(s, job.scale, y, job.out.add((first + j) * job.d_out + o), cnt);
+                }
             }
         }
     }
@@ -390,6 +464,9 @@ unsafe fn epilogue_tile<S: Simd, X: Elem, W: Elem, const R: usize>(
     col0: usize,
 ) {
     for r in 0..R {
+        if job.cores.skips(row0 + r) {
+            continue;
+        }
         let out = job.out.add((row0 + r) * job.d_out);
         for half in 0..2 {
             let o = col0 + half * S::LANES;
@@ -438,7 +515,20 @@ pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem, E: Elem>(
                     k += 1;
                 }
             }
-            dot_block(s, xbuf.as_ptr(), KC, 0..nb, encoder.as_ptr().add(k0), job.d_in, 0..re, 0, len, h.as_mut_ptr(), re, k0 > 0);
+            dot_block(
+                s,
+                xbuf.as_ptr(),
+                KC,
+                0..nb,
+                encoder.as_ptr().add(k0),
+                job.d_in,
+                0..re,
+                0,
+                len,
+                h.as_mut_ptr(),
+                re,
+                k0 > 0,
+            );
         } else {
             dot_block(s, x, job.d_in, 0..nb, encoder.as_ptr(), job.d_in, 0..re, k0, len, h.as_mut_ptr(), re, k0 > 0);
         }
@@ -448,7 +538,7 @@ pub unsafe fn prefill_rows<S: Simd, X: Elem, W: Elem, E: Elem>(
         }
     }
     activate_in_place(s, job.act_e, &mut h[..nb * re]);
-    dot_block(s, h.as_ptr(), re, 0..nb, job.m.as_ptr(), re, 0..rd, 0, re, g.as_mut_ptr(), rd, false);
+    apply_cores(s, job, rows.clone(), h, g);
     let panels = job.d_out.div_ceil(panel_width::<S>());
     for p in 0..panels {
         let panel = packed.as_ptr().add(p * panel_width::<S>() * rd);

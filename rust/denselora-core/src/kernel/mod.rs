@@ -1,5 +1,7 @@
 //! The fused CPU kernel of the DenseLoRA branch:
-//! `out[i] += scale · act_d(D · M · act_e(E · x[i]))` for every row `i` of `x`.
+//! `out[i] += scale · act_d(D · M · act_e(E · x[i]))` for every row `i` of `x` ([`fused_branch`]),
+//! and its routed form for batches whose rows belong to different adapters on one basis, each
+//! row with its own core `M[t_i]` from a stack, or none ([`fused_routed_branch`]).
 //!
 //! - Element types: `x` and `out` are f32, f16 or bf16 (the same type); `encoder`, `m` and
 //!   `decoder` are f32, f16 or bf16 (one type for the three). Arithmetic is f32. With the
@@ -20,17 +22,20 @@
 
 mod activation;
 mod branch;
+mod isa;
 mod simd;
-
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+mod threads;
 
 use half::{bf16, f16};
 
-pub use activation::Activation;
-use branch::Job;
-use simd::{Elem, Portable};
+use branch::{Cores, Job};
+use isa::{dispatch, Isa};
+use simd::Elem;
+use threads::{pool, split, tasks_for, SharedMut, PARALLEL_MIN_WORK};
 
+pub use isa::{available_isas, isa, set_isa};
+
+use crate::activation::Activation;
 use crate::dtype::DType;
 use crate::error::{ArgumentKind, Error, Result};
 
@@ -96,6 +101,15 @@ impl<'a> Src<'a> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The elements in `range`.
+    fn slice(&self, range: std::ops::Range<usize>) -> Src<'a> {
+        match self {
+            Src::F32(v) => Src::F32(&v[range]),
+            Src::F16(v) => Src::F16(&v[range]),
+            Src::BF16(v) => Src::BF16(&v[range]),
+        }
     }
 
     fn all_finite(&self) -> bool {
@@ -172,11 +186,12 @@ fn matrix(op: &Operand<'_>, name: &str, what: &str) -> Result<(usize, usize)> {
     Ok((rows, cols))
 }
 
-/// `out += scale · act_d(decoder · m · act_e(encoder · x[i]))` for every row of `x`.
+/// The fused branch: `out += scale · act_d(decoder · m · act_e(encoder · x[i]))` for every row
+/// of `x`, in one pass without materialising more than a block of latents.
 ///
 /// Shapes: `x` (n, in), `encoder` (r_e, in), `m` (r_d, r_e), `decoder` (out, r_d), and `out`
 /// given as (n, out) by `out_shape`.
-pub fn dense_branch(
+pub fn fused_branch(
     x: Operand<'_>,
     encoder: Operand<'_>,
     m: Operand<'_>,
@@ -185,18 +200,114 @@ pub fn dense_branch(
     out_shape: &[usize],
     params: &BranchParams,
 ) -> Result<()> {
+    branch(x, encoder, Middle::One(m), decoder, out, out_shape, params)
+}
+
+/// The routed branch of a batch whose rows belong to different adapters on one basis (shared
+/// encoder and decoder, a core each): `out[i] += scale · act_d(decoder · cores[row_core[i]] ·
+/// act_e(encoder · x[i]))` for every row with `row_core[i] >= 0`; rows with `row_core[i] == -1`
+/// take no branch and their output is left bit for bit as it is.
+///
+/// Shapes: `cores` (T, r_d, r_e), `row_core` n indices in `-1..T`, the rest as in
+/// [`fused_branch`], which this is with a per-row core (same paths, same speed per row). An index
+/// out of range is an error naming its row, reported before anything is written. With
+/// `check_finite`, of the stack only the cores some row takes are checked, and of `x` only the
+/// rows with a branch.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_routed_branch(
+    x: Operand<'_>,
+    encoder: Operand<'_>,
+    cores: Operand<'_>,
+    decoder: Operand<'_>,
+    row_core: &[i32],
+    out: Dst<'_>,
+    out_shape: &[usize],
+    params: &BranchParams,
+) -> Result<()> {
+    branch(x, encoder, Middle::PerRow(cores, row_core), decoder, out, out_shape, params)
+}
+
+/// The middle step's operands as the caller gave them.
+#[derive(Clone, Copy)]
+enum Middle<'a> {
+    One(Operand<'a>),
+    PerRow(Operand<'a>, &'a [i32]),
+}
+
+impl<'a> Middle<'a> {
+    fn operand(&self) -> (&Operand<'a>, &'static str) {
+        match self {
+            Middle::One(m) => (m, "m"),
+            Middle::PerRow(cores, _) => (cores, "cores"),
+        }
+    }
+
+    /// `(T, r_d, r_e)`, with `T = 1` for a single core.
+    fn dims(&self) -> Result<(usize, usize, usize)> {
+        match self {
+            Middle::One(m) => matrix(m, "m", "(r_decoder, r_encoder)").map(|(r_d, r_e)| (1, r_d, r_e)),
+            Middle::PerRow(cores, _) => {
+                let &[t, r_d, r_e] = cores.shape else {
+                    let message =
+                        format!("expected a 3-D array (cores, r_decoder, r_encoder), got shape {:?}", cores.shape);
+                    return Err(shape_err("cores", message));
+                };
+                let len = t.checked_mul(r_d).and_then(|v| v.checked_mul(r_e));
+                if len != Some(cores.data.len()) {
+                    let message = format!("shape {:?} does not match its {} elements", cores.shape, cores.data.len());
+                    return Err(shape_err("cores", message));
+                }
+                Ok((t, r_d, r_e))
+            }
+        }
+    }
+}
+
+/// Every `row_core` index names a core of the stack or is -1.
+fn check_row_core(row_core: &[i32], n: usize, cores: usize) -> Result<()> {
+    if row_core.len() != n {
+        return Err(shape_err("row_core", format!("has {} indices but x has {n} rows", row_core.len())));
+    }
+    if let Some((row, &t)) = row_core.iter().enumerate().find(|&(_, &t)| t < -1 || t as i64 >= cores as i64) {
+        let range = if cores == 0 { "-1 (the stack is empty)".to_string() } else { format!("-1 or 0..{cores}") };
+        return Err(Error::argument(
+            "row_core",
+            ArgumentKind::Value,
+            format!("row {row} has core index {t}, expected {range}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `op`'s rows (of `width` elements) that `take` selects are all finite.
+fn rows_finite(op: &Src<'_>, width: usize, take: impl Fn(usize) -> bool) -> bool {
+    let rows = op.len().checked_div(width).unwrap_or(0);
+    (0..rows).filter(|&i| take(i)).all(|i| op.slice(i * width..(i + 1) * width).all_finite())
+}
+
+/// The checks and dispatch shared by the single and the routed branch.
+fn branch(
+    x: Operand<'_>,
+    encoder: Operand<'_>,
+    middle: Middle<'_>,
+    decoder: Operand<'_>,
+    out: Dst<'_>,
+    out_shape: &[usize],
+    params: &BranchParams,
+) -> Result<()> {
     let (n, d_in) = matrix(&x, "x", "(n, in_features)")?;
     let (r_e, e_in) = matrix(&encoder, "encoder", "(r, in_features)")?;
-    let (r_d, m_re) = matrix(&m, "m", "(r_decoder, r_encoder)")?;
+    let (t_cores, r_d, m_re) = middle.dims()?;
+    let (m, m_name) = middle.operand();
     let (d_out, d_rd) = matrix(&decoder, "decoder", "(out_features, r)")?;
     if e_in != d_in {
         return Err(shape_err("encoder", format!("has {e_in} columns but x has {d_in} features")));
     }
     if m_re != r_e {
-        return Err(shape_err("m", format!("has {m_re} columns but the encoder has rank {r_e}")));
+        return Err(shape_err(m_name, format!("has {m_re} columns but the encoder has rank {r_e}")));
     }
     if d_rd != r_d {
-        return Err(shape_err("decoder", format!("has {d_rd} columns but m has {r_d} rows")));
+        return Err(shape_err("decoder", format!("has {d_rd} columns but {m_name} has {r_d} rows")));
     }
     if out_shape != [n, d_out] {
         return Err(shape_err("out", format!("expected shape [{n}, {d_out}], got {out_shape:?}")));
@@ -204,8 +315,15 @@ pub fn dense_branch(
     if out.len() != n * d_out {
         return Err(shape_err("out", format!("shape {out_shape:?} does not match its {} elements", out.len())));
     }
+    let row_core = match middle {
+        Middle::One(_) => None,
+        Middle::PerRow(_, row_core) => {
+            check_row_core(row_core, n, t_cores)?;
+            Some(row_core)
+        }
+    };
     let wtype = encoder.data.dtype();
-    for (name, op) in [("m", &m), ("decoder", &decoder)] {
+    for (name, op) in [(m_name, m), ("decoder", &decoder)] {
         if op.data.dtype() != wtype {
             return Err(Error::argument(
                 name,
@@ -228,26 +346,38 @@ pub fn dense_branch(
         return Err(Error::argument("num_threads", ArgumentKind::Value, "must be at least 1"));
     }
     if params.check_finite {
-        for (name, op) in [("x", &x), ("encoder", &encoder), ("m", &m), ("decoder", &decoder)] {
-            if !op.data.all_finite() {
-                return Err(Error::non_finite(name, "contains NaN or infinity (check_finite is set)"));
-            }
+        // What the branch reads: the rows of `x` that take one, and the cores they take.
+        let mut used = vec![row_core.is_none(); t_cores];
+        for &t in row_core.unwrap_or_default().iter().filter(|&&t| t >= 0) {
+            used[t as usize] = true;
+        }
+        let checks = [
+            ("x", rows_finite(&x.data, d_in, |i| row_core.is_none_or(|rc| rc[i] >= 0))),
+            ("encoder", encoder.data.all_finite()),
+            (m_name, rows_finite(&m.data, r_d * r_e, |t| used[t])),
+            ("decoder", decoder.data.all_finite()),
+        ];
+        if let Some((name, _)) = checks.into_iter().find(|(_, finite)| !finite) {
+            return Err(Error::non_finite(name, "contains NaN or infinity (check_finite is set)"));
         }
     }
     if n == 0 || d_out == 0 {
         return Ok(());
     }
-    #[cfg(test)]
-    let isa = tests::FORCE_ISA.with(|f| f.get()).unwrap_or_else(Isa::current);
-    #[cfg(not(test))]
-    let isa = Isa::current();
+    let isa = Isa::for_call();
     let dims = Dims { n, d_in, r_e, r_d, d_out };
     macro_rules! weights {
         ($xs:expr, $out:expr) => {
             match (encoder.data, m.data, decoder.data) {
-                (Src::F32(e), Src::F32(mm), Src::F32(d)) => run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa),
-                (Src::F16(e), Src::F16(mm), Src::F16(d)) => run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa),
-                (Src::BF16(e), Src::BF16(mm), Src::BF16(d)) => run(job($xs, e, mm, d, $out, dims, params), params.num_threads, isa),
+                (Src::F32(e), Src::F32(mm), Src::F32(d)) => {
+                    run(job($xs, e, select(mm, row_core), d, $out, dims, params), params.num_threads, isa)
+                }
+                (Src::F16(e), Src::F16(mm), Src::F16(d)) => {
+                    run(job($xs, e, select(mm, row_core), d, $out, dims, params), params.num_threads, isa)
+                }
+                (Src::BF16(e), Src::BF16(mm), Src::BF16(d)) => {
+                    run(job($xs, e, select(mm, row_core), d, $out, dims, params), params.num_threads, isa)
+                }
                 _ => unreachable!("weight dtypes checked above"),
             }
         };
@@ -261,6 +391,14 @@ pub fn dense_branch(
     Ok(())
 }
 
+/// One core for every row, or each row's own from the stack.
+fn select<'a, W>(m: &'a [W], row_core: Option<&'a [i32]>) -> Cores<'a, W> {
+    match row_core {
+        None => Cores::One(m),
+        Some(index) => Cores::PerRow { stack: m, index },
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Dims {
     n: usize,
@@ -270,11 +408,19 @@ struct Dims {
     d_out: usize,
 }
 
-fn job<'a, X, W>(x: &'a [X], e: &'a [W], m: &'a [W], d: &'a [W], out: &'a mut [X], dims: Dims, p: &BranchParams) -> Job<'a, X, W> {
+fn job<'a, X, W>(
+    x: &'a [X],
+    e: &'a [W],
+    cores: Cores<'a, W>,
+    d: &'a [W],
+    out: &'a mut [X],
+    dims: Dims,
+    p: &BranchParams,
+) -> Job<'a, X, W> {
     Job {
         x,
         encoder: e,
-        m,
+        cores,
         decoder: d,
         out: out.as_mut_ptr(),
         n: dims.n,
@@ -287,237 +433,6 @@ fn job<'a, X, W>(x: &'a [X], e: &'a [W], m: &'a [W], d: &'a [W], out: &'a mut [X
         act_d: p.decoder_activation,
     }
 }
-
-/// The vector backend in use: `"avx512bf16"`, `"avx512"`, `"avx2"` or `"portable"`.
-pub fn isa() -> &'static str {
-    Isa::current().name()
-}
-
-/// The backends this CPU can run, widest first (`"portable"` always last).
-pub fn available_isas() -> Vec<&'static str> {
-    Isa::ALL.iter().filter(|i| i.available()).map(|i| i.name()).collect()
-}
-
-/// Use the backend `name` from now on (process-wide), or with `None` the default again (the
-/// widest available, or the one `DENSELORA_KERNEL_ISA` names). Results agree between backends
-/// to rounding, not bit for bit.
-pub fn set_isa(name: Option<&str>) -> Result<()> {
-    let code = match name {
-        None => 0,
-        Some(name) => {
-            let isa = Isa::parse(name).ok_or_else(|| {
-                Error::argument("isa", ArgumentKind::Value, format!("unknown kernel ISA {name:?} (expected one of avx512bf16, avx512, avx2, portable)"))
-            })?;
-            if !isa.available() {
-                return Err(Error::argument("isa", ArgumentKind::Value, format!("this CPU cannot run the {name} kernel (it can: {})", available_isas().join(", "))));
-            }
-            isa as u8 + 1
-        }
-    };
-    ISA_OVERRIDE.store(code, Ordering::Relaxed);
-    Ok(())
-}
-
-/// `set_isa`'s choice: 0 for none, else the `Isa` discriminant + 1.
-static ISA_OVERRIDE: AtomicU8 = AtomicU8::new(0);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Isa {
-    Avx512Bf16,
-    Avx512,
-    Avx2,
-    Portable,
-}
-
-impl Isa {
-    const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
-
-    fn name(self) -> &'static str {
-        match self {
-            Isa::Avx512Bf16 => "avx512bf16",
-            Isa::Avx512 => "avx512",
-            Isa::Avx2 => "avx2",
-            Isa::Portable => "portable",
-        }
-    }
-
-    fn parse(name: &str) -> Option<Isa> {
-        Isa::ALL.into_iter().find(|i| i.name() == name)
-    }
-
-    fn available(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            static FOUND: OnceLock<[bool; 3]> = OnceLock::new();
-            let found = FOUND.get_or_init(|| {
-                [simd::Avx512::<true>::detect().is_some(), simd::Avx512::<false>::detect().is_some(), simd::Avx2::detect().is_some()]
-            });
-            match self {
-                Isa::Avx512Bf16 => found[0],
-                Isa::Avx512 => found[1],
-                Isa::Avx2 => found[2],
-                Isa::Portable => true,
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            self == Isa::Portable
-        }
-    }
-
-    /// The backend in use: `set_isa`'s, else the default.
-    fn current() -> Isa {
-        match ISA_OVERRIDE.load(Ordering::Relaxed) {
-            0 => Isa::default_for_process(),
-            c => Isa::ALL[c as usize - 1],
-        }
-    }
-
-    /// The one `DENSELORA_KERNEL_ISA` names if this CPU has it (`DENSELORA_KERNEL_PORTABLE`, the
-    /// older switch, still means portable), else the widest available.
-    fn default_for_process() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            if std::env::var_os("DENSELORA_KERNEL_PORTABLE").is_some() {
-                return Isa::Portable;
-            }
-            let wanted = std::env::var("DENSELORA_KERNEL_ISA").ok().and_then(|v| Isa::parse(v.trim()));
-            match wanted {
-                Some(isa) if isa.available() => isa,
-                _ => Isa::ALL.into_iter().find(|i| i.available()).unwrap_or(Isa::Portable),
-            }
-        })
-    }
-
-    /// f32 lanes of the backend's vectors.
-    fn lanes(self) -> usize {
-        match self {
-            Isa::Avx512Bf16 | Isa::Avx512 => 16,
-            Isa::Avx2 | Isa::Portable => 8,
-        }
-    }
-}
-
-/// The four task kinds, each instantiated once per backend. Only these entry points carry
-/// `#[target_feature]`; everything below them is `#[inline(always)]`.
-macro_rules! entry_points {
-    ($modname:ident, $simd:ty, $make:expr $(, $feat:literal)?) => {
-        mod $modname {
-            #[allow(unused_imports)]
-            use super::*;
-            $(#[target_feature(enable = $feat)])?
-            pub unsafe fn encode_cols<X: Elem, W: Elem>(job: &Job<'_, X, W>, ks: std::ops::Range<usize>, h: *mut f32) {
-                branch::encode_cols::<$simd, X, W>($make, job, ks, h)
-            }
-            $(#[target_feature(enable = $feat)])?
-            pub unsafe fn middle<X: Elem, W: Elem>(job: &Job<'_, X, W>, rows: usize, h: &mut [f32], g: &mut [f32]) {
-                branch::middle::<$simd, X, W>($make, job, rows, h, g)
-            }
-            $(#[target_feature(enable = $feat)])?
-            pub unsafe fn decode_cols<X: Elem, W: Elem>(job: &Job<'_, X, W>, os: std::ops::Range<usize>, g: &[f32]) {
-                branch::decode_cols::<$simd, X, W>($make, job, os, g)
-            }
-            $(#[target_feature(enable = $feat)])?
-            pub unsafe fn pack_decoder<X: Elem, W: Elem>(job: &Job<'_, X, W>, ps: std::ops::Range<usize>, packed: *mut f32) {
-                branch::pack_decoder::<$simd, X, W>($make, job, ps, packed)
-            }
-            $(#[target_feature(enable = $feat)])?
-            #[allow(clippy::too_many_arguments)]
-            pub unsafe fn prefill_rows<X: Elem, W: Elem, E: Elem>(
-                job: &Job<'_, X, W>,
-                encoder: &[E],
-                rows: std::ops::Range<usize>,
-                packed: &[f32],
-                h: &mut [f32],
-                g: &mut [f32],
-                xbuf: &mut [f32],
-            ) {
-                branch::prefill_rows::<$simd, X, W, E>($make, job, encoder, rows, packed, h, g, xbuf)
-            }
-            $(#[target_feature(enable = $feat)])?
-            pub unsafe fn widen<T: Elem>(src: &[T], dst: *mut f32) {
-                branch::widen::<$simd, T>($make, src, dst)
-            }
-        }
-    };
-}
-
-entry_points!(portable, Portable, Portable);
-#[cfg(target_arch = "x86_64")]
-entry_points!(avx2, simd::Avx2, simd::Avx2::assume(), "avx2,fma,f16c");
-#[cfg(target_arch = "x86_64")]
-entry_points!(avx512, simd::Avx512<false>, simd::Avx512::<false>::assume(), "avx512f,avx512bw,avx2,fma,f16c");
-#[cfg(target_arch = "x86_64")]
-entry_points!(avx512bf16, simd::Avx512<true>, simd::Avx512::<true>::assume(), "avx512f,avx512bw,avx512bf16,avx2,fma,f16c");
-
-/// Dispatch one task to the chosen backend.
-macro_rules! dispatch {
-    ($isa:expr, $name:ident($($arg:expr),*)) => {{
-        // SAFETY (each arm): `Isa` values other than `Portable` are only used when `available`.
-        #[cfg(target_arch = "x86_64")]
-        {
-            match $isa {
-                Isa::Avx512Bf16 => unsafe { avx512bf16::$name($($arg),*) },
-                Isa::Avx512 => unsafe { avx512::$name($($arg),*) },
-                Isa::Avx2 => unsafe { avx2::$name($($arg),*) },
-                Isa::Portable => unsafe { portable::$name($($arg),*) },
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            unsafe { portable::$name($($arg),*) }
-        }
-    }};
-}
-
-/// Multiply-adds below which a call runs on the calling thread, and the least each task gets.
-const PARALLEL_MIN_WORK: usize = 1 << 18;
-const TASK_MIN_WORK: usize = 1 << 16;
-
-fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
-    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
-    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, p)) = pools.iter().find(|(t, _)| *t == threads) {
-        return Some(p.clone());
-    }
-    let p = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("denselora-kernel-{i}")).build().ok()?);
-    pools.push((threads, p.clone()));
-    Some(p)
-}
-
-/// How many tasks to split `work` multiply-adds over `units` independent units into.
-fn tasks_for(work: usize, units: usize, threads: usize) -> usize {
-    if threads <= 1 || work < PARALLEL_MIN_WORK {
-        return 1;
-    }
-    threads.min(work / TASK_MIN_WORK).min(units).max(1)
-}
-
-/// Run `f(range)` over `0..units` split into `tasks` contiguous ranges whose starts are
-/// multiples of `align`.
-fn split<F: Fn(std::ops::Range<usize>) + Sync>(pool: &Option<Arc<rayon::ThreadPool>>, units: usize, tasks: usize, align: usize, f: F) {
-    if tasks <= 1 || pool.is_none() {
-        f(0..units);
-        return;
-    }
-    let per = units.div_ceil(tasks).div_ceil(align) * align;
-    let pool = pool.as_ref().expect("checked above");
-    pool.scope(|scope| {
-        let f = &f;
-        let mut start = per;
-        while start < units {
-            let end = (start + per).min(units);
-            scope.spawn(move |_| f(start..end));
-            start = end;
-        }
-        f(0..per.min(units));
-    });
-}
-
-struct SharedMut(*mut f32);
-// SAFETY: tasks write disjoint parts of the buffer behind the pointer.
-unsafe impl Sync for SharedMut {}
-unsafe impl Send for SharedMut {}
 
 fn run<X: Elem, W: Elem>(job: Job<'_, X, W>, threads: usize, isa: Isa) {
     let Job { n, d_in, r_e, r_d, d_out, .. } = job;

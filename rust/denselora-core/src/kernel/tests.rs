@@ -2,18 +2,11 @@
 //! fraction for erf), on every backend this CPU can run (those it cannot are skipped).
 #![allow(clippy::too_many_arguments, clippy::type_complexity, clippy::useless_vec)]
 
-use std::cell::Cell;
-
 use half::{bf16, f16};
 
-use super::activation::{self, Activation};
+use super::activation;
 use super::simd::{Elem, Portable, Simd};
 use super::*;
-
-thread_local! {
-    /// The backend `dense_branch` uses on this thread, when set.
-    pub static FORCE_ISA: Cell<Option<Isa>> = const { Cell::new(None) };
-}
 
 /// erf in f64: Taylor series near 0, Lentz continued fraction for erfc further out.
 fn erf64(z: f64) -> f64 {
@@ -97,16 +90,18 @@ unsafe fn eval_act_avx512(act: Activation, xs: &[f32]) -> Vec<f32> {
 }
 
 fn backends_act(act: Activation, xs: &[f32]) -> Vec<(&'static str, Vec<f32>)> {
-    let mut v = vec![("portable", eval_act(Portable, act, xs))];
+    let v = vec![("portable", eval_act(Portable, act, xs))];
     #[cfg(target_arch = "x86_64")]
-    {
+    let v = {
+        let mut v = v;
         if simd::Avx2::detect().is_some() {
             v.push(("avx2", unsafe { eval_act_avx2(act, xs) }));
         }
         if simd::Avx512::<false>::detect().is_some() {
             v.push(("avx512", unsafe { eval_act_avx512(act, xs) }));
         }
-    }
+        v
+    };
     v
 }
 
@@ -225,7 +220,6 @@ fn round_to<T: Elem>(v: &[f32]) -> (Vec<T>, Vec<f32>) {
     (t, back)
 }
 
-
 trait AsSrc: Elem {
     fn src(v: &[Self]) -> Src<'_>;
     fn dst(v: &mut [Self]) -> Dst<'_>;
@@ -260,11 +254,22 @@ impl AsSrc for f16 {
 }
 
 fn params(acts: (Activation, Activation), threads: usize) -> BranchParams {
-    BranchParams { scale: 0.75, encoder_activation: acts.0, decoder_activation: acts.1, num_threads: threads, check_finite: false }
+    BranchParams {
+        scale: 0.75,
+        encoder_activation: acts.0,
+        decoder_activation: acts.1,
+        num_threads: threads,
+        check_finite: false,
+    }
 }
 
 /// Runs the kernel on random data and compares `out` (pre-filled) with the f64 reference.
-fn check_case<X: AsSrc, W: AsSrc>(seed: u64, dims: (usize, usize, usize, usize, usize), acts: (Activation, Activation), threads: usize) -> Vec<X> {
+fn check_case<X: AsSrc, W: AsSrc>(
+    seed: u64,
+    dims: (usize, usize, usize, usize, usize),
+    acts: (Activation, Activation),
+    threads: usize,
+) -> Vec<X> {
     let (n, din, re, rd, dout) = dims;
     let mut rng = Rng(seed);
     let (x, xf) = round_to::<X>(&rng.vec(n * din, 2.0));
@@ -273,7 +278,7 @@ fn check_case<X: AsSrc, W: AsSrc>(seed: u64, dims: (usize, usize, usize, usize, 
     let (d, df) = round_to::<W>(&rng.vec(dout * rd, 1.0));
     let (mut out, outf) = round_to::<X>(&rng.vec(n * dout, 1.0));
     let want = reference(&xf, &ef, &mf, &df, dims, 0.75, acts);
-    dense_branch(
+    fused_branch(
         Operand { shape: &[n, din], data: X::src(&x) },
         Operand { shape: &[re, din], data: W::src(&e) },
         Operand { shape: &[rd, re], data: W::src(&m) },
@@ -313,10 +318,10 @@ fn all_acts() -> Vec<(Activation, Activation)> {
 /// Runs `f` once on each backend this CPU has.
 fn both_backends(f: impl Fn()) {
     for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
-        FORCE_ISA.with(|p| p.set(Some(isa)));
+        isa::FORCE.with(|p| p.set(Some(isa)));
         f();
     }
-    FORCE_ISA.with(|p| p.set(None));
+    isa::FORCE.with(|p| p.set(None));
 }
 
 #[test]
@@ -351,13 +356,28 @@ fn threads_give_identical_results() {
         let one = check_case::<f32, f32>(5, dims, acts, 1);
         for threads in [2, 3] {
             let many = check_case::<f32, f32>(5, dims, acts, threads);
-            assert_eq!(one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), many.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                many.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 }
 
-fn call(x: &[f32], xs: &[usize], e: &[f32], es: &[usize], m: &[f32], ms: &[usize], d: &[f32], ds: &[usize], out: &mut [f32], os: &[usize], p: &BranchParams) -> Result<()> {
-    dense_branch(
+fn call(
+    x: &[f32],
+    xs: &[usize],
+    e: &[f32],
+    es: &[usize],
+    m: &[f32],
+    ms: &[usize],
+    d: &[f32],
+    ds: &[usize],
+    out: &mut [f32],
+    os: &[usize],
+    p: &BranchParams,
+) -> Result<()> {
+    fused_branch(
         Operand { shape: xs, data: Src::F32(x) },
         Operand { shape: es, data: Src::F32(e) },
         Operand { shape: ms, data: Src::F32(m) },
@@ -390,12 +410,25 @@ fn bad_arguments_are_named() {
     ];
     for (xs, es, ms, ds, os, name) in cases {
         let size = |s: &[usize]| s.iter().product::<usize>();
-        let err = call(&v[..size(xs)], xs, &v[..size(es)], es, &v[..size(ms)], ms, &v[..size(ds)], ds, &mut out[..size(os)], os, &p).unwrap_err();
+        let err = call(
+            &v[..size(xs)],
+            xs,
+            &v[..size(es)],
+            es,
+            &v[..size(ms)],
+            ms,
+            &v[..size(ds)],
+            ds,
+            &mut out[..size(os)],
+            os,
+            &p,
+        )
+        .unwrap_err();
         assert_eq!(argument_of(err), (name.to_string(), Some(ArgumentKind::Shape)));
     }
     // dtype mismatches
     let vb = vec![bf16::ZERO; 16];
-    let err = dense_branch(
+    let err = fused_branch(
         Operand { shape: &[2, 4], data: Src::F32(&v[..8]) },
         Operand { shape: &[2, 4], data: Src::F32(&v[..8]) },
         Operand { shape: &[2, 2], data: Src::BF16(&vb[..4]) },
@@ -407,7 +440,7 @@ fn bad_arguments_are_named() {
     .unwrap_err();
     assert_eq!(argument_of(err), ("m".into(), Some(ArgumentKind::DType)));
     let mut ob = vec![bf16::ZERO; 8];
-    let err = dense_branch(
+    let err = fused_branch(
         Operand { shape: &[2, 4], data: Src::F32(&v[..8]) },
         Operand { shape: &[2, 4], data: Src::F32(&v[..8]) },
         Operand { shape: &[2, 2], data: Src::F32(&v[..4]) },
@@ -421,10 +454,12 @@ fn bad_arguments_are_named() {
     // values
     let s = [2usize, 4];
     let zero_threads = BranchParams { num_threads: 0, ..p };
-    let err = call(&v[..8], &s, &v[..8], &s, &v[..4], &[2, 2], &v[..8], &[4, 2], &mut out[..8], &s, &zero_threads).unwrap_err();
+    let err = call(&v[..8], &s, &v[..8], &s, &v[..4], &[2, 2], &v[..8], &[4, 2], &mut out[..8], &s, &zero_threads)
+        .unwrap_err();
     assert_eq!(argument_of(err), ("num_threads".into(), Some(ArgumentKind::Value)));
     let nan_scale = BranchParams { scale: f32::NAN, ..p };
-    let err = call(&v[..8], &s, &v[..8], &s, &v[..4], &[2, 2], &v[..8], &[4, 2], &mut out[..8], &s, &nan_scale).unwrap_err();
+    let err =
+        call(&v[..8], &s, &v[..8], &s, &v[..4], &[2, 2], &v[..8], &[4, 2], &mut out[..8], &s, &nan_scale).unwrap_err();
     assert_eq!(argument_of(err), ("scale".into(), Some(ArgumentKind::Value)));
     // misaligned bytes
     let bytes = [0u8; 17];
@@ -451,12 +486,14 @@ fn non_finite_inputs_propagate_or_are_reported() {
     }
     let checked = BranchParams { check_finite: true, ..p };
     let mut out2 = vec![1.0f32; n * dout];
-    let err = call(&x, &[n, din], &e, &[r, din], &m, &[r, r], &d, &[dout, r], &mut out2, &[n, dout], &checked).unwrap_err();
+    let err =
+        call(&x, &[n, din], &e, &[r, din], &m, &[r, r], &d, &[dout, r], &mut out2, &[n, dout], &checked).unwrap_err();
     assert_eq!(argument_of(err), ("x".into(), None));
     assert!(out2.iter().all(|&v| v == 1.0), "nothing written before the error");
     x[din + 2] = 0.0;
     d[5] = f32::INFINITY;
-    let err = call(&x, &[n, din], &e, &[r, din], &m, &[r, r], &d, &[dout, r], &mut out2, &[n, dout], &checked).unwrap_err();
+    let err =
+        call(&x, &[n, din], &e, &[r, din], &m, &[r, r], &d, &[dout, r], &mut out2, &[n, dout], &checked).unwrap_err();
     assert_eq!(argument_of(err), ("decoder".into(), None));
 }
 
@@ -470,11 +507,11 @@ fn empty_dimensions_are_fine() {
     call(&[], &[0, 3], &[0.0; 6], &[2, 3], &[0.0; 4], &[2, 2], &[0.0; 6], &[3, 2], &mut [], &[0, 3], &p).unwrap();
 }
 
-
 #[test]
 fn hsum_lanes_puts_each_sum_in_its_lane() {
     fn sums<S: Simd>(s: S) -> Vec<f32> {
-        let data: Vec<f32> = (0..simd::MAX_LANES * simd::MAX_LANES).map(|i| (i % 97) as f32 + 0.25 * (i / 16) as f32).collect();
+        let data: Vec<f32> =
+            (0..simd::MAX_LANES * simd::MAX_LANES).map(|i| (i % 97) as f32 + 0.25 * (i / 16) as f32).collect();
         let v: [S::V; simd::MAX_LANES] = core::array::from_fn(|t| unsafe { s.load(data.as_ptr().add(t * S::LANES)) });
         let mut out = [0.0f32; simd::MAX_LANES];
         unsafe { s.store(out.as_mut_ptr(), s.hsum_lanes(&v)) };
@@ -501,3 +538,5 @@ fn hsum_lanes_puts_each_sum_in_its_lane() {
         }
     }
 }
+
+mod routed;
