@@ -22,7 +22,6 @@ One step is forward, backward, AdamW step and zero_grad. Memory, measured in sep
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import json
 import os
@@ -39,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
-import denselora as dl  # noqa: E402
+from _study.steps import LLAMA2_7B, cuda_step_peak, make_step, make_variant, random_llama, sync, trainable  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # DenseLoRA in the library's default configuration (identity on both sides, rsLoRA scaling) and in
@@ -97,68 +96,12 @@ class RssPeak:
 
 
 def build_7b_stack(layers: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-    )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02)
-    return model.eval()
+    return random_llama(layers, vocab_size=512, **LLAMA2_7B)
 
 
-def share_base(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose parameters and buffers are the original tensors (no new memory)."""
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
-def make_variant(base: torch.nn.Module, variant: str, r: int) -> torch.nn.Module:
-    model = share_base(base)
-    if variant == "peft-lora":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=TARGETS, bias="none")
-        wrapped = get_peft_model(model, config)
-    else:
-        preset, path = variant.split("-", 1)
-        config = dl.DenseLoRAConfig.from_preset(preset, r=r, alpha=2 * r, dropout=0.05, target_modules=TARGETS)
-        wrapped = dl.get_denselora_model(model, config)
-        wrapped.set_branch_path("reference" if path == "plain" else path)  # "plain": the reference ops
-    wrapped.train()
-    return wrapped
-
-
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def make_step(model: torch.nn.Module, tokens: torch.Tensor, autocast: bool) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(trainable(model), lr=1e-4)
-    device_type = tokens.device.type
-
-    def step() -> None:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+def variant_model(base: torch.nn.Module, variant: str, r: int) -> torch.nn.Module:
+    # "plain": the reference ops
+    return make_variant(base, variant.replace("-plain", "-reference"), r=r)
 
 
 def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor, autocast: bool) -> int:
@@ -180,19 +123,9 @@ def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor, autocas
     return total
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     if device.type == "cuda":
-        sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return cuda_step_peak(step, device)[1]
     with RssPeak() as peak:
         step()
     return peak.delta
@@ -202,7 +135,7 @@ def bench_model(name: str, base: torch.nn.Module, args: argparse.Namespace, devi
     base.to(device=device, dtype=getattr(torch, args.dtype))
     vocab = base.config.vocab_size
     tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
-    models = {v: make_variant(base, v, args.r) for v in VARIANTS}
+    models = {v: variant_model(base, v, args.r) for v in VARIANTS}
     steps = {v: make_step(m, tokens, args.autocast) for v, m in models.items()}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     peaks: dict[str, list[int]] = {v: [] for v in VARIANTS}

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import string
+from _study.tiny import SPECIALS, VOCAB, char_tokenizer
 
-SPECIALS = ["<pad>", "</s>", "<unk>"]
-VOCAB = SPECIALS + list(string.printable)
-
-
-def char_tokenizer():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(VOCAB)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+__all__ = ["SPECIALS", "VOCAB", "char_llama", "char_tokenizer"]
 
 
 def char_llama(seed: int = 0, layers: int = 2):
