@@ -35,19 +35,23 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 RUNS = RESULTS / "replicate" / "runs"
 
-# DenseLoRA rows: the paper's configuration (GELU, alpha/r, Kaiming M) at r=16 and r=32, its linear
-# variant, and the library's default configuration (docs/method_study.md).
+# The curve of accuracy against trainable parameters: LoRA across ranks (r=1 trains about as many
+# numbers as DenseLoRA r=16), PEFT's VeRA, and DenseLoRA across ranks in the library's default
+# configuration and the paper's (GELU, alpha/r, Kaiming M).
 METHODS: dict[str, dict[str, Any]] = {
-    "lora-r16": {"method": "lora", "r": 16, "lrs": "lora"},
-    "denselora-r16": {"method": "denselora", "r": 16, "preset": "paper", "lrs": "paper"},
-    "denselora-r32": {"method": "denselora", "r": 32, "preset": "paper", "lrs": "paper"},
+    "zero-shot": {"method": "none", "r": 0, "lrs": "none"},
+    **{f"lora-r{r}": {"method": "lora", "r": r, "lrs": "lora"} for r in (1, 2, 4, 8, 16)},
+    "vera-r256": {"method": "vera", "r": 256, "lrs": "vera"},
+    **{f"denselora-r{r}-default": {"method": "denselora", "r": r, "preset": "default", "lrs": "default"} for r in (8, 16, 32, 64)},
+    **{f"denselora-r{r}": {"method": "denselora", "r": r, "preset": "paper", "lrs": "paper"} for r in (8, 16, 32, 64)},
     "denselora-r16-identity": {"method": "denselora", "r": 16, "preset": "paper", "activation": "identity", "lrs": "paper"},
-    "denselora-r16-default": {"method": "denselora", "r": 16, "preset": "default", "lrs": "lora"},
 }
 # Learning-rate grids: the paper's configuration moves the model about 25x less per step than LoRA
-# at the same rate and wants far larger ones; the default configuration steps like LoRA.
-LR_GRID = {"lora": [1e-3, 3e-3, 1e-2], "paper": [3e-3, 1e-2, 3e-2]}
-DEFAULT_LR = {"lora": 3e-3, "paper": 1e-2}
+# at the same rate and wants far larger ones; the default configuration steps like LoRA; VeRA
+# trains only scaling vectors and wants rates near 1e-2 (its paper).
+LR_GRID = {"lora": [1e-3, 3e-3, 1e-2], "default": [1e-3, 3e-3, 1e-2], "paper": [3e-3, 1e-2, 3e-2], "vera": [3e-3, 1e-2, 3e-2]}
+DEFAULT_LR = {"lora": 3e-3, "default": 3e-3, "paper": 1e-2, "vera": 1e-2, "none": 0.0}
+LR_GRID["none"] = [0.0]
 
 
 def data_path(root: str | None, task: str) -> Path:
@@ -84,15 +88,20 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     method = METHODS[spec["method"]]
     torch.manual_seed(spec["seed"])
     options = {k: v for k, v in method.items() if k in ("preset", "activation")}
-    model = build_adapter_model(base, method["method"], r=method["r"], alpha=2 * method["r"], **options)
-    trainable, total = model.get_nb_trainable_parameters()
+    if method["method"] == "none":  # the base model as it is: the floor every method starts from
+        model, trainable, total = base, 0, sum(p.numel() for p in base.parameters())
+    else:
+        model = build_adapter_model(base, method["method"], r=method["r"], alpha=2 * method["r"], **options)
+        trainable, total = model.get_nb_trainable_parameters()
     config = TrainConfig(
         lr=spec["lr"], max_steps=spec["steps"], micro_batch_size=spec["batch_size"], warmup_steps=max(1, spec["steps"] // 10),
         seed=spec["seed"], progress=False, plot=False,
     )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = train(model, tokenizer, TokenizedDataset(train_examples, tokenizer, cutoff_len=256), config)
+    result = None
+    if method["method"] != "none":
+        result = train(model, tokenizer, TokenizedDataset(train_examples, tokenizer, cutoff_len=256), config)
     val = multiple_choice_accuracy(model, tokenizer, splits.validation) if spec["evaluate_validation"] else None
     test = multiple_choice_accuracy(model, tokenizer, splits.test) if spec["evaluate_test"] else None
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -105,8 +114,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "train_examples": len(train_examples),
         "val_accuracy": val.accuracy if val else None,
         "test_accuracy": test.accuracy if test else None,
-        "final_train_loss": result.final_train_loss,
-        "step_seconds": result.seconds / max(result.steps, 1),
+        "final_train_loss": result.final_train_loss if result else None,
+        "step_seconds": result.seconds / max(result.steps, 1) if result else 0.0,
         "peak_memory_mib": peak,
         "peak_memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS",
     }
@@ -202,21 +211,48 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FAMILIES = {  # curve label, colour, marker
+    "lora": ("PEFT LoRA r=1..16", "tab:gray", "o"),
+    "vera": ("PEFT VeRA r=256", "tab:green", "s"),
+    "default": ("DenseLoRA default r=8..64", "tab:blue", "D"),
+    "paper": ("DenseLoRA paper r=8..64", "tab:orange", "^"),
+}
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
+    """Accuracy against trainable parameters (log scale), one panel per task: a line per method
+    family across ranks, error bars over seeds, zero-shot as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary["rows"]
-    labels = [f"{r['task']}\n{r['method']}\n{r['fraction']:.0%} data" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
-    colors = ["tab:gray" if r["method"].startswith("lora") else "tab:blue" for r in rows]
-    ax.bar(range(len(rows)), [100 * r["test_accuracy_mean"] for r in rows], yerr=[100 * r["test_accuracy_std"] for r in rows], color=colors, capsize=3)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("SmolLM2-135M: LoRA (gray) vs DenseLoRA (blue)")
-    ax.grid(axis="y", alpha=0.3)
+    rows = [r for r in summary["rows"] if r["fraction"] >= 1]
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        here = [r for r in rows if r["task"] == task]
+        for family, (label, color, marker) in FAMILIES.items():
+            points = sorted(
+                (r for r in here if METHODS.get(r["method"], {}).get("lrs") == family and "activation" not in METHODS[r["method"]]),
+                key=lambda r: r["trainable_params"],
+            )
+            if points:
+                ax.errorbar(
+                    [r["trainable_params"] for r in points],
+                    [100 * r["test_accuracy_mean"] for r in points],
+                    yerr=[100 * r["test_accuracy_std"] for r in points],
+                    label=label, color=color, marker=marker, capsize=3,
+                )
+        for r in here:
+            if r["method"] == "zero-shot":
+                ax.axhline(100 * r["test_accuracy_mean"], color="black", linestyle="--", linewidth=1, label="zero-shot")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"SmolLM2-135M, {task}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -225,7 +261,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
-    parser.add_argument("--tasks", default="social_iqa,strategyqa")
+    parser.add_argument("--tasks", default="hyperbaton")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--data-root", default=None, help="folder with <task>/task.json (default: ../shared/data/bigbench, else the packaged slices)")
     parser.add_argument("--steps", type=int, default=300)
@@ -280,7 +316,7 @@ def run_all(args: argparse.Namespace) -> None:
                 family = METHODS[name]["lrs"]
                 base = dict(task=task, data=data, method=name, steps=args.steps, batch_size=args.batch_size, fraction=fraction,
                             test_size=args.test_size, val_size=args.val_size, split_seed=args.split_seed, threads=args.threads,
-                            evaluate_validation=True, evaluate_test=True)
+                            evaluate_validation=not args.no_tune, evaluate_test=True)
                 if not full:
                     lr = picked.get(name, DEFAULT_LR[family])  # the reduced-data runs keep the full-data choice
                 elif args.no_tune:

@@ -458,3 +458,16 @@ def test_generation_matches_a_manual_greedy_loop_and_scores_answers(tok):
     assert result.correct == expected and result.outputs == texts
     with pytest.raises(ArgumentError, match="answer"):
         generation_accuracy(model, tok, [Example("q", "a")], "boolq")
+
+
+def test_one_default_learning_rate_everywhere():
+    """The Python API, `denselora train` and the demo share one default rate per preset."""
+    import denselora.optim as optim
+    from denselora.cli import build_parser
+    from denselora.demo import DEFAULTS
+    from denselora.training import TrainConfig
+
+    assert TrainConfig().lr == optim.DEFAULT_LR == DEFAULTS["lr"] == optim.PRESET_LRS["default"]
+    assert optim.PRESET_LRS["paper"] == optim.PAPER_LR > optim.DEFAULT_LR
+    args = build_parser("train").parse_args(["train", "--model", "m", "--data", "d", "--output", "o"])
+    assert args.lr is None  # resolved from the preset when the run starts

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+from .training.optim import DEFAULT_LR
+
 DEFAULTS: dict[str, Any] = {
     "task": "hyperbaton",  # adjective order: near chance zero-shot, learnable in a few minutes
     "steps": 100,
-    "lr": 3e-3,  # the default configuration steps like LoRA (docs/method_study.md); 1e-2 is unstable
+    "lr": DEFAULT_LR,
     "r": 16,
     "batch_size": 8,
     "test_size": 200,

@@ -112,7 +112,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--m-init", default=None, choices=("kaiming", "orthogonal", "identity"))
     p.add_argument("--shared-lr-ratio", type=float, default=None, help="learning-rate multiplier of the shared encoders/decoders")
     p.add_argument("--m-lr-ratio", type=float, default=None, help="learning-rate multiplier of the per-layer M")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3, denselora.optim.DEFAULT_LR; the paper preset: 1e-2, PAPER_LR)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (ignored with --epochs)")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--micro-batch-size", type=int, default=4)
@@ -146,9 +146,10 @@ def dense_options(args: argparse.Namespace) -> dict[str, Any]:
 def run_train(args: argparse.Namespace) -> int:
     from ..training import TrainConfig, build_adapter_model, train
     from ..training.data import TokenizedDataset, subsample
+    from ..training.optim import PRESET_LRS
 
     config = TrainConfig(
-        lr=args.lr,
+        lr=args.lr if args.lr is not None else PRESET_LRS[args.preset],
         max_steps=args.steps,
         epochs=args.epochs,
         micro_batch_size=args.micro_batch_size,

@@ -13,6 +13,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..method.config import DEFAULT_TARGET_MODULES, DenseLoRAConfig
 from ..method.model import DenseLoRAModel, get_denselora_model
+from .optim import DEFAULT_LR
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -43,7 +44,7 @@ class TrainConfig:
     """How to train. A step is one optimizer update over a global batch of
     ``micro_batch_size * gradient_accumulation_steps * world_size`` examples."""
 
-    lr: float = 1e-3
+    lr: float = DEFAULT_LR
     max_steps: int = 100
     epochs: Optional[float] = None  # when set, max_steps = ceil(epochs * len(train) / global batch)
     micro_batch_size: int = 4

@@ -9,6 +9,17 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+#: The learning rate of the default configuration (AdamW, warmup then linear decay), used alike by
+#: `TrainConfig`, ``denselora train`` and the demo. It was picked on the method study's tasks
+#: (docs/method_study.md): the default configuration steps like LoRA and trains best near LoRA's
+#: rate; 1e-2 diverges on some tasks. The paper preset moves the model about 25x less per step and
+#: needs ``PAPER_LR``.
+DEFAULT_LR = 3e-3
+#: The learning rate the paper preset needs (its scale alpha/r and GELU on both sides shrink each step).
+PAPER_LR = 1e-2
+#: The learning rate of each preset (``DenseLoRAConfig.preset`` names).
+PRESET_LRS = {"default": DEFAULT_LR, "paper": PAPER_LR}
+
 
 def param_groups(
     model: nn.Module,
@@ -60,4 +71,4 @@ def create_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
-__all__ = ["create_optimizer", "param_groups"]
+__all__ = ["DEFAULT_LR", "PAPER_LR", "PRESET_LRS", "create_optimizer", "param_groups"]
