@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::format::*;
 use super::*;
-use crate::adapter::tests::sample_adapter;
+use crate::adapter::tests::{sample_adapter, sample_tenant};
 use crate::adapter::{decoder_key, encoder_key, Adapter};
 use crate::dtype::{self, DType};
 use crate::error::Error;
@@ -204,6 +204,43 @@ fn unpack_reproduces_adapter_directories() {
         assert_eq!(&crate::adapter::read_adapter_dir(&out.join(name)).unwrap(), adapter);
     }
     assert!(unpack(&bundle, &out, &["nope".to_string()], &mut no_progress()).is_err());
+}
+
+#[test]
+fn a_family_bundle_holds_a_basis_and_its_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let basis = sample_adapter();
+    let t1 = sample_tenant();
+    let t2 = scaled(&t1, 3.0);
+    let path = dir.path().join("family.dl");
+    let entries = [memory_entry("basis", &basis), memory_entry("t1", &t1), memory_entry("t2", &t2)];
+    pack(&path, &entries, &PackOptions::default(), &mut no_progress()).unwrap();
+    let bundle = Bundle::open(&path).unwrap();
+    bundle.verify().unwrap();
+    for (name, adapter) in [("basis", &basis), ("t1", &t1), ("t2", &t2)] {
+        assert_same(&bundle, name, adapter);
+    }
+    assert_eq!(bundle.adapter("t1").unwrap().groups, basis.layout("x").unwrap());
+    assert_eq!(bundle.adapter("t1").unwrap().config["format_version"], Value::from(2));
+    assert_eq!(bundle.adapter("basis").unwrap().config["format_version"], Value::from(1));
+    let out = dir.path().join("out");
+    unpack(&bundle, &out, &[], &mut no_progress()).unwrap();
+    assert_eq!(crate::adapter::read_adapter_dir(&out.join("t2")).unwrap(), t2);
+
+    // A tenant entry whose cores do not fit its basis groups is refused by the writer and, when a
+    // record lies, by the reader, naming the entry and the tensor.
+    let mut bad = sample_tenant();
+    bad.config[crate::adapter::BASIS_KEY]["groups"]["q_proj"] = serde_json::json!([8, 8, 4, 5]);
+    let err =
+        pack(&dir.path().join("bad.dl"), &[memory_entry("bad", &bad)], &PackOptions::default(), &mut no_progress())
+            .unwrap_err();
+    assert!(err.to_string().contains("adapter \"bad\"") && err.to_string().contains("q_proj.m"), "{err}");
+    let bytes = std::fs::read(&path).unwrap();
+    let lying =
+        with_record(&bytes, 1, |r| r["config"]["basis"]["groups"]["up_proj"] = serde_json::json!([8, 12, 4, 2]));
+    let err = open_bytes(lying).unwrap().adapter("t1").unwrap_err();
+    assert!(matches!(err, Error::Format { .. }), "{err}");
+    assert!(err.to_string().contains("adapter \"t1\"") && err.to_string().contains("up_proj.m"), "{err}");
 }
 
 #[test]

@@ -8,15 +8,11 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
-
 use super::format::*;
 use super::reader::Bundle;
 use rayon::prelude::*;
 
-use crate::adapter::{
-    read_adapter_dir, validate_layout, write_adapter_dir, Adapter, ConfigMap, FORMAT_VERSION as ADAPTER_FORMAT_VERSION,
-};
+use crate::adapter::{read_adapter_dir, stamped, validate_layout, write_adapter_dir, Adapter, ConfigMap};
 use crate::atomic::write_atomically;
 use crate::dtype::{self, DType};
 use crate::error::{ArgumentKind, Error, Result};
@@ -195,8 +191,7 @@ impl<'w> BundleWriter<'w> {
                 format!("adapter {name:?} is added to {} twice", self.path.display()),
             ));
         }
-        let mut config = config.clone();
-        config.insert("format_version".into(), Value::from(ADAPTER_FORMAT_VERSION));
+        let config = stamped(config);
         validate_layout(&config, tensors, &format!("adapter {name:?}"))?;
         let mut records = Vec::with_capacity(tensors.len());
         for (tname, t) in tensors {
