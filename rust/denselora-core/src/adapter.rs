@@ -129,12 +129,16 @@ fn matrix_shape(tensors: &BTreeMap<String, TensorRef<'_>>, key: &str, context: &
     }
 }
 
-/// The basis a tenant's config names: its fingerprint and each group's
-/// `[in_features, out_features, encoder_rank, decoder_rank]`. `None` for a full adapter.
-pub fn config_basis(
-    config: &Map<String, Value>,
-    context: &str,
-) -> Result<Option<(String, BTreeMap<String, [usize; 4]>)>> {
+/// A tenant's basis as its config names it: the fingerprint and each group's
+/// `[in_features, out_features, encoder_rank, decoder_rank]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BasisRef {
+    pub fingerprint: String,
+    pub groups: BTreeMap<String, [usize; 4]>,
+}
+
+/// The basis a tenant's config names; `None` for a full adapter.
+pub fn config_basis(config: &Map<String, Value>, context: &str) -> Result<Option<BasisRef>> {
     let Some(basis) = config.get(BASIS_KEY) else { return Ok(None) };
     let bad = |m: String| Error::incompatible(context, format!("config \"{BASIS_KEY}\" {m}"));
     let basis = basis.as_object().ok_or_else(|| bad(format!("is {basis}, not an object")))?;
@@ -167,7 +171,7 @@ pub fn config_basis(
             }
         }
     }
-    Ok(Some((fingerprint, out)))
+    Ok(Some(BasisRef { fingerprint, groups: out }))
 }
 
 /// Check that `tensors` are exactly what `config` promises and return each group's layout.
@@ -184,8 +188,8 @@ pub fn validate_layout(
     for (module, group) in &groups {
         by_group.entry(group.as_str()).or_default().push(module.clone());
     }
-    if let Some((_, basis_groups)) = config_basis(config, context)? {
-        return validate_tenant_layout(by_group, &basis_groups, tensors, context);
+    if let Some(basis) = config_basis(config, context)? {
+        return validate_tenant_layout(by_group, &basis.groups, tensors, context);
     }
     let mut expected: BTreeSet<String> = BTreeSet::new();
     let mut layouts = Vec::with_capacity(by_group.len());
