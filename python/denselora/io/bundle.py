@@ -3,6 +3,10 @@
     with Bundle("adapters.dl") as bundle:
         arrays = bundle.tensors("task-a")      # read-only numpy views of the mapped file
 
+Writers (``pack``, ``save_adapter_to``, ``denselora pack``) of one bundle take turns under an
+exclusive lock on ``<bundle>.lock``; readers never lock and keep the file they opened until
+``reopen()``.
+
 The format (docs/format.md) is read and written only by the Rust core; this module is its typed
 Python face. Opening validates the whole catalog but reads no tensor data; each tensor's checksum
 is checked the first time it is fetched, and ``verify()`` checks every byte of the file.
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
@@ -20,6 +25,7 @@ import numpy as np
 
 from .. import _core
 from ..errors import ArgumentError
+from . import basis
 from .sources import PathLike
 
 if TYPE_CHECKING:
@@ -30,6 +36,24 @@ if TYPE_CHECKING:
 
 #: A source to pack: an adapter directory, or ``(config, {tensor name: tensor or ndarray})``.
 AdapterSource = Union[PathLike, "tuple[Mapping[str, Any], Mapping[str, Any]]"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A basis and its tenants in one bundle (see `Bundle.families`). ``bases`` are the entries whose
+    fingerprint is ``fingerprint`` (full adapters; several when stored under several names, none when
+    the tenants' basis is not in this bundle); ``basis_bytes`` is what its shared factors occupy and
+    ``tenant_bytes`` what each tenant adds."""
+
+    fingerprint: str
+    bases: list[str]
+    tenants: list[str]
+    basis_bytes: int
+    tenant_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def missing_basis(self) -> bool:
+        return not self.bases
 
 
 class Bundle:
@@ -64,6 +88,13 @@ class Bundle:
     def __repr__(self) -> str:
         state = "closed" if self._core is None else f"{len(self._core)} adapters"
         return f"Bundle({os.fspath(self.path)!r}, {state})"
+
+    def reopen(self) -> Bundle:
+        """Map the file now at ``path``, to see adapters that writers added or replaced since this
+        bundle was opened. Returns ``self``. Arrays already handed out keep viewing the file they
+        came from, which stays valid (a writer renames a new file into place, never edits one)."""
+        self._core = (self._core.reopen() if self._core is not None else _core.Bundle(os.fspath(self.path)))
+        return self
 
     # -- catalog --
     def names(self) -> list[str]:
@@ -100,6 +131,34 @@ class Bundle:
     def stats(self) -> dict[str, int]:
         """Sizes: adapters, tensors, blobs, logical_bytes (as if unshared), stored_bytes, file_bytes."""
         return self._open.stats()
+
+    def families(self) -> list[Family]:
+        """The bundle's families: each basis fingerprint that a tenant entry names, the full adapters
+        in the bundle that serve as that basis (none: the tenants' basis is missing here) and its
+        tenants, with sizes in stored bytes. Empty when the bundle holds no tenant."""
+        configs = {name: self.config(name) for name in self.names()}
+        wanted: dict[str, list[str]] = {}
+        for name, config in configs.items():
+            if basis.is_tenant(config):
+                fp = config[basis.BASIS_KEY].get("fingerprint")
+                wanted.setdefault(str(fp), []).append(name)
+        if not wanted:
+            return []
+        bases: dict[str, list[str]] = {}
+        for name, config in configs.items():
+            if not basis.is_tenant(config):
+                # Only the shared tensors are read (and checksummed): the fingerprint covers them alone.
+                shared = {k: v for k, v in self.tensors(name).items() if basis.is_shared_tensor(k)}
+                bases.setdefault(basis.fingerprint(config, shared), []).append(name)
+        sizes = {name: {t["name"]: t["length"] for t in self.tensor_info(name)} for name in configs}
+        families = []
+        for fp, tenants in wanted.items():
+            found = bases.get(fp, [])
+            shared_bytes = sum(n for k, n in sizes[found[0]].items() if basis.is_shared_tensor(k)) if found else 0
+            families.append(
+                Family(fp, found, tenants, shared_bytes, {t: sum(sizes[t].values()) for t in tenants})
+            )
+        return families
 
     # -- data --
     def tensors(self, name: str, *, verify: bool = True) -> dict[str, np.ndarray]:
@@ -167,4 +226,4 @@ def pack(
     return _core.pack_bundle(os.fspath(dest), entries, dtype, keep_existing, progress)
 
 
-__all__ = ["Bundle", "pack"]
+__all__ = ["Bundle", "Family", "pack"]

@@ -241,6 +241,12 @@ impl Bundle {
         })
     }
 
+    /// Open the file now at this bundle's path: the entries a writer added since this handle was
+    /// opened appear; this handle and the views it handed out keep the file they mapped.
+    pub fn reopen(&self) -> Result<Bundle> {
+        Bundle::open(&self.path)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

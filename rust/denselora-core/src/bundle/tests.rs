@@ -170,6 +170,52 @@ fn keep_existing_adds_and_replaces_in_place() {
 }
 
 #[test]
+fn concurrent_writers_keep_every_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, adapters) = sample_bundle(dir.path());
+    let a = &adapters[0].1;
+    let writers = 6;
+    std::thread::scope(|s| {
+        for i in 0..writers {
+            let path = &path;
+            s.spawn(move || {
+                let adapter = scaled(a, 3.0 + i as f32);
+                let options = PackOptions { dtype: None, keep_existing: true };
+                pack(path, &[memory_entry(&format!("w{i}"), &adapter)], &options, &mut no_progress()).unwrap();
+            });
+        }
+    });
+    let bundle = Bundle::open(&path).unwrap();
+    assert_eq!(bundle.len(), adapters.len() + writers);
+    for i in 0..writers {
+        assert_same(&bundle, &format!("w{i}"), &scaled(a, 3.0 + i as f32));
+    }
+    bundle.verify().unwrap();
+    assert!(lock_path(&path).exists());
+    assert_eq!(lock_path(&path).file_name().unwrap(), "sample.dl.lock");
+}
+
+#[test]
+fn readers_keep_their_file_while_a_writer_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, adapters) = sample_bundle(dir.path());
+    let reader = Bundle::open(&path).unwrap();
+    let before = reader.tensor_map("a").unwrap();
+    let extra = scaled(&adapters[0].1, 5.0);
+    let options = PackOptions { dtype: None, keep_existing: false };
+    // Replace the file with one holding other bytes at the same offsets.
+    pack(&path, &[memory_entry("a", &extra)], &options, &mut no_progress()).unwrap();
+    for (k, t) in &adapters[0].1.tensors {
+        assert_eq!(before[k].data, &t.data[..], "the reader's view of {k} is unchanged");
+    }
+    reader.verify().unwrap();
+    assert_eq!(reader.len(), 3);
+    let fresh = reader.reopen().unwrap();
+    assert_eq!(fresh.names().collect::<Vec<_>>(), ["a"]);
+    assert_same(&fresh, "a", &extra);
+}
+
+#[test]
 fn failed_pack_leaves_destination_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = sample_bundle(dir.path());
@@ -190,7 +236,9 @@ fn failed_pack_leaves_destination_untouched() {
     .unwrap_err();
     assert!(err.to_string().contains("interrupted"));
     assert_eq!(std::fs::read(&path).unwrap(), before);
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+    let mut left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["sample.dl", "sample.dl.lock"], "no temporary file left behind (the writers' lock stays)");
 }
 
 #[test]

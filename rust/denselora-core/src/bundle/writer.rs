@@ -348,6 +348,11 @@ pub fn pack(
             ));
         }
     }
+    // Writers of one bundle take turns: reading what is there, writing the new file and renaming it
+    // over happen under one exclusive lock, so no writer builds on a bundle another is replacing
+    // (which would silently drop that writer's adapters). Readers never lock: they map a file that
+    // the rename never changes.
+    let _lock = lock_writers(dest)?;
     let base = if options.keep_existing && dest.exists() { Some(Bundle::open(dest)?) } else { None };
     if entries.is_empty() && base.is_none() {
         return Err(Error::argument(
@@ -400,6 +405,29 @@ pub fn pack(
         Ok(())
     })?;
     Ok(stats)
+}
+
+/// The sidecar lock file of a bundle: `<bundle>.lock` beside it (created on first use and left in
+/// place; removing it could let two writers lock two different files).
+pub fn lock_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".lock");
+    dest.with_file_name(name)
+}
+
+/// Block until this process holds the exclusive lock of `dest`'s writers; released when the
+/// returned file is dropped (or the process ends, however it ends).
+fn lock_writers(dest: &Path) -> Result<File> {
+    let path = lock_path(dest);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    file.lock().map_err(|e| Error::io(&path, e))?;
+    Ok(file)
 }
 
 /// Write adapters of `bundle` as adapter directories `out/<name>`, tensors byte-identical to the
