@@ -1,4 +1,4 @@
-"""Adapter algebra: averaging several runs into one adapter, and rank truncation.
+"""Adapter algebra: averaging several runs into one adapter, rank truncation, and families.
 
 The arithmetic runs in the Rust core (``denselora._core``) in float64; this module resolves where
 adapters come from and go to (directories or ``bundle.dl:name`` entries) and presents the reports.
@@ -11,6 +11,8 @@ adapters come from and go to (directories or ``bundle.dl:name`` entries) and pre
   ``init_fingerprint``.
 - ``truncate(input, output, rank=...)`` or ``energy=...``: the best joint low-rank factorization
   of each group's ``D @ M_l`` (both sides with an ``identity`` encoder), keeping the branch scale.
+- ``build_family(sources, out, rank=...)``: one shared basis for several adapters of one base model,
+  each adapter kept as a tenant (its cores only) on it; see `build_family`.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ import numpy as np
 import torch
 
 from . import _core
-from .errors import ArgumentError
+from .errors import ArgumentError, BasisMismatchError, IncompatibleAdapterError, NotMergeableError
 from .io import arrays
 from .io.adapter import load_adapter, save_adapter_to
-from .io.sources import PathLike
+from .io.basis import BASIS_KEY, fingerprint, is_shared_tensor, is_tenant
+from .io.bundle import Bundle, pack
+from .io.peft import lora_adapter, save_peft_lora
+from .io.sources import PathLike, split_source
+from .method.config import DenseLoRAConfig
+from .method.functional import activation_fn
 
 AdapterSource = Union[PathLike, tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]]
 MODES = ("auto", "linear", "aligned")
@@ -252,8 +259,327 @@ def truncate(
     )
 
 
+# -- families -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FamilyReport:
+    """What ``build_family`` did. ``errors[tenant][module]`` is the relative error of the tenant's
+    layer on the family's basis: of the update ``||dW' - dW|| / ||dW||`` for a linear family (exact
+    up to the chosen rank), of the branch output on ``samples`` standard Gaussian inputs (not used
+    for the fit) otherwise. ``ranks[group]`` = (encoder rank, decoder rank) of the basis."""
+
+    linear: bool
+    measure: str
+    basis: str
+    fingerprint: str
+    ranks: dict[str, tuple[int, int]]
+    errors: dict[str, dict[str, float]]
+    output: Optional[str] = None
+    basis_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    basis_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    tenants: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]] = field(default_factory=dict, repr=False)
+
+    def max_error(self, tenant: Optional[str] = None) -> float:
+        chosen = [self.errors[tenant]] if tenant is not None else list(self.errors.values())
+        return max((e for layers in chosen for e in layers.values()), default=0.0)
+
+    def table(self) -> str:
+        kind = "linear: relative error of each update" if self.linear else f"non-linear: {self.measure}"
+        lines = [f"basis {self.basis!r} (fingerprint {self.fingerprint}); {kind}"]
+        lines.append("ranks (encoder x decoder): " + ", ".join(f"{g} {e}x{d}" for g, (e, d) in self.ranks.items()))
+        lines.append(f"{'tenant':<20} {'module':<44} {'rel. error':>11}")
+        for tenant, layers in self.errors.items():
+            lines.append(f"{tenant:<20} {'(max)':<44} {self.max_error(tenant):>11.3e}")
+            for module, err in layers.items():
+                lines.append(f"{'':<20} {module:<44} {err:>11.3e}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _source_name(source: AdapterSource, index: int) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        path, entry = split_source(source, None)
+        return entry if entry is not None else path.name
+    return f"adapter{index}"
+
+
+def _family_groups(label: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """{group: [modules]} of a full adapter, checked to hold its shared tensors."""
+    if is_tenant(config):
+        raise IncompatibleAdapterError(f"adapter {label}: is a tenant (cores only); a family is built from full adapters")
+    groups: dict[str, list[str]] = {}
+    for module, group in sorted(dict(config.get("groups") or {}).items()):
+        groups.setdefault(group, []).append(module)
+    if not groups:
+        raise IncompatibleAdapterError(f"adapter {label}: its config names no groups")
+    return groups
+
+
+def _check_family(loaded: Sequence[tuple[str, dict[str, Any], dict[str, torch.Tensor]]]) -> dict[str, list[str]]:
+    """Every adapter must adapt the same modules of the same base model in the same groups, with the
+    same shapes and activations; the first error names the adapter that differs from the first."""
+    first_label, first_config, first_tensors = loaded[0]
+    groups = _family_groups(first_label, first_config, first_tensors)
+    base = first_config.get("base_model_name_or_path")
+    acts = DenseLoRAConfig.from_saved(dict(first_config)).activations
+    for label, config, tensors in loaded[1:]:
+        other_base = config.get("base_model_name_or_path")
+        if base and other_base and other_base != base:
+            raise IncompatibleAdapterError(
+                f"adapter {label}: adapts base model {other_base!r}, but {first_label} adapts {base!r}"
+            )
+        if _family_groups(label, config, tensors) != groups:
+            raise IncompatibleAdapterError(
+                f"adapter {label}: its modules and groups differ from those of {first_label} "
+                f"(a family shares each group's basis, so every adapter must adapt the same modules in the same groups)"
+            )
+        other_acts = DenseLoRAConfig.from_saved(dict(config)).activations
+        if other_acts != acts:
+            raise IncompatibleAdapterError(f"adapter {label}: activations {other_acts}, but {first_label} has {acts}")
+        for group in groups:
+            for side, axis in (("encoder", 1), ("decoder", 0)):
+                key = f"shared.{group}.{side}"
+                if key not in tensors:
+                    raise IncompatibleAdapterError(f"adapter {label}: tensor {key!r} is missing")
+                if tensors[key].shape[axis] != first_tensors[key].shape[axis]:
+                    raise IncompatibleAdapterError(
+                        f"adapter {label}: tensor {key!r} has shape {list(tensors[key].shape)}, but "
+                        f"{first_label} has {list(first_tensors[key].shape)} (another base model?)"
+                    )
+    return groups
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def _top_basis(stack: torch.Tensor, rank: Optional[int]) -> torch.Tensor:
+    """Orthonormal basis (as columns) of the column space of ``stack``: its top left singular vectors,
+    as many as ``rank`` or, when None, as the numerical rank (so the family is exact)."""
+    u, sv, _ = torch.linalg.svd(stack, full_matrices=False)
+    if rank is None:
+        tol = sv[0] * max(stack.shape) * torch.finfo(torch.float64).eps if sv.numel() else 0.0
+        keep = max(1, int((sv > tol).sum()))
+    else:
+        keep = min(rank, sv.numel())
+    return u[:, :keep]
+
+
+def _linear_family(
+    loaded: Sequence[tuple[str, dict[str, Any], dict[str, torch.Tensor]]],
+    groups: Mapping[str, list[str]],
+    rank: Optional[int],
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[dict[str, float]]]:
+    """Shared E = top right singular vectors of the stacked encoders, D = top left singular vectors of
+    the side-by-side decoders; each core ``M' = D^T (s_k D_k M_k E_k) E^T / s'`` with ``s' = s_k``
+    (a tenant keeps its config, so its scale): the orthogonal projection of each update onto the
+    family's row and column spaces, exact when they span them."""
+    shared: dict[str, torch.Tensor] = {}
+    cores: list[dict[str, torch.Tensor]] = [{} for _ in loaded]
+    errors: list[dict[str, float]] = [{} for _ in loaded]
+    for group, modules in groups.items():
+        encoders = [_f64(t[f"shared.{group}.encoder"]) for _, _, t in loaded]
+        decoders = [_f64(t[f"shared.{group}.decoder"]) for _, _, t in loaded]
+        e_new = _top_basis(torch.cat(encoders, 0).T, rank).T  # R_e x in, orthonormal rows
+        d_new = _top_basis(torch.cat(decoders, 1), rank)  # out x R_d, orthonormal columns
+        shared[f"shared.{group}.encoder"], shared[f"shared.{group}.decoder"] = e_new, d_new
+        for k, (_, _, tensors) in enumerate(loaded):
+            # Small products only: D^T D_k (R_d x r), E_k E^T (r x R_e); out x in is never formed.
+            left, right = d_new.T @ decoders[k], encoders[k] @ e_new.T
+            gram_d, gram_e = decoders[k].T @ decoders[k], encoders[k] @ encoders[k].T
+            for module in modules:
+                m = _f64(tensors[f"{module}.m"])
+                core = left @ m @ right  # s_k cancels: the tenant keeps the scale of its config
+                cores[k][f"{module}.m"] = core
+                # ||dW - P_D dW P_E||^2 = ||dW||^2 - ||D^T dW E^T||^2 (an orthogonal projection).
+                total = float(torch.trace(m.T @ gram_d @ m @ gram_e))
+                kept = float((core * core).sum())
+                errors[k][module] = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
+    return shared, cores, errors
+
+
+def _branch(x: torch.Tensor, e: torch.Tensor, m: torch.Tensor, d: torch.Tensor, acts: tuple[str, str]) -> torch.Tensor:
+    """``act_d(D M act_e(E x))`` for a batch of rows (no scale)."""
+    act_e, act_d = (activation_fn(a) for a in acts)
+    return act_d(act_e(x @ e.T) @ m.T @ d.T)
+
+
+def _aligned_family(
+    loaded: Sequence[tuple[str, dict[str, Any], dict[str, torch.Tensor]]],
+    groups: Mapping[str, list[str]],
+    acts: tuple[str, str],
+    samples: int,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[dict[str, float]]]:
+    """Non-linear branches: the basis is the average of the adapters' shared factors after aligning
+    each one's latents to the first's (``average(mode="aligned", decoder_alignment="procrustes")``);
+    each layer's core is refit by least squares so that ``D M' act_e(E x)`` matches the adapter's own
+    ``D_k M_k act_e(E_k x)`` on Gaussian inputs, then judged on other Gaussian inputs."""
+    pairs = [(config, tensors) for _, config, tensors in loaded]
+    if len(pairs) > 1:
+        averaged = average(pairs, mode="aligned", decoder_alignment="procrustes").tensors
+    else:
+        averaged = pairs[0][1]
+    shared = {k: _f64(v) for k, v in averaged.items() if is_shared_tensor(k)}
+    gen = torch.Generator().manual_seed(seed)
+    cores: list[dict[str, torch.Tensor]] = [{} for _ in loaded]
+    errors: list[dict[str, float]] = [{} for _ in loaded]
+    act_e = activation_fn(acts[0])
+    for group, modules in groups.items():
+        e_new, d_new = shared[f"shared.{group}.encoder"], shared[f"shared.{group}.decoder"]
+        fit_x = torch.randn(samples, e_new.shape[1], generator=gen, dtype=torch.float64)
+        test_x = torch.randn(samples, e_new.shape[1], generator=gen, dtype=torch.float64)
+        h_pinv = torch.linalg.pinv(act_e(fit_x @ e_new.T))  # R_e x n
+        d_pinv = torch.linalg.pinv(d_new)  # R_d x out
+        for k, (_, _, tensors) in enumerate(loaded):
+            e_k, d_k = _f64(tensors[f"shared.{group}.encoder"]), _f64(tensors[f"shared.{group}.decoder"])
+            h_k = act_e(fit_x @ e_k.T)
+            for module in modules:
+                m_k = _f64(tensors[f"{module}.m"])
+                # Least squares on the decoder's pre-activation: min ||H M'^T D^T - H_k M_k^T D_k^T||,
+                # solved by M'^T = H^+ (H_k M_k^T D_k^T) (D^T)^+.
+                core = d_pinv @ (d_k @ m_k @ h_k.T) @ h_pinv.T
+                cores[k][f"{module}.m"] = core
+                want = _branch(test_x, e_k, m_k, d_k, acts)
+                got = _branch(test_x, e_new, core, d_new, acts)
+                norm = float(torch.linalg.norm(want))
+                errors[k][module] = float(torch.linalg.norm(got - want)) / norm if norm > 0 else 0.0
+    return shared, cores, errors
+
+
+def build_family(
+    sources: Sequence[AdapterSource],
+    out: Optional[PathLike] = None,
+    rank: Optional[int] = None,
+    names: Optional[Sequence[str]] = None,
+    *,
+    basis_name: str = "basis",
+    samples: int = 1024,
+    seed: int = 0,
+) -> FamilyReport:
+    """Compress full adapters of one base model into a family: one shared basis and, per adapter,
+    a tenant holding only its cores. With ``out`` (a ``.dl`` path) the family is written as a new
+    bundle: the basis entry ``basis_name`` (a full adapter: the shared factors with the first
+    adapter's cores) and one tenant entry per adapter, named by ``names`` (default: the directory or
+    bundle entry names).
+
+    Linear adapters (``identity`` on both sides) are projected onto the joint row space of their
+    encoders and column space of their decoders: exact up to ``rank`` (default: the full joint rank,
+    at most the sum of the adapters' ranks; cores may be wider than each adapter's ``r``). Each
+    tenant keeps its own config (``r``, ``alpha``, scaling), hence its scale. Non-linear adapters
+    are aligned to the first and averaged into the basis, and each core is refit by least squares;
+    the report gives the branch output's error on random inputs, which is not zero.
+    """
+    if isinstance(sources, (str, os.PathLike)) or not isinstance(sources, Sequence) or not sources:
+        raise ArgumentError("sources must be a non-empty list of adapters")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ArgumentError(f"rank must be a positive integer, got {rank!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ArgumentError(f"samples must be a positive integer, got {samples!r}")
+    _check_target(out)
+    tenant_names = list(names) if names is not None else [_source_name(s, i) for i, s in enumerate(sources)]
+    if len(tenant_names) != len(sources):
+        raise ArgumentError(f"names: {len(tenant_names)} names for {len(sources)} adapters")
+    if len(set(tenant_names)) != len(tenant_names) or basis_name in tenant_names:
+        raise ArgumentError(f"names must be distinct and differ from the basis name {basis_name!r}: {tenant_names}")
+    loaded = [_load(source, i) for i, source in enumerate(sources)]
+    loaded = [(f"{name!r} ({label})", config, tensors) for name, (label, config, tensors) in zip(tenant_names, loaded)]
+    groups = _check_family(loaded)
+    parsed = [DenseLoRAConfig.from_saved(dict(config)) for _, config, _ in loaded]
+    acts = parsed[0].activations
+    linear = parsed[0].is_linear
+    if linear:
+        shared, cores, errors = _linear_family(loaded, groups, rank)
+        measure = "relative error of the update"
+    else:
+        if rank is not None:
+            raise ArgumentError("rank applies to linear families only (activations 'identity' on both sides)")
+        shared, cores, errors = _aligned_family(loaded, groups, acts, samples, seed)
+        measure = f"relative error of the branch output on {samples} standard Gaussian inputs"
+    as_f32 = {k: v.to(torch.float32).contiguous() for k, v in shared.items()}
+    first_config = dict(loaded[0][1])
+    basis_config = {k: v for k, v in first_config.items() if k != BASIS_KEY}
+    basis_tensors = {**as_f32, **{k: v.to(torch.float32) for k, v in cores[0].items()}}
+    fp = fingerprint(basis_config, basis_tensors)
+    ranks = {g: (int(as_f32[f"shared.{g}.encoder"].shape[0]), int(as_f32[f"shared.{g}.decoder"].shape[1])) for g in groups}
+    basis_groups = {
+        g: [int(as_f32[f"shared.{g}.encoder"].shape[1]), int(as_f32[f"shared.{g}.decoder"].shape[0]), *ranks[g]]
+        for g in groups
+    }
+    tenants: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]] = {}
+    for name, (_, config, _), tenant_cores in zip(tenant_names, loaded, cores):
+        tenant_config = {**config, BASIS_KEY: {"fingerprint": fp, "groups": basis_groups}, "format_version": _core.TENANT_FORMAT_VERSION}
+        tenants[name] = (tenant_config, {k: v.to(torch.float32) for k, v in tenant_cores.items()})
+    if out is not None:
+        pack(out, {basis_name: (basis_config, basis_tensors), **tenants})
+    return FamilyReport(
+        linear=linear,
+        measure=measure,
+        basis=basis_name,
+        fingerprint=fp,
+        ranks=ranks,
+        errors=dict(zip(tenant_names, errors)),
+        output=None if out is None else os.fspath(out),
+        basis_config=basis_config,
+        basis_tensors=basis_tensors,
+        tenants=tenants,
+    )
+
+
+def _find_basis(tenant: PathLike, config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The basis of a tenant that is a bundle entry: the full adapter of that bundle whose
+    fingerprint the tenant names."""
+    needed = config[BASIS_KEY].get("fingerprint")
+    path, entry = split_source(tenant, None)
+    if entry is not None and path.is_file():
+        with Bundle(path) as bundle:
+            for family in bundle.families():
+                if family.fingerprint == needed and family.bases:
+                    return bundle.config(family.bases[0]), bundle.torch_tensors(family.bases[0])
+    raise IncompatibleAdapterError(
+        f"tenant {os.fspath(tenant)}: needs the basis with fingerprint {needed}, which is not in its bundle; "
+        "give it with basis=..."
+    )
+
+
+def export_tenant_lora(tenant: PathLike, out: PathLike, basis: Optional[AdapterSource] = None) -> None:
+    """Write a tenant of a linear family as an ordinary PEFT LoRA (``A = E_g``, ``B = D_g @ M_l``,
+    ``lora_alpha / r`` = the tenant's scale), for PEFT and LoRA servers. ``basis`` (a directory,
+    ``bundle.dl:name`` or a ``(config, tensors)`` pair) defaults to the entry of the tenant's
+    bundle whose fingerprint it names; a different basis is refused."""
+    config, cores = load_adapter(tenant)
+    if not is_tenant(config):
+        raise ArgumentError(f"{os.fspath(tenant)}: not a tenant (its config names no basis); export a full adapter "
+                            "with DenseLoRAModel.export_lora")
+    parsed = DenseLoRAConfig.from_saved(dict(config))
+    if not parsed.is_linear:
+        raise NotMergeableError(
+            f"tenant {os.fspath(tenant)}: activations {parsed.activations}; only an 'identity' branch is a LoRA"
+        )
+    basis_config, shared = _find_basis(tenant, config) if basis is None else _load(basis, 0)[1:]
+    needed, given = config[BASIS_KEY].get("fingerprint"), fingerprint(basis_config, shared)
+    if needed != given:
+        raise BasisMismatchError(
+            f"tenant {os.fspath(tenant)}: needs the basis with fingerprint {needed}, but was given {given}"
+        )
+    layers = {}
+    for module, group in sorted(config["groups"].items()):
+        decoder, m = shared[f"shared.{group}.decoder"].double(), cores[f"{module}.m"].double()
+        layers[module] = (shared[f"shared.{group}.encoder"], decoder @ m)
+    peft_config, tensors = lora_adapter(
+        layers, parsed.scale, base_model_name_or_path=config.get("base_model_name_or_path")
+    )
+    save_peft_lora(out, peft_config, tensors)
+
+
 __all__ = [
     "AverageReport",
+    "FamilyReport",
+    "build_family",
+    "export_tenant_lora",
     "GroupAlignment",
     "GroupTruncation",
     "LayerError",

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..errors import ConfigError, IncompatibleAdapterError, NotMergeableError
 from ..io import arrays
 from ..io.adapter import load_adapter, save_adapter
-from ..io.peft import save_peft_lora
+from ..io.peft import lora_adapter, save_peft_lora
 from ..io.sources import PathLike
 from . import paths
 from .config import DenseLoRAConfig
@@ -252,34 +252,19 @@ class DenseLoRAModel(nn.Module):
         """Write a PEFT LoRA (``adapter_config.json`` + ``adapter_model.safetensors``) equal to this
         ``identity`` adapter: ``A = E_g``, ``B = D_g @ M_l``, and ``lora_alpha / r = alpha / r``."""
         self._require_linear("export as LoRA")
-        tensors: dict[str, torch.Tensor] = {}
-        ranks: dict[str, int] = {}
+        layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         fan_in_fan_out = False
         for path, layer in self.adapter_layers():
             shared = layer.shared
-            prefix = f"base_model.model.{path}"
-            tensors[f"{prefix}.lora_A.weight"] = shared.encoder.detach().float().cpu()
-            tensors[f"{prefix}.lora_B.weight"] = (shared.decoder.detach().float().cpu() @ layer.m.detach().float().cpu())
-            ranks[path] = shared.encoder_rank
+            decoder, m = shared.decoder.detach().float().cpu(), layer.m.detach().float().cpu()
+            layers[path] = (shared.encoder, decoder @ m)
             fan_in_fan_out |= is_conv1d(layer.base_layer)
-        scaling = self.denselora_config.scale
-        rank = max(set(ranks.values()), key=list(ranks.values()).count)
-        config = {
-            "peft_type": "LORA",
-            "r": rank,
-            "lora_alpha": scaling * rank,
-            "rank_pattern": {p: r for p, r in ranks.items() if r != rank},
-            "alpha_pattern": {p: scaling * r for p, r in ranks.items() if r != rank},
-            "target_modules": sorted({p.rsplit(".", 1)[-1] for p in ranks}),
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "fan_in_fan_out": fan_in_fan_out,
-            "base_model_name_or_path": self.adapter_config_dict().get("base_model_name_or_path"),
-            "inference_mode": True,
-            "init_lora_weights": True,
-            "use_rslora": False,
-            "use_dora": False,
-        }
+        config, tensors = lora_adapter(
+            layers,
+            self.denselora_config.scale,
+            fan_in_fan_out=fan_in_fan_out,
+            base_model_name_or_path=self.adapter_config_dict().get("base_model_name_or_path"),
+        )
         save_peft_lora(save_directory, config, tensors)
 
     def set_branch_path(self, path: str) -> None:
