@@ -157,6 +157,16 @@ def test_nonlinear_family_refits_cores_and_reports_branch_error(gelu_adapters):
         dl.build_family(gelu_adapters, rank=2)
 
 
+def test_stacked_nonlinear_family_is_exact(gelu_adapters):
+    report = dl.build_family(gelu_adapters, nonlinear="stack", samples=256)
+    assert set(report.ranks.values()) == {(8, 8)}  # 4 + 4 encoder rows side by side
+    for tenant, layers in reference_branch_errors(report, gelu_adapters, samples=512).items():
+        for module, err in layers.items():
+            assert err < 1e-5 and report.errors[tenant][module] < 1e-5, (tenant, module)
+    with pytest.raises(ArgumentError, match="nonlinear must be one of"):
+        dl.build_family(gelu_adapters, nonlinear="best")
+
+
 def test_nonlinear_family_of_one_adapter_is_exact(gelu_adapters):
     report = dl.build_family(gelu_adapters[:1], samples=512)
     assert report.max_error() < 1e-5

@@ -39,6 +39,7 @@ from .method.functional import activation_fn
 AdapterSource = Union[PathLike, tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]]
 MODES = ("auto", "linear", "aligned")
 DECODER_ALIGNMENTS = ("product", "procrustes")
+NONLINEAR_METHODS = ("aligned", "stack")
 
 
 @dataclass(frozen=True)
@@ -401,50 +402,64 @@ def _linear_family(
     return shared, cores, errors
 
 
-def _branch(x: torch.Tensor, e: torch.Tensor, m: torch.Tensor, d: torch.Tensor, acts: tuple[str, str]) -> torch.Tensor:
-    """``act_d(D M act_e(E x))`` for a batch of rows (no scale)."""
-    act_e, act_d = (activation_fn(a) for a in acts)
-    return act_d(act_e(x @ e.T) @ m.T @ d.T)
-
-
-def _aligned_family(
+def _nonlinear_family(
     loaded: Sequence[tuple[str, dict[str, Any], dict[str, torch.Tensor]]],
     groups: Mapping[str, list[str]],
     acts: tuple[str, str],
+    method: str,
     samples: int,
     seed: int,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[dict[str, float]]]:
-    """Non-linear branches: the basis is the average of the adapters' shared factors after aligning
-    each one's latents to the first's (``average(mode="aligned", decoder_alignment="procrustes")``);
-    each layer's core is refit by least squares so that ``D M' act_e(E x)`` matches the adapter's own
-    ``D_k M_k act_e(E_k x)`` on Gaussian inputs, then judged on other Gaussian inputs."""
-    pairs = [(config, tensors) for _, config, tensors in loaded]
-    if len(pairs) > 1:
-        averaged = average(pairs, mode="aligned", decoder_alignment="procrustes").tensors
-    else:
-        averaged = pairs[0][1]
-    shared = {k: _f64(v) for k, v in averaged.items() if is_shared_tensor(k)}
+    """Non-linear branches. ``aligned``: the basis is the average of the adapters' shared factors
+    after aligning each one's latents to the first's (``average(mode="aligned",
+    decoder_alignment="procrustes")``), and each layer's core is refit by least squares so that
+    ``D M' act_e(E x)`` matches the adapter's own ``D_k M_k act_e(E_k x)`` on Gaussian inputs.
+    ``stack``: the encoders' rows are stacked as they are (an elementwise activation keeps each
+    adapter's latents ``act_e(E_k x)`` as a block of ``act_e(E x)``) and the decoder is an
+    orthonormal basis of the decoders' column space, so each core ``D^T D_k M_k`` placed on its block
+    is exact, at the joint rank. Either way the error is judged on other Gaussian inputs."""
     gen = torch.Generator().manual_seed(seed)
     cores: list[dict[str, torch.Tensor]] = [{} for _ in loaded]
     errors: list[dict[str, float]] = [{} for _ in loaded]
-    act_e = activation_fn(acts[0])
+    act_e, act_d = (activation_fn(a) for a in acts)
+    if method == "stack":
+        shared = {}
+        for group in groups:
+            shared[f"shared.{group}.encoder"] = torch.cat([_f64(t[f"shared.{group}.encoder"]) for _, _, t in loaded], 0)
+            shared[f"shared.{group}.decoder"] = _top_basis(torch.cat([_f64(t[f"shared.{group}.decoder"]) for _, _, t in loaded], 1), None)
+    else:
+        pairs = [(config, tensors) for _, config, tensors in loaded]
+        averaged = average(pairs, mode="aligned", decoder_alignment="procrustes").tensors if len(pairs) > 1 else pairs[0][1]
+        shared = {k: _f64(v) for k, v in averaged.items() if is_shared_tensor(k)}
     for group, modules in groups.items():
         e_new, d_new = shared[f"shared.{group}.encoder"], shared[f"shared.{group}.decoder"]
         fit_x = torch.randn(samples, e_new.shape[1], generator=gen, dtype=torch.float64)
         test_x = torch.randn(samples, e_new.shape[1], generator=gen, dtype=torch.float64)
-        h_pinv = torch.linalg.pinv(act_e(fit_x @ e_new.T))  # R_e x n
-        d_pinv = torch.linalg.pinv(d_new)  # R_d x out
+        h_pinv = torch.linalg.pinv(act_e(fit_x @ e_new.T)) if method != "stack" else None  # R_e x n
+        d_pinv = torch.linalg.pinv(d_new)  # R_d x out (D^T when orthonormal)
+        h_test = act_e(test_x @ e_new.T)
+        offset = 0
         for k, (_, _, tensors) in enumerate(loaded):
             e_k, d_k = _f64(tensors[f"shared.{group}.encoder"]), _f64(tensors[f"shared.{group}.decoder"])
-            h_k = act_e(fit_x @ e_k.T)
+            h_k_test = act_e(test_x @ e_k.T)
+            if h_pinv is None:
+                # This adapter's block of the stacked latents: r_k x R_e selection.
+                fit_map = torch.zeros(e_k.shape[0], e_new.shape[0], dtype=torch.float64)
+                fit_map[:, offset : offset + e_k.shape[0]] = torch.eye(e_k.shape[0], dtype=torch.float64)
+                offset += e_k.shape[0]
+            else:
+                fit_map = act_e(fit_x @ e_k.T).T @ h_pinv.T  # r_k x R_e
+            dec_map = d_pinv @ d_k  # R_d x r_k
             for module in modules:
                 m_k = _f64(tensors[f"{module}.m"])
-                # Least squares on the decoder's pre-activation: min ||H M'^T D^T - H_k M_k^T D_k^T||,
-                # solved by M'^T = H^+ (H_k M_k^T D_k^T) (D^T)^+.
-                core = d_pinv @ (d_k @ m_k @ h_k.T) @ h_pinv.T
+                # Least squares on the decoder's pre-activation: min ||H M'^T D^T - H_k M_k^T D_k^T||
+                # is solved by M'^T = H^+ (H_k M_k^T D_k^T) (D^T)^+.
+                core = dec_map @ m_k @ fit_map
                 cores[k][f"{module}.m"] = core
-                want = _branch(test_x, e_k, m_k, d_k, acts)
-                got = _branch(test_x, e_new, core, d_new, acts)
+                # The branch output act_d(D M act_e(E x)) on the test inputs (the scale, the same on
+                # both sides, cancels in the relative error).
+                want = act_d(h_k_test @ m_k.T @ d_k.T)
+                got = act_d(h_test @ core.T @ d_new.T)
                 norm = float(torch.linalg.norm(want))
                 errors[k][module] = float(torch.linalg.norm(got - want)) / norm if norm > 0 else 0.0
     return shared, cores, errors
@@ -457,6 +472,7 @@ def build_family(
     names: Optional[Sequence[str]] = None,
     *,
     basis_name: str = "basis",
+    nonlinear: str = "aligned",
     samples: int = 1024,
     seed: int = 0,
 ) -> FamilyReport:
@@ -470,13 +486,17 @@ def build_family(
     encoders and column space of their decoders: exact up to ``rank`` (default: the full joint rank,
     at most the sum of the adapters' ranks; cores may be wider than each adapter's ``r``). Each
     tenant keeps its own config (``r``, ``alpha``, scaling), hence its scale. Non-linear adapters
-    are aligned to the first and averaged into the basis, and each core is refit by least squares;
-    the report gives the branch output's error on random inputs, which is not zero.
+    (``nonlinear="aligned"``, the default) are aligned to the first and averaged into a basis of
+    their rank ``r``, and each core is refit by least squares; the report gives the branch output's
+    error on ``samples`` random inputs, which is not zero. ``nonlinear="stack"`` keeps every
+    adapter's encoder rows side by side instead: exact, with cores as wide as the sum of the ranks.
     """
     if isinstance(sources, (str, os.PathLike)) or not isinstance(sources, Sequence) or not sources:
         raise ArgumentError("sources must be a non-empty list of adapters")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ArgumentError(f"rank must be a positive integer, got {rank!r}")
+    if nonlinear not in NONLINEAR_METHODS:
+        raise ArgumentError(f"nonlinear must be one of {NONLINEAR_METHODS}, got {nonlinear!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ArgumentError(f"samples must be a positive integer, got {samples!r}")
     _check_target(out)
@@ -497,8 +517,8 @@ def build_family(
     else:
         if rank is not None:
             raise ArgumentError("rank applies to linear families only (activations 'identity' on both sides)")
-        shared, cores, errors = _aligned_family(loaded, groups, acts, samples, seed)
-        measure = f"relative error of the branch output on {samples} standard Gaussian inputs"
+        shared, cores, errors = _nonlinear_family(loaded, groups, acts, nonlinear, samples, seed)
+        measure = f"{nonlinear}: relative error of the branch output on {samples} standard Gaussian inputs"
     as_f32 = {k: v.to(torch.float32).contiguous() for k, v in shared.items()}
     first_config = dict(loaded[0][1])
     basis_config = {k: v for k, v in first_config.items() if k != BASIS_KEY}

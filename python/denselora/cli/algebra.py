@@ -36,7 +36,9 @@ def _truncate(args: argparse.Namespace) -> int:
 
 def _family_build(args: argparse.Namespace) -> int:
     names = None if args.names is None else [n.strip() for n in args.names.split(",")]
-    report = algebra.build_family(args.inputs, args.output, rank=args.rank, names=names, samples=args.samples, seed=args.seed)
+    report = algebra.build_family(
+        args.inputs, args.output, rank=args.rank, names=names, nonlinear=args.nonlinear, samples=args.samples, seed=args.seed
+    )
     print(report.table())
     print(f"wrote {args.output}: basis {report.basis!r} and {len(report.errors)} tenants")
     return 0
@@ -60,6 +62,10 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
         build.add_argument("-o", "--output", required=True, help="the family bundle to write (e.g. fam.dl)")
         build.add_argument("-r", "--rank", type=int, help="rank of the shared basis (default: exact, the joint rank)")
         build.add_argument("--names", help="comma-separated tenant names (default: the directory or entry names)")
+        build.add_argument(
+            "--nonlinear", choices=algebra.NONLINEAR_METHODS, default="aligned",
+            help="GELU/SiLU adapters: 'aligned' (a basis of rank r, cores refit; lossy) or 'stack' (exact, cores of the summed ranks)",
+        )
         build.add_argument("--samples", type=int, default=1024, help="random inputs to refit and judge non-linear cores")
         build.add_argument("--seed", type=int, default=0, help="seed of those inputs")
         build.set_defaults(handler=_family_build)
