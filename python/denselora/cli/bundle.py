@@ -89,8 +89,10 @@ def _pack(args: argparse.Namespace) -> int:
         stats = pack(args.output, adapters, dtype=args.dtype, keep_existing=keep, progress=lambda _: bar.update())
     saved = stats["logical_bytes"] - stats["stored_bytes"]
     print(
+        # What the bundle holds now, as written under the writers' lock (another writer may have
+        # added adapters since `existing` was counted for the progress bar).
         f"{args.output}: {stats['adapters']} adapters ({len(adapters)} packed"
-        f"{f' into a bundle that held {existing}' if keep else ''}), {stats['tensors']} tensors, "
+        f"{' into the existing bundle' if keep else ''}), {stats['tensors']} tensors, "
         f"{_size(stats['file_bytes'])}; {stats['deduplicated']} shared tensors saved {_size(saved)}"
     )
     return 0
