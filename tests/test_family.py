@@ -277,3 +277,28 @@ def test_linear_tenant_exports_as_a_peft_lora_with_equal_outputs(family_bundle, 
         dl.algebra.export_tenant_lora(f"{path}:b", tmp_path / "x", basis=(other.basis_config, other.basis_tensors))
     with pytest.raises(ArgumentError, match="not a tenant"):
         dl.algebra.export_tenant_lora(linear_adapters[0], tmp_path / "y")
+
+
+def test_damaged_family_bundles_raise_typed_errors_naming_what_is_wrong(family_bundle, tmp_path):
+    from denselora.errors import ChecksumError
+
+    path, report = family_bundle
+    # A tenant whose basis is not in its bundle: named with the fingerprint it needs.
+    orphan = tmp_path / "orphan.dl"
+    pack(orphan, {"b": report.tenants["b"]})
+    with pytest.raises(IncompatibleAdapterError, match=f"orphan.dl:b.*{report.fingerprint}"):
+        dl.algebra.export_tenant_lora(f"{orphan}:b", tmp_path / "x")
+    # A tenant whose cores do not fit the basis groups it names is refused when written.
+    config, cores = report.tenants["c"]
+    bad = {**config, "basis": {**config["basis"], "groups": {g: [i, o, r + 1, d] for g, (i, o, r, d) in config["basis"]["groups"].items()}}}
+    with pytest.raises(IncompatibleAdapterError, match='adapter "c".*down_proj.m'):
+        pack(tmp_path / "bad.dl", {"c": (bad, cores)})
+    # Damaged bytes of the basis: the families listing names the damaged tensor.
+    data = bytearray(path.read_bytes())
+    info = dl.Bundle(path).tensor_info("basis")
+    shared = next(t for t in info if t["name"].startswith("shared."))
+    data[shared["offset"] + 3] ^= 0xFF
+    damaged = tmp_path / "damaged.dl"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=shared["name"]):
+        dl.Bundle(damaged).families()
