@@ -138,15 +138,20 @@ class Bundle:
         tenants, with sizes in stored bytes. Empty when the bundle holds no tenant."""
         configs = {name: self.config(name) for name in self.names()}
         wanted: dict[str, list[str]] = {}
+        layouts = set()  # the group shapes the tenants' bases have
         for name, config in configs.items():
             if basis.is_tenant(config):
-                fp = config[basis.BASIS_KEY].get("fingerprint")
-                wanted.setdefault(str(fp), []).append(name)
+                ref = config[basis.BASIS_KEY]
+                wanted.setdefault(str(ref.get("fingerprint")), []).append(name)
+                layouts.add(_layout_key((g, *dims) for g, dims in dict(ref.get("groups") or {}).items()))
         if not wanted:
             return []
         bases: dict[str, list[str]] = {}
         for name, config in configs.items():
-            if not basis.is_tenant(config):
+            # A full adapter whose group shapes no tenant asks for is no basis here: its tensors
+            # are not read.
+            shapes = (tuple(g[k] for k in ("group", "in_features", "out_features", "encoder_rank", "decoder_rank")) for g in self.groups(name))
+            if not basis.is_tenant(config) and _layout_key(shapes) in layouts:
                 # Only the shared tensors are read (and checksummed): the fingerprint covers them alone.
                 shared = {k: v for k, v in self.tensors(name).items() if basis.is_shared_tensor(k)}
                 bases.setdefault(basis.fingerprint(config, shared), []).append(name)
@@ -186,6 +191,11 @@ class Bundle:
         """Write adapters as directories ``out/<name>`` (tensors byte-identical to the stored ones)."""
         written = self._open.unpack(os.fspath(out), list(names or []), progress)
         return [Path(p) for p in written]
+
+
+def _layout_key(groups: Iterable[Iterable[Any]]) -> tuple[tuple[Any, ...], ...]:
+    """(group, in, out, encoder rank, decoder rank) of every group, in a comparable form."""
+    return tuple(sorted(tuple(str(v) if i == 0 else int(v) for i, v in enumerate(g)) for g in groups))
 
 
 def _entry(name: str, source: AdapterSource) -> tuple[str, Any]:
