@@ -96,7 +96,7 @@ def test_linear_family_at_full_rank_reproduces_every_update(linear_adapters):
     for tenant, layers in reference_errors(report, linear_adapters).items():
         for module, err in layers.items():
             assert err < 1e-5, (tenant, module, err)
-            assert report.errors[tenant][module] < 1e-5
+            assert report.errors[tenant][module] < 1e-10  # computed in float64 before storage
     # The basis entry is a full adapter equal to the first one's function, and the fingerprint is
     # the one io.basis computes.
     assert fingerprint(report.basis_config, report.basis_tensors) == report.fingerprint

@@ -388,17 +388,22 @@ def _linear_family(
         d_new = _top_basis(torch.cat(decoders, 1), rank)  # out x R_d, orthonormal columns
         shared[f"shared.{group}.encoder"], shared[f"shared.{group}.decoder"] = e_new, d_new
         for k, (_, _, tensors) in enumerate(loaded):
-            # Small products only: D^T D_k (R_d x r), E_k E^T (r x R_e); out x in is never formed.
+            # The update and its projection in small coordinates: orthonormal bases of [D, D_k]
+            # (out x <= R_d + r) and [E^T, E_k^T] hold both, so the residual's norm is exact
+            # without forming out x in (a difference of squared norms would cancel near zero).
+            q_d = torch.linalg.qr(torch.cat([d_new, decoders[k]], 1)).Q
+            q_e = torch.linalg.qr(torch.cat([e_new.T, encoders[k].T], 1)).Q
             left, right = d_new.T @ decoders[k], encoders[k] @ e_new.T
-            gram_d, gram_e = decoders[k].T @ decoders[k], encoders[k] @ encoders[k].T
+            small_d, small_e = q_d.T @ decoders[k], encoders[k] @ q_e
+            p_d, p_e = q_d.T @ d_new, q_e.T @ e_new.T
             for module in modules:
                 m = _f64(tensors[f"{module}.m"])
                 core = left @ m @ right  # s_k cancels: the tenant keeps the scale of its config
                 cores[k][f"{module}.m"] = core
-                # ||dW - P_D dW P_E||^2 = ||dW||^2 - ||D^T dW E^T||^2 (an orthogonal projection).
-                total = float(torch.trace(m.T @ gram_d @ m @ gram_e))
-                kept = float((core * core).sum())
-                errors[k][module] = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
+                update = small_d @ m @ small_e
+                total = float(torch.linalg.norm(update))
+                residual = float(torch.linalg.norm(update - p_d @ core @ p_e.T))
+                errors[k][module] = residual / total if total > 0 else 0.0
     return shared, cores, errors
 
 
