@@ -541,6 +541,26 @@ def test_concurrent_writer_processes_lose_no_adapter(adapter_dirs, bundle_path, 
             np.testing.assert_array_equal(got[k], expected[k])
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="fcntl.flock is POSIX")
+def test_a_writer_waits_for_the_lock_on_the_sidecar_file(adapter_dirs, bundle_path, tmp_path):
+    import fcntl
+    import time
+
+    path = tmp_path / "locked.dl"
+    path.write_bytes(bundle_path.read_bytes())
+    (source,) = _copies(adapter_dirs, tmp_path / "sources", 1)
+    with open(tmp_path / "locked.dl.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # what another writer holds while it writes
+        writer = _spawn(["-c", "import sys; from denselora.cli import pack_main; sys.exit(pack_main())", str(source), "-o", str(path)])
+        time.sleep(3.0)
+        assert writer.poll() is None, writer.communicate()  # still waiting
+        assert dl.Bundle(path).names() == ["shared", "task0", "task1"]  # readers do not wait
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    _, err = writer.communicate(timeout=300)
+    assert writer.returncode == 0, err
+    assert dl.Bundle(path).names() == ["shared", "task0", "task1", "adapter0"]
+
+
 def test_a_reader_keeps_its_views_while_a_writer_replaces_the_file_and_reopen_sees_new_entries(
     adapter_dirs, bundle_path, tmp_path
 ):
