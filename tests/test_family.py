@@ -102,7 +102,6 @@ def test_linear_family_at_full_rank_reproduces_every_update(linear_adapters):
     assert fingerprint(report.basis_config, report.basis_tensors) == report.fingerprint
     tenant_config, _ = report.tenants["b"]
     assert tenant_config["basis"]["fingerprint"] == report.fingerprint
-    assert tenant_config["format_version"] == 2
     assert all(v[2:] == [10, 10] for v in tenant_config["basis"]["groups"].values())
     # Shared factors are orthonormal.
     for key, t in report.basis_tensors.items():
@@ -207,6 +206,7 @@ def test_family_bundle_holds_the_basis_once_and_every_tenant(family_bundle, line
     bundle = dl.Bundle(path)
     assert bundle.names() == ["basis", "a", "b", "c"]
     bundle.verify()
+    assert bundle.config("b")["format_version"] == 2 and "format_version" in bundle.config("basis")
     (family,) = bundle.families()
     assert family.fingerprint == report.fingerprint and family.bases == ["basis"]
     assert family.tenants == ["a", "b", "c"] and not family.missing_basis
@@ -265,6 +265,13 @@ def test_linear_tenant_exports_as_a_peft_lora_with_equal_outputs(family_bundle, 
     model = dl.DenseLoRAModel.from_pretrained(tiny_llama(), linear_adapters[1])
     with torch.no_grad():
         expected = model(tokens).logits
+    # Each tenant itself, loaded on its basis found in the bundle, is its original adapter (c has
+    # r = 2 and its own scale under cores 10 x 10).
+    for name, source in zip("abc", linear_adapters):
+        original = dl.DenseLoRAModel.from_pretrained(tiny_llama(), source)
+        tenant = dl.DenseLoRAModel.from_pretrained(tiny_llama(), f"{path}:{name}")
+        with torch.no_grad():
+            torch.testing.assert_close(tenant(tokens).logits, original(tokens).logits, rtol=1e-4, atol=1e-4)
     peft_model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora_b").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(tokens).logits, expected, rtol=1e-4, atol=1e-4)
@@ -273,8 +280,9 @@ def test_linear_tenant_exports_as_a_peft_lora_with_equal_outputs(family_bundle, 
     # The wrong basis is refused with both fingerprints named; a full adapter is not a tenant.
     other = dl.build_family(linear_adapters[:2])
     assert other.fingerprint != report.fingerprint
+    dl.save_adapter(tmp_path / "other", other.basis_config, other.basis_tensors)
     with pytest.raises(BasisMismatchError, match=f"'?b'?.*{report.fingerprint}.*{other.fingerprint}"):
-        dl.algebra.export_tenant_lora(f"{path}:b", tmp_path / "x", basis=(other.basis_config, other.basis_tensors))
+        dl.algebra.export_tenant_lora(f"{path}:b", tmp_path / "x", basis=tmp_path / "other")
     with pytest.raises(ArgumentError, match="not a tenant"):
         dl.algebra.export_tenant_lora(linear_adapters[0], tmp_path / "y")
 

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from . import _core
-from .errors import ArgumentError, BasisMismatchError, IncompatibleAdapterError, NotMergeableError
+from .errors import ArgumentError, IncompatibleAdapterError, NotMergeableError
 from .io import arrays
 from .io.adapter import load_adapter, save_adapter_to
-from .io.basis import BASIS_KEY, fingerprint, is_shared_tensor, is_tenant
-from .io.bundle import Bundle, pack
+from .io.basis import BASIS_KEY, BasisSource, basis_groups, fingerprint, is_shared_tensor, is_tenant, resolve_basis, tenant_config
+from .io.bundle import pack
 from .io.peft import lora_adapter, save_peft_lora
 from .io.sources import PathLike, split_source
 from .method.config import DenseLoRAConfig
@@ -530,14 +530,10 @@ def build_family(
     basis_tensors = {**as_f32, **{k: v.to(torch.float32) for k, v in cores[0].items()}}
     fp = fingerprint(basis_config, basis_tensors)
     ranks = {g: (int(as_f32[f"shared.{g}.encoder"].shape[0]), int(as_f32[f"shared.{g}.decoder"].shape[1])) for g in groups}
-    basis_groups = {
-        g: [int(as_f32[f"shared.{g}.encoder"].shape[1]), int(as_f32[f"shared.{g}.decoder"].shape[0]), *ranks[g]]
-        for g in groups
-    }
+    groups_of_basis = basis_groups(as_f32)
     tenants: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]] = {}
     for name, (_, config, _), tenant_cores in zip(tenant_names, loaded, cores):
-        tenant_config = {**config, BASIS_KEY: {"fingerprint": fp, "groups": basis_groups}, "format_version": _core.TENANT_FORMAT_VERSION}
-        tenants[name] = (tenant_config, {k: v.to(torch.float32) for k, v in tenant_cores.items()})
+        tenants[name] = (tenant_config(config, fp, groups_of_basis), {k: v.to(torch.float32) for k, v in tenant_cores.items()})
     if out is not None:
         pack(out, {basis_name: (basis_config, basis_tensors), **tenants})
     return FamilyReport(
@@ -554,42 +550,24 @@ def build_family(
     )
 
 
-def _find_basis(tenant: PathLike, config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The basis of a tenant that is a bundle entry: the full adapter of that bundle whose
-    fingerprint the tenant names."""
-    needed = config[BASIS_KEY].get("fingerprint")
-    path, entry = split_source(tenant, None)
-    if entry is not None and path.is_file():
-        with Bundle(path) as bundle:
-            for family in bundle.families():
-                if family.fingerprint == needed and family.bases:
-                    return bundle.config(family.bases[0]), bundle.torch_tensors(family.bases[0])
-    raise IncompatibleAdapterError(
-        f"tenant {os.fspath(tenant)}: needs the basis with fingerprint {needed}, which is not in its bundle; "
-        "give it with basis=..."
-    )
-
-
-def export_tenant_lora(tenant: PathLike, out: PathLike, basis: Optional[AdapterSource] = None) -> None:
+def export_tenant_lora(tenant: PathLike, out: PathLike, basis: Optional[BasisSource] = None) -> None:
     """Write a tenant of a linear family as an ordinary PEFT LoRA (``A = E_g``, ``B = D_g @ M_l``,
     ``lora_alpha / r`` = the tenant's scale), for PEFT and LoRA servers. ``basis`` (a directory,
-    ``bundle.dl:name`` or a ``(config, tensors)`` pair) defaults to the entry of the tenant's
-    bundle whose fingerprint it names; a different basis is refused."""
+    ``bundle.dl:name`` or ``(bundle, name)``) defaults to the full adapter of the tenant's bundle
+    whose fingerprint it names (`denselora.io.basis.resolve_basis`); a different basis raises
+    `BasisMismatchError`."""
+    path, entry = split_source(tenant, None)
     config, cores = load_adapter(tenant)
     if not is_tenant(config):
-        raise ArgumentError(f"{os.fspath(tenant)}: not a tenant (its config names no basis); export a full adapter "
-                            "with DenseLoRAModel.export_lora")
+        raise ArgumentError(
+            f"{os.fspath(tenant)}: not a tenant (its config names no basis); export a full adapter with DenseLoRAModel.export_lora"
+        )
     parsed = DenseLoRAConfig.from_saved(dict(config))
     if not parsed.is_linear:
         raise NotMergeableError(
             f"tenant {os.fspath(tenant)}: activations {parsed.activations}; only an 'identity' branch is a LoRA"
         )
-    basis_config, shared = _find_basis(tenant, config) if basis is None else _load(basis, 0)[1:]
-    needed, given = config[BASIS_KEY].get("fingerprint"), fingerprint(basis_config, shared)
-    if needed != given:
-        raise BasisMismatchError(
-            f"tenant {os.fspath(tenant)}: needs the basis with fingerprint {needed}, but was given {given}"
-        )
+    _, shared, _ = resolve_basis(config, path, entry, basis)
     layers = {}
     for module, group in sorted(config["groups"].items()):
         decoder, m = shared[f"shared.{group}.decoder"].double(), cores[f"{module}.m"].double()
