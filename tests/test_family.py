@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 import denselora as dl
 from denselora.cli import main
 from denselora.errors import ArgumentError, BasisMismatchError, IncompatibleAdapterError
-from denselora.io.basis import fingerprint
+from denselora.io.basis import families, fingerprint
 from denselora.io.bundle import pack
 
 from conftest import randomize_adapter, tiny_llama
@@ -207,7 +207,7 @@ def test_family_bundle_holds_the_basis_once_and_every_tenant(family_bundle, line
     assert bundle.names() == ["basis", "a", "b", "c"]
     bundle.verify()
     assert bundle.config("b")["format_version"] == 2 and "format_version" in bundle.config("basis")
-    (family,) = bundle.families()
+    (family,) = families(bundle)
     assert family.fingerprint == report.fingerprint and family.bases == ["basis"]
     assert family.tenants == ["a", "b", "c"] and not family.missing_basis
     # A tenant stores only its cores: far less than the basis's shared factors.
@@ -231,7 +231,7 @@ def test_cli_family_build_and_inspect(linear_adapters, tmp_path, capsys):
     assert "ranks (encoder x decoder)" in text and "6x6" in text and f"wrote {out}" in text
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    fp = dl.Bundle(out).families()[0].fingerprint
+    fp = families(dl.Bundle(out))[0].fingerprint
     assert "families:" in text and f"basis basis (fingerprint {fp})" in text
     for tenant in ("a", "b", "c"):
         assert f"tenant {tenant}" in text
@@ -244,7 +244,7 @@ def test_inspect_flags_tenants_without_their_basis_and_imports_no_torch(family_b
     orphan = tmp_path / "orphan.dl"
     config, cores = report.tenants["b"]
     pack(orphan, {"b": (config, cores), "other": report.tenants["a"]})
-    assert [f.missing_basis for f in dl.Bundle(orphan).families()] == [True]
+    assert [f.missing_basis for f in families(dl.Bundle(orphan))] == [True]
     code = (
         "import sys\nfrom denselora.cli import main\n"
         "status = main(['inspect', sys.argv[1]])\n"
@@ -309,4 +309,4 @@ def test_damaged_family_bundles_raise_typed_errors_naming_what_is_wrong(family_b
     damaged = tmp_path / "damaged.dl"
     damaged.write_bytes(bytes(data))
     with pytest.raises(ChecksumError, match=shared["name"]):
-        dl.Bundle(damaged).families()
+        families(dl.Bundle(damaged))

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import ArgumentError
+from ..io.basis import families as find_families
 from ..io.bundle import Bundle, pack
 from ..io.sources import CONFIG_FILE, TENSORS_FILE
 
@@ -136,7 +137,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _print_families(bundle: Bundle) -> None:
     """Each basis (by fingerprint), its tenants and sizes; tenants whose basis is absent are flagged."""
-    families = bundle.families()
+    families = find_families(bundle)
     if not families:
         return
     print("\nfamilies:")

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
 
 from ..errors import BasisMismatchError, IncompatibleAdapterError
 from .sources import split_source
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 #: The config key of a tenant: ``{"fingerprint": hex, "groups": {group: [in, out, r_enc, r_dec]}}``.
 BASIS_KEY = "basis"
@@ -175,3 +179,63 @@ def with_basis(tenant_tensors: Mapping[str, Any], basis_tensors: Mapping[str, An
 
 def _where(path: Path, entry: Optional[str]) -> str:
     return os.fspath(path) if entry is None else f"{os.fspath(path)}:{entry}"
+
+
+# -- families in a bundle ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """A basis and its tenants in one bundle (see `families`). ``bases`` are the entries whose
+    fingerprint is ``fingerprint`` (full adapters; several when stored under several names, none when
+    the tenants' basis is not in this bundle); ``basis_bytes`` is what its shared factors occupy and
+    ``tenant_bytes`` what each tenant adds."""
+
+    fingerprint: str
+    bases: list[str]
+    tenants: list[str]
+    basis_bytes: int
+    tenant_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def missing_basis(self) -> bool:
+        return not self.bases
+
+
+def families(bundle: Bundle) -> list[Family]:
+    """The families of an open `denselora.io.bundle.Bundle`: each basis fingerprint that a tenant
+    entry names, the full adapters in the bundle that serve as that basis (none: the tenants' basis
+    is missing here) and its tenants, with sizes in stored bytes. Empty when the bundle holds no
+    tenant."""
+    configs = {name: bundle.config(name) for name in bundle.names()}
+    wanted: dict[str, list[str]] = {}
+    layouts = set()  # the group shapes the tenants' bases have
+    for name, config in configs.items():
+        if is_tenant(config):
+            ref = config[BASIS_KEY]
+            wanted.setdefault(str(ref.get("fingerprint")), []).append(name)
+            layouts.add(_layout_key((g, *dims) for g, dims in dict(ref.get("groups") or {}).items()))
+    if not wanted:
+        return []
+    bases: dict[str, list[str]] = {}
+    for name, config in configs.items():
+        # A full adapter whose group shapes no tenant asks for is no basis here: its tensors
+        # are not read.
+        keys = ("group", "in_features", "out_features", "encoder_rank", "decoder_rank")
+        shapes = (tuple(g[k] for k in keys) for g in bundle.groups(name))
+        if not is_tenant(config) and _layout_key(shapes) in layouts:
+            # Only the shared tensors are read (and checksummed): the fingerprint covers them alone.
+            shared = {k: v for k, v in bundle.tensors(name).items() if is_shared_tensor(k)}
+            bases.setdefault(fingerprint(config, shared), []).append(name)
+    sizes = {name: {t["name"]: t["length"] for t in bundle.tensor_info(name)} for name in configs}
+    out = []
+    for fp, tenants in wanted.items():
+        found = bases.get(fp, [])
+        shared_bytes = sum(n for k, n in sizes[found[0]].items() if is_shared_tensor(k)) if found else 0
+        out.append(Family(fp, found, tenants, shared_bytes, {t: sum(sizes[t].values()) for t in tenants}))
+    return out
+
+
+def _layout_key(groups: Iterable[Iterable[Any]]) -> tuple[tuple[Any, ...], ...]:
+    """(group, in, out, encoder rank, decoder rank) of every group, in a comparable form."""
+    return tuple(sorted(tuple(str(v) if i == 0 else int(v) for i, v in enumerate(g)) for g in groups))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
@@ -25,7 +24,6 @@ import numpy as np
 
 from .. import _core
 from ..errors import ArgumentError
-from . import basis
 from .sources import PathLike
 
 if TYPE_CHECKING:
@@ -36,24 +34,6 @@ if TYPE_CHECKING:
 
 #: A source to pack: an adapter directory, or ``(config, {tensor name: tensor or ndarray})``.
 AdapterSource = Union[PathLike, "tuple[Mapping[str, Any], Mapping[str, Any]]"]
-
-
-@dataclass(frozen=True)
-class Family:
-    """A basis and its tenants in one bundle (see `Bundle.families`). ``bases`` are the entries whose
-    fingerprint is ``fingerprint`` (full adapters; several when stored under several names, none when
-    the tenants' basis is not in this bundle); ``basis_bytes`` is what its shared factors occupy and
-    ``tenant_bytes`` what each tenant adds."""
-
-    fingerprint: str
-    bases: list[str]
-    tenants: list[str]
-    basis_bytes: int
-    tenant_bytes: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def missing_basis(self) -> bool:
-        return not self.bases
 
 
 class Bundle:
@@ -132,39 +112,6 @@ class Bundle:
         """Sizes: adapters, tensors, blobs, logical_bytes (as if unshared), stored_bytes, file_bytes."""
         return self._open.stats()
 
-    def families(self) -> list[Family]:
-        """The bundle's families: each basis fingerprint that a tenant entry names, the full adapters
-        in the bundle that serve as that basis (none: the tenants' basis is missing here) and its
-        tenants, with sizes in stored bytes. Empty when the bundle holds no tenant."""
-        configs = {name: self.config(name) for name in self.names()}
-        wanted: dict[str, list[str]] = {}
-        layouts = set()  # the group shapes the tenants' bases have
-        for name, config in configs.items():
-            if basis.is_tenant(config):
-                ref = config[basis.BASIS_KEY]
-                wanted.setdefault(str(ref.get("fingerprint")), []).append(name)
-                layouts.add(_layout_key((g, *dims) for g, dims in dict(ref.get("groups") or {}).items()))
-        if not wanted:
-            return []
-        bases: dict[str, list[str]] = {}
-        for name, config in configs.items():
-            # A full adapter whose group shapes no tenant asks for is no basis here: its tensors
-            # are not read.
-            shapes = (tuple(g[k] for k in ("group", "in_features", "out_features", "encoder_rank", "decoder_rank")) for g in self.groups(name))
-            if not basis.is_tenant(config) and _layout_key(shapes) in layouts:
-                # Only the shared tensors are read (and checksummed): the fingerprint covers them alone.
-                shared = {k: v for k, v in self.tensors(name).items() if basis.is_shared_tensor(k)}
-                bases.setdefault(basis.fingerprint(config, shared), []).append(name)
-        sizes = {name: {t["name"]: t["length"] for t in self.tensor_info(name)} for name in configs}
-        families = []
-        for fp, tenants in wanted.items():
-            found = bases.get(fp, [])
-            shared_bytes = sum(n for k, n in sizes[found[0]].items() if basis.is_shared_tensor(k)) if found else 0
-            families.append(
-                Family(fp, found, tenants, shared_bytes, {t: sum(sizes[t].values()) for t in tenants})
-            )
-        return families
-
     # -- data --
     def tensors(self, name: str, *, verify: bool = True) -> dict[str, np.ndarray]:
         """The adapter's tensors as read-only numpy views of the file (no copy).
@@ -191,11 +138,6 @@ class Bundle:
         """Write adapters as directories ``out/<name>`` (tensors byte-identical to the stored ones)."""
         written = self._open.unpack(os.fspath(out), list(names or []), progress)
         return [Path(p) for p in written]
-
-
-def _layout_key(groups: Iterable[Iterable[Any]]) -> tuple[tuple[Any, ...], ...]:
-    """(group, in, out, encoder rank, decoder rank) of every group, in a comparable form."""
-    return tuple(sorted(tuple(str(v) if i == 0 else int(v) for i, v in enumerate(g)) for g in groups))
 
 
 def _entry(name: str, source: AdapterSource) -> tuple[str, Any]:
@@ -236,4 +178,4 @@ def pack(
     return _core.pack_bundle(os.fspath(dest), entries, dtype, keep_existing, progress)
 
 
-__all__ = ["Bundle", "Family", "pack"]
+__all__ = ["Bundle", "pack"]
