@@ -156,6 +156,27 @@ def test_nonlinear_family_refits_cores_and_reports_branch_error(gelu_adapters):
         dl.build_family(gelu_adapters, rank=2)
 
 
+def test_aligned_family_of_one_function_in_other_latent_coordinates_is_exact(gelu_adapters, tmp_path):
+    """The second adapter is the first with its latents permuted and its decoder side re-based
+    (E -> P E, M -> B M P^T, D -> D B^-1: the same function); the alignment undoes the permutation,
+    so the averaged basis spans the same features and both refit cores are exact."""
+    rng = np.random.default_rng(0)
+    config, tensors = dl.load_adapter(gelu_adapters[0])
+    copy = dict(tensors)
+    groups = sorted(set(config["groups"].values()))
+    for g in groups:
+        r = tensors[f"shared.{g}.encoder"].shape[0]
+        p = torch.from_numpy(np.eye(r)[rng.permutation(r)])
+        b = torch.from_numpy(np.eye(r) * 2 + rng.normal(size=(r, r)) * 0.3)
+        copy[f"shared.{g}.encoder"] = (p @ tensors[f"shared.{g}.encoder"].double()).float()
+        copy[f"shared.{g}.decoder"] = (tensors[f"shared.{g}.decoder"].double() @ torch.linalg.inv(b)).float()
+        for module in (m for m, gg in config["groups"].items() if gg == g):
+            copy[f"{module}.m"] = (b @ tensors[f"{module}.m"].double() @ p.T).float()
+    dl.save_adapter(tmp_path / "copy", config, copy)
+    report = dl.build_family([gelu_adapters[0], tmp_path / "copy"], samples=512)
+    assert report.max_error() < 1e-4, report.table()
+
+
 def test_stacked_nonlinear_family_is_exact(gelu_adapters):
     report = dl.build_family(gelu_adapters, nonlinear="stack", samples=256)
     assert set(report.ranks.values()) == {(8, 8)}  # 4 + 4 encoder rows side by side
