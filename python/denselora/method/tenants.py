@@ -39,7 +39,6 @@ from .functional import activation_fn
 
 if TYPE_CHECKING:
     from .layer import DenseLoRALayer
-    from .model import DenseLoRAModel
 
 #: The name of the model's own adapter among the residents.
 DEFAULT = "default"
@@ -135,7 +134,8 @@ class LayerStack:
 class Residents:
     """The tenants resident in one `DenseLoRAModel`, their slots, and the routing of a batch."""
 
-    def __init__(self, model: DenseLoRAModel) -> None:
+    def __init__(self, model: Any) -> None:
+        # ``model``: the `DenseLoRAModel` (not imported: model.py imports this module).
         self.model = model
         self.max_resident: Optional[int] = None
         # Tenant name -> slot, least recently routed first. Slot 0 is the model's own adapter.
