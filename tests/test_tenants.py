@@ -102,6 +102,12 @@ def test_a_wrong_or_missing_basis_is_a_typed_error_naming_the_fingerprints(famil
     assert "t0" in str(info.value) and not isinstance(info.value, BasisMismatchError)
     with pytest.raises(IncompatibleAdapterError, match="itself a tenant"):
         DenseLoRAModel.from_pretrained(tiny_llama(), tenant_dirs["t0"], basis=tenant_dirs["t1"])
+    # Groups that claim other dimensions than the basis has (the cores alone cannot show it).
+    config, tensors = load_adapter(tenant_dirs["t0"])
+    config["basis"]["groups"]["q_proj"] = [32, 33, 4, 4]
+    dl.save_adapter(tmp_path / "lying", config, tensors)
+    with pytest.raises(IncompatibleAdapterError, match=r"group 'q_proj' is \[32, 33, 4, 4\]"):
+        DenseLoRAModel.from_pretrained(tiny_llama(), tmp_path / "lying", basis=basis_dir)
 
 
 def test_in_a_bundle_the_basis_is_found_by_fingerprint(family, tmp_path, tokens):

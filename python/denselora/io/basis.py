@@ -172,6 +172,18 @@ def resolve_basis(
     )
 
 
+def check_groups(tenant: Mapping[str, Any], basis_tensors: Mapping[str, Any], tenant_where: str, basis_where: str) -> None:
+    """`IncompatibleAdapterError` naming the group unless the tenant's ``basis.groups`` (what its
+    cores were checked against) are the basis's shapes."""
+    have = basis_groups(basis_tensors)
+    for group, dims in tenant[BASIS_KEY]["groups"].items():
+        if have.get(group) != list(dims):
+            raise IncompatibleAdapterError(
+                f"{tenant_where}: group {group!r} is {list(dims)} (in, out, encoder rank, decoder rank) in the tenant's "
+                f"basis, but {have.get(group)} in {basis_where}"
+            )
+
+
 def with_basis(tenant_tensors: Mapping[str, Any], basis_tensors: Mapping[str, Any]) -> dict[str, Any]:
     """A full adapter's tensors: the tenant's cores and the basis's shared tensors."""
     return {**{n: t for n, t in basis_tensors.items() if is_shared_tensor(n)}, **tenant_tensors}

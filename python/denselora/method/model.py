@@ -200,7 +200,8 @@ class DenseLoRAModel(nn.Module):
             raise IncompatibleAdapterError(f"{where}: config has no 'groups'")
         basis_print = None
         if _basis.is_tenant(raw_config):
-            basis_config, basis_tensors, _ = _basis.resolve_basis(raw_config, path, entry, basis)
+            basis_config, basis_tensors, basis_where = _basis.resolve_basis(raw_config, path, entry, basis)
+            _basis.check_groups(raw_config, basis_tensors, where, basis_where)
             tensors = _basis.with_basis(tensors, basis_tensors)
             basis_print = _basis.required_fingerprint(raw_config)
             _check_same_activations(raw_config, basis_config, where)

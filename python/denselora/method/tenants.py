@@ -39,7 +39,6 @@ from .functional import activation_fn
 
 if TYPE_CHECKING:
     from .layer import DenseLoRALayer
-    from .model import DenseLoRAModel
 
 #: The name of the model's own adapter among the residents.
 DEFAULT = "default"
@@ -135,7 +134,8 @@ class LayerStack:
 class Residents:
     """The tenants resident in one `DenseLoRAModel`, their slots, and the routing of a batch."""
 
-    def __init__(self, model: DenseLoRAModel) -> None:
+    def __init__(self, model: Any) -> None:
+        # ``model``: the `DenseLoRAModel` (not imported: model.py imports this module).
         self.model = model
         self.max_resident: Optional[int] = None
         # Tenant name -> slot, least recently routed first. Slot 0 is the model's own adapter.
@@ -264,7 +264,11 @@ class Residents:
         slot = self._free[-1]
         with torch.no_grad():
             for path, stack in self.stacks.items():
-                stack.cores[slot].copy_(_as_tensor(cores[path]))
+                core, target = cores[path], stack.cores[slot]
+                if isinstance(core, np.ndarray) and core.dtype == np.float32 and target.dtype == torch.float32 and target.is_cpu:
+                    np.copyto(arrays.view(target, path), core)  # straight from the memory map into the slot
+                else:
+                    target.copy_(_as_tensor(core))
         self._free.pop()
         self._slots[name] = slot
 
@@ -281,9 +285,10 @@ class Residents:
             if name in bundle:
                 where = f"{os.fspath(bundle.path)}:{name}"
                 config = bundle.config(name)
-                # Only this tenant's cores are read from the memory map (copied once, r_d x r_e each).
+                # Only this tenant's cores are read from the memory map, copied once, into the slot.
                 dtypes = bundle.dtypes(name)
-                tensors = {k: arrays.to_tensor(dtypes[k], np.array(a)) for k, a in bundle.tensors(name).items()}
+                tensors = {k: a if dtypes[k] == "F32" else arrays.to_tensor(dtypes[k], np.array(a))
+                           for k, a in bundle.tensors(name).items()}
                 self._admit(name, self._cores_of(config, tensors, where), keep)
                 return True
         return False
