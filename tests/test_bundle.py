@@ -470,7 +470,8 @@ def test_failed_pack_leaves_the_existing_bundle_untouched(adapter_dirs, bundle_p
     with pytest.raises(KeyboardInterrupt):
         pack(path, {"x": adapter_dirs / "task0"}, progress=interrupt)
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "keep.dl"]  # no temp file left
+    # No temp file left; the writers' lock file stays (removing it could let two writers lock two files).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "keep.dl", "keep.dl.lock"]
 
 
 def test_a_process_killed_midway_leaves_the_bundle_untouched(adapter_dirs, bundle_path, tmp_path):
@@ -487,6 +488,106 @@ def test_a_process_killed_midway_leaves_the_bundle_untouched(adapter_dirs, bundl
     assert done.returncode == 3
     assert path.read_bytes() == before
     dl.Bundle(path).verify()
+
+
+# ---- many writers, many readers ----------------------------------------------------------------
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _copies(adapter_dirs: Path, root: Path, count: int) -> list[Path]:
+    """``count`` distinct adapters (task0's config, task0 or task1's tensors scaled apart)."""
+    from safetensors.numpy import save_file
+
+    out = []
+    for i in range(count):
+        src = adapter_dirs / ("task0", "task1")[i % 2]
+        target = root / f"adapter{i}"
+        target.mkdir(parents=True)
+        (target / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+        tensors = {k: (v * (1.0 + i)).astype(v.dtype) for k, v in load_file(src / "adapter.safetensors").items()}
+        save_file(tensors, target / "adapter.safetensors")
+        out.append(target)
+    return out
+
+
+def test_concurrent_writer_processes_lose_no_adapter(adapter_dirs, bundle_path, tmp_path):
+    """Writers in separate processes, half through the command line, half through the Python API,
+    each adding its own adapter to one bundle at the same time: every adapter is there at the end."""
+    path = tmp_path / "shared.dl"
+    path.write_bytes(bundle_path.read_bytes())
+    sources = _copies(adapter_dirs, tmp_path / "sources", 6)
+    api = "import sys\nfrom denselora.io.bundle import pack\npack(sys.argv[1], {sys.argv[2]: sys.argv[3]}, keep_existing=True)\n"
+    procs = []
+    for i, source in enumerate(sources):
+        if i % 2:
+            procs.append(_spawn(["-c", api, str(path), source.name, str(source)]))
+        else:
+            procs.append(_spawn(["-c", "import sys; from denselora.cli import pack_main; sys.exit(pack_main())", str(source), "-o", str(path)]))
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    bundle = dl.Bundle(path)
+    assert sorted(bundle.names()) == sorted(["shared", "task0", "task1", *(s.name for s in sources)])
+    bundle.verify()
+    for source in sources:
+        expected = load_file(source / "adapter.safetensors")
+        got = bundle.tensors(source.name)
+        assert got.keys() == expected.keys()
+        for k in expected:
+            np.testing.assert_array_equal(got[k], expected[k])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fcntl.flock is POSIX")
+def test_a_writer_waits_for_the_lock_on_the_sidecar_file(adapter_dirs, bundle_path, tmp_path):
+    import fcntl
+    import time
+
+    path = tmp_path / "locked.dl"
+    path.write_bytes(bundle_path.read_bytes())
+    (source,) = _copies(adapter_dirs, tmp_path / "sources", 1)
+    with open(tmp_path / "locked.dl.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # what another writer holds while it writes
+        writer = _spawn(["-c", "import sys; from denselora.cli import pack_main; sys.exit(pack_main())", str(source), "-o", str(path)])
+        time.sleep(3.0)
+        assert writer.poll() is None, writer.communicate()  # still waiting
+        assert dl.Bundle(path).names() == ["shared", "task0", "task1"]  # readers do not wait
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    _, err = writer.communicate(timeout=300)
+    assert writer.returncode == 0, err
+    assert dl.Bundle(path).names() == ["shared", "task0", "task1", "adapter0"]
+
+
+def test_a_reader_keeps_its_views_while_a_writer_replaces_the_file_and_reopen_sees_new_entries(
+    adapter_dirs, bundle_path, tmp_path
+):
+    path = tmp_path / "served.dl"
+    path.write_bytes(bundle_path.read_bytes())
+    reader = dl.Bundle(path)
+    views = reader.tensors("task0")
+    copies = {k: v.copy() for k, v in views.items()}
+    # Another process replaces the bundle: its adapters rewritten as others, plus a new one.
+    script = (
+        "import sys\nfrom denselora.io.bundle import pack\n"
+        "pack(sys.argv[1], {'task0': sys.argv[2], 'new': sys.argv[2]}, keep_existing=True)\n"
+    )
+    p = _spawn(["-c", script, str(path), str(adapter_dirs / "task1")])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    for k, v in views.items():
+        np.testing.assert_array_equal(v, copies[k])  # the mapped file is the old one, unchanged
+    assert reader.names() == ["shared", "task0", "task1"]
+    reader.verify()
+    assert reader.reopen() is reader
+    assert reader.names() == ["shared", "task0", "task1", "new"]
+    expected = load_file(adapter_dirs / "task1" / "adapter.safetensors")
+    for k, v in reader.tensors("task0").items():
+        np.testing.assert_array_equal(v, expected[k])
+    for k, v in views.items():  # views handed out before reopen still read the old file
+        np.testing.assert_array_equal(v, copies[k])
 
 
 # ---- command line ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 from denselora import _core, errors
 from denselora.errors import (
     ArgumentError,
+    BasisMismatchError,
     ChecksumError,
     ConfigError,
     DenseLoRAError,
@@ -30,6 +31,7 @@ HIERARCHY = {
     FormatError: (DenseLoRAError, ValueError),
     ChecksumError: (FormatError,),
     IncompatibleAdapterError: (DenseLoRAError, ValueError),
+    BasisMismatchError: (IncompatibleAdapterError,),
     NotMergeableError: (DenseLoRAError, ValueError),
     ArgumentError: (DenseLoRAError, ValueError),
     ShapeError: (ArgumentError,),
@@ -47,8 +49,8 @@ def test_hierarchy_and_builtin_bases():
         assert cls.__doc__ and cls.__doc__.strip()
         assert getattr(_core, cls.__name__) is cls
         assert issubclass(cls, Exception)
-    for cls in (ConfigError, FormatError, ChecksumError, IncompatibleAdapterError, NotMergeableError, ArgumentError,
-                ShapeError, LayoutError, NonFiniteError):
+    for cls in (ConfigError, FormatError, ChecksumError, IncompatibleAdapterError, BasisMismatchError,
+                NotMergeableError, ArgumentError, ShapeError, LayoutError, NonFiniteError):
         assert issubclass(cls, DenseLoRAError) and issubclass(cls, ValueError), cls
         assert not issubclass(cls, TypeError)
     assert issubclass(DTypeError, DenseLoRAError) and issubclass(DTypeError, TypeError)

@@ -408,6 +408,30 @@ def test_cli_train_then_eval(model_dir, tmp_path, capsys):
     assert main(["eval", *args]) == 0  # the base model alone
 
 
+def test_cli_train_a_tenant_on_a_frozen_basis(model_dir, tmp_path, capsys):
+    from denselora.cli import main
+    from denselora.io import basis
+    from denselora.io.adapter import load_adapter
+
+    task = write_bigbench(
+        tmp_path / "task.json",
+        [{"input": f"{i} is?", "target_scores": {"even": int(i % 2 == 0), "odd": int(i % 2 == 1)}} for i in range(24)],
+    )
+    args = ["--model", str(model_dir), "--data", str(task), "--test-size", "4", "--val-size", "4"]
+    train = ["--steps", "3", "--lr", "2e-2", "--r", "4", "--micro-batch-size", "4", "--no-progress"]
+    assert main(["train", *args, "--output", str(tmp_path / "basis"), *train]) == 0
+    basis_dir = tmp_path / "basis" / "adapter"
+    assert main(["train", *args, "--output", str(tmp_path / "tenant"), "--basis", str(basis_dir), *train]) == 0
+    printed = capsys.readouterr().out
+    config, tensors = load_adapter(tmp_path / "tenant" / "adapter")
+    assert basis.is_tenant(config) and all(name.endswith(".m") for name in tensors)
+    assert f"denselora: {sum(t.numel() for t in tensors.values()):,d} trainable parameters" in printed
+    assert config["basis"]["fingerprint"] == basis.fingerprint(*load_adapter(basis_dir))
+    report = tmp_path / "eval.json"
+    assert main(["eval", *args, "--adapter", str(tmp_path / "tenant" / "adapter"), "--basis", str(basis_dir), "--output", str(report)]) == 0
+    assert json.loads(report.read_text())["examples"] == 4
+
+
 def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
     from denselora.cli import main
 

@@ -29,7 +29,7 @@ from .errors import (
 __getattr__, __dir__, _lazy_names = attach(
     __name__,
     {
-        "algebra": ["AverageReport", "TruncateReport", "average", "truncate"],
+        "algebra": ["AverageReport", "FamilyReport", "TruncateReport", "average", "build_family", "truncate"],
         "io.adapter": ["load_adapter", "save_adapter", "save_adapter_to"],
         "io.bundle": ["Bundle"],
         "method.config": ["DEFAULT_TARGET_MODULES", "DenseLoRAConfig"],

@@ -10,6 +10,7 @@ itself; they live here (``__module__`` is ``denselora.errors``), where they are 
 - ``DenseLoRAError`` (``Exception``)
   - ``ConfigError``, ``IncompatibleAdapterError``, ``NotMergeableError``, ``NonFiniteError``
     (also ``ValueError``)
+    - ``IncompatibleAdapterError`` > ``BasisMismatchError`` (a tenant on a basis other than its own)
   - ``FormatError`` (also ``ValueError``) > ``ChecksumError``
   - ``ArgumentError`` (also ``ValueError``) > ``ShapeError``, ``LayoutError``
   - ``DTypeError`` (also ``TypeError``)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from ._core import (
     ArgumentError,
+    BasisMismatchError,
     ChecksumError,
     ConfigError,
     DenseLoRAError,
@@ -33,6 +35,7 @@ from ._core import (
 
 __all__ = [
     "ArgumentError",
+    "BasisMismatchError",
     "ChecksumError",
     "ConfigError",
     "DTypeError",

@@ -29,6 +29,7 @@ COMMANDS: dict[str, Command] = {
     "verify": Command("bundle", "check every checksum of a bundle"),
     "merge": Command("algebra", "average adapters (runs, seeds, checkpoints) into one"),
     "truncate": Command("algebra", "reduce an adapter's rank"),
+    "family": Command("algebra", "build a family: adapters as tenants of one shared basis (family build)"),
 }
 
 

@@ -1,4 +1,5 @@
-"""``denselora merge`` and ``denselora truncate``: the adapter algebra from the command line."""
+"""``denselora merge``, ``denselora truncate`` and ``denselora family build``: the adapter algebra
+from the command line."""
 
 from __future__ import annotations
 
@@ -33,8 +34,42 @@ def _truncate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _family_build(args: argparse.Namespace) -> int:
+    names = None if args.names is None else [n.strip() for n in args.names.split(",")]
+    report = algebra.build_family(
+        args.inputs, args.output, rank=args.rank, names=names, nonlinear=args.nonlinear, samples=args.samples, seed=args.seed
+    )
+    print(report.table())
+    print(f"wrote {args.output}: basis {report.basis!r} and {len(report.errors)} tenants")
+    return 0
+
+
 def configure(name: str, parser: argparse.ArgumentParser) -> None:
-    """The arguments and the handler of ``merge`` or ``truncate``."""
+    """The arguments and the handler of ``merge``, ``truncate`` or ``family``."""
+    if name == "family":
+        parser.description = "Families of adapters on one shared basis."
+        actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+        build = actions.add_parser(
+            "build",
+            help="compress full adapters of one base model into a family bundle",
+            description=(
+                "Compress full adapters of one base model into a .dl bundle holding one shared basis (entry "
+                "'basis') and each adapter as a tenant (its cores only). Linear adapters: exact up to the rank; "
+                "non-linear ones: aligned, averaged and refit. Prints the relative error per adapter and layer."
+            ),
+        )
+        build.add_argument("inputs", nargs="+", metavar="IN", help="adapter directories or bundle.dl:name entries")
+        build.add_argument("-o", "--output", required=True, help="the family bundle to write (e.g. fam.dl)")
+        build.add_argument("-r", "--rank", type=int, help="rank of the shared basis (default: exact, the joint rank)")
+        build.add_argument("--names", help="comma-separated tenant names (default: the directory or entry names)")
+        build.add_argument(
+            "--nonlinear", choices=algebra.NONLINEAR_METHODS, default="aligned",
+            help="GELU/SiLU adapters: 'aligned' (a basis of rank r, cores refit; lossy) or 'stack' (exact, cores of the summed ranks)",
+        )
+        build.add_argument("--samples", type=int, default=1024, help="random inputs to refit and judge non-linear cores")
+        build.add_argument("--seed", type=int, default=0, help="seed of those inputs")
+        build.set_defaults(handler=_family_build)
+        return
     if name == "merge":
         parser.description = "Average adapters. The first input is the reference the others are aligned to."
         parser.add_argument("inputs", nargs="+", metavar="IN", help="adapter directories or bundle.dl:name entries")

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import ArgumentError
+from ..io.basis import families as find_families
 from ..io.bundle import Bundle, pack
 from ..io.sources import CONFIG_FILE, TENSORS_FILE
 
@@ -89,8 +90,10 @@ def _pack(args: argparse.Namespace) -> int:
         stats = pack(args.output, adapters, dtype=args.dtype, keep_existing=keep, progress=lambda _: bar.update())
     saved = stats["logical_bytes"] - stats["stored_bytes"]
     print(
+        # What the bundle holds now, as written under the writers' lock (another writer may have
+        # added adapters since `existing` was counted for the progress bar).
         f"{args.output}: {stats['adapters']} adapters ({len(adapters)} packed"
-        f"{f' into a bundle that held {existing}' if keep else ''}), {stats['tensors']} tensors, "
+        f"{' into the existing bundle' if keep else ''}), {stats['tensors']} tensors, "
         f"{_size(stats['file_bytes'])}; {stats['deduplicated']} shared tensors saved {_size(saved)}"
     )
     return 0
@@ -120,6 +123,7 @@ def _inspect(args: argparse.Namespace) -> int:
     right = {1, 2, 3, 4, 6}
     for row in [header, *rows]:
         print("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    _print_families(bundle)
     s = bundle.stats()
     saved = s["logical_bytes"] - s["stored_bytes"]
     share = 100.0 * saved / s["logical_bytes"] if s["logical_bytes"] else 0.0
@@ -129,6 +133,30 @@ def _inspect(args: argparse.Namespace) -> int:
         f"(deduplication saves {_size(saved)}, {share:.1f}%)"
     )
     return 0
+
+
+def _print_families(bundle: Bundle) -> None:
+    """Each basis (by fingerprint), its tenants and sizes; tenants whose basis is absent are flagged."""
+    families = find_families(bundle)
+    if not families:
+        return
+    print("\nfamilies:")
+    for family in families:
+        tenants = family.tenant_bytes
+        if family.missing_basis:
+            print(f"  MISSING BASIS {family.fingerprint}: not in this bundle; its {len(tenants)} tenants cannot load from it alone")
+        else:
+            print(f"  basis {', '.join(family.bases)} (fingerprint {family.fingerprint}): shared factors {_size(family.basis_bytes)}")
+        width = max(len(t) for t in tenants)
+        for tenant, size in tenants.items():
+            print(f"    tenant {tenant.ljust(width)}  {_size(size)}")
+        if tenants:
+            mean = sum(tenants.values()) / len(tenants)
+            print(f"    {len(tenants)} tenants, {_size(mean)} each on average")
+    missing = [f for f in families if f.missing_basis]
+    if missing:
+        names = ", ".join(t for f in missing for t in f.tenants)
+        print(f"warning: tenants without their basis in {bundle.path}: {names}", file=sys.stderr)
 
 
 def _numel(shape: list[int]) -> int:

@@ -100,6 +100,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     _add_model_flags(p)
     p.add_argument("--data", required=True, help="Alpaca / LLM-Adapters JSON (instruction, input, output) or a BIG-bench task.json")
     p.add_argument("--output", required=True, help="output folder: adapter/ (best by validation loss), final/, checkpoints/, train_log.json, loss_curve.png")
+    p.add_argument("--basis", default=None, metavar="ADAPTER", help="train a tenant: only the per-layer cores M train, on the frozen shared encoders/decoders of this adapter (a folder or 'bundle.dl:name'); the output adapters are tenants of it, and the configuration flags below come from it")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--dropout", type=float, default=0.05)
@@ -169,7 +170,12 @@ def run_train(args: argparse.Namespace) -> int:
     rank, world, device = _setup_distributed(_device(args.device))
     base, tokenizer = _load_base(args, device)
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    model = build_adapter_model(base, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets, **dense_options(args))
+    if args.basis is not None:
+        from ..method.model import DenseLoRAModel
+
+        model = DenseLoRAModel.from_pretrained(base, args.basis, freeze_shared=True)
+    else:
+        model = build_adapter_model(base, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets, **dense_options(args))
     trainable, total = model.get_nb_trainable_parameters()
     train_data = TokenizedDataset(train_examples, tokenizer, cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs)
     val_data = TokenizedDataset(splits.validation, tokenizer, cutoff_len=args.cutoff_len) if splits.validation else None
@@ -191,6 +197,7 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.description = "Multiple-choice accuracy by the log-likelihood of each option (BIG-bench tasks), or generation with answer extraction in the LLM-Adapters style (their commonsense test files)."
     _add_model_flags(p)
     p.add_argument("--adapter", default=None, help="an adapter folder (DenseLoRA or PEFT LoRA) or a bundle entry 'bundle.dl:name'; omit for the base model")
+    p.add_argument("--basis", default=None, metavar="ADAPTER", help="the basis of a tenant given with --adapter (a folder or 'bundle.dl:name'; default: found in the tenant's bundle)")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default=None, choices=("train", "validation", "test", "all"), help="which split (default: test for BIG-bench tasks, all for instruction files)")
     p.add_argument("--mode", default="auto", choices=("auto", "choice", "generate"), help="auto: choice for multiple-choice data, else generate")
@@ -204,9 +211,10 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=run_eval)
 
 
-def attach_adapter(base: Any, source: Optional[str]) -> Any:
+def attach_adapter(base: Any, source: Optional[str], basis: Optional[str] = None) -> Any:
     """``base`` with the adapter at ``source`` (DenseLoRA directory or bundle entry, or a PEFT
-    LoRA directory) attached for inference."""
+    LoRA directory) attached for inference; ``basis``: the basis of a tenant (else found in its
+    bundle)."""
     if source is None:
         return base
     from ..io.peft import is_peft_lora
@@ -218,7 +226,7 @@ def attach_adapter(base: Any, source: Optional[str]) -> Any:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base, os.fspath(path)).eval()
-    return DenseLoRAModel.from_pretrained(base, source)
+    return DenseLoRAModel.from_pretrained(base, source, basis=basis)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -242,7 +250,7 @@ def run_eval(args: argparse.Namespace) -> int:
         kind = args.answer_format or dataset_kind(str(args.data))
     device = _device(args.device)
     base, tokenizer = _load_base(args, device)
-    model = attach_adapter(base, args.adapter)
+    model = attach_adapter(base, args.adapter, args.basis)
     report: dict[str, Any] = {"data": str(args.data), "split": split, "adapter": args.adapter, "mode": mode, "examples": len(examples)}
     if mode == "choice":
         result = multiple_choice_accuracy(model, tokenizer, examples, batch_size=args.batch_size, normalize=args.normalize)

@@ -3,6 +3,7 @@
 - `sources`: what an adapter is on disk and where one comes from (a directory or ``bundle.dl:name``);
 - `adapter`: adapters as torch tensors, loaded from and saved to either;
 - `bundle`: ``.dl`` bundles, many adapters in one memory-mapped, checksummed file;
+- `basis`: shared bases and their tenants (cores only): fingerprints, tenant configs, finding a basis;
 - `peft`: the PEFT LoRA export;
 - `atomic`: directories written whole or not at all;
 - `arrays`: torch tensors <-> the numpy arrays the core takes (bfloat16 as its bit patterns).
@@ -20,6 +21,7 @@ __getattr__, __dir__, __all__ = attach(
         "bundle": ["Bundle", "pack"],
         "peft": ["is_peft_lora", "save_peft_lora"],
         "atomic": ["atomic_directory"],
+        "basis": ["fingerprint", "is_tenant", "resolve_basis"],
     },
-    submodules=["adapter", "arrays", "atomic", "bundle", "peft", "sources"],
+    submodules=["adapter", "arrays", "atomic", "basis", "bundle", "peft", "sources"],
 )

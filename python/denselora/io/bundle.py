@@ -3,6 +3,10 @@
     with Bundle("adapters.dl") as bundle:
         arrays = bundle.tensors("task-a")      # read-only numpy views of the mapped file
 
+Writers (``pack``, ``save_adapter_to``, ``denselora pack``) of one bundle take turns under an
+exclusive lock on ``<bundle>.lock``; readers never lock and keep the file they opened until
+``reopen()``.
+
 The format (docs/format.md) is read and written only by the Rust core; this module is its typed
 Python face. Opening validates the whole catalog but reads no tensor data; each tensor's checksum
 is checked the first time it is fetched, and ``verify()`` checks every byte of the file.
@@ -64,6 +68,13 @@ class Bundle:
     def __repr__(self) -> str:
         state = "closed" if self._core is None else f"{len(self._core)} adapters"
         return f"Bundle({os.fspath(self.path)!r}, {state})"
+
+    def reopen(self) -> Bundle:
+        """Map the file now at ``path``, to see adapters that writers added or replaced since this
+        bundle was opened. Returns ``self``. Arrays already handed out keep viewing the file they
+        came from, which stays valid (a writer renames a new file into place, never edits one)."""
+        self._core = (self._core.reopen() if self._core is not None else _core.Bundle(os.fspath(self.path)))
+        return self
 
     # -- catalog --
     def names(self) -> list[str]:

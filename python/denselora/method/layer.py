@@ -125,6 +125,8 @@ class DenseLoRALayer(nn.Module):
         self.merged = False
         self._branch_path = "auto"
         self._kernel = KernelPath()
+        # The layer's stack of resident tenants' cores (`tenants.LayerStack`), once the model has any.
+        self._routed: Optional[Any] = None
 
     @property
     def branch_path(self) -> str:
@@ -195,6 +197,9 @@ class DenseLoRALayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged:
             return result
+        routed = self._routed
+        if routed is not None and routed.residents.active:  # a batch whose rows use different tenants
+            return routed.forward(x, result)
         if self._branch_path in ("auto", "fused") and self._add_fused(x, result):
             return result
         return result + self.branch(x).to(result.dtype)

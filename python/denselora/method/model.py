@@ -10,17 +10,18 @@ import hashlib
 import os
 import re
 from collections import OrderedDict, defaultdict
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError, IncompatibleAdapterError, NotMergeableError
+from ..errors import ArgumentError, BasisMismatchError, ConfigError, IncompatibleAdapterError, NotMergeableError
 from ..io import arrays
+from ..io import basis as _basis
 from ..io.adapter import load_adapter, save_adapter
-from ..io.peft import save_peft_lora
-from ..io.sources import PathLike
-from . import paths
+from ..io.peft import lora_adapter, save_peft_lora
+from ..io.sources import PathLike, split_source
+from . import paths, tenants
 from .config import DenseLoRAConfig
 from .layer import DenseLoRALayer, DenseLoRAShared, is_adaptable, is_conv1d, linear_dims
 
@@ -87,6 +88,10 @@ class DenseLoRAModel(nn.Module):
         self.base_model = model
         self.denselora_config = config
         self.groups: dict[str, str] = dict(groups)
+        #: The fingerprint of the frozen basis this adapter's cores stand on (`denselora.io.basis`),
+        #: or None for a full adapter. When set, `save_pretrained` writes a tenant (cores only).
+        self.basis_fingerprint: Optional[str] = None
+        self._tenants: Optional[tenants.Residents] = None
         self.register_state_dict_post_hook(_keep_adapter_entries)
         self.register_load_state_dict_post_hook(_ignore_missing_base_entries)
         # Tools that inspect forward's signature (Trainer drops dataset columns it does not name)
@@ -152,8 +157,21 @@ class DenseLoRAModel(nn.Module):
         return config
 
     def save_pretrained(self, save_directory: PathLike, **_: Any) -> None:
-        """Write the adapter directory: ``adapter_config.json`` and ``adapter.safetensors``."""
-        save_adapter(save_directory, self.adapter_config_dict(), self.adapter_state())
+        """Write the adapter directory: ``adapter_config.json`` and ``adapter.safetensors``. On a
+        frozen basis (`basis_fingerprint` set) this is a tenant: the cores and a config naming the
+        basis; `BasisMismatchError` if the shared tensors changed since (then they were not frozen)."""
+        state = self.adapter_state()
+        config = self.adapter_config_dict()
+        if self.basis_fingerprint is not None:
+            now = _basis.fingerprint(config, state)
+            if now != self.basis_fingerprint:
+                raise BasisMismatchError(
+                    f"{os.fspath(save_directory)}: the tenant needs the basis of fingerprint {self.basis_fingerprint}, "
+                    f"but the model's shared tensors now have fingerprint {now} (they changed: train with freeze_shared=True)"
+                )
+            config = _basis.tenant_config(config, self.basis_fingerprint, _basis.basis_groups(state))
+            state = OrderedDict(_basis.tenant_tensors(state))
+        save_adapter(save_directory, config, state)
 
     @classmethod
     def from_pretrained(
@@ -163,20 +181,100 @@ class DenseLoRAModel(nn.Module):
         adapter_name: Optional[str] = None,
         *,
         is_trainable: bool = False,
+        freeze_shared: bool = False,
+        basis: Optional[_basis.BasisSource] = None,
     ) -> DenseLoRAModel:
         """Attach a saved adapter (a directory, ``bundle.dl`` with ``adapter_name``, or
-        ``"bundle.dl:name"``) to ``model``. Every module and tensor must match exactly."""
+        ``"bundle.dl:name"``) to ``model``. Every module and tensor must match exactly.
+
+        A tenant (cores only) takes its shared tensors from ``basis`` (a directory,
+        ``"bundle.dl:name"`` or ``(bundle, name)``), or, when it is a bundle entry, from the full
+        adapter of the same bundle whose fingerprint it needs; a basis of another fingerprint raises
+        `BasisMismatchError` naming both. With ``freeze_shared`` the adapter serves as a frozen
+        basis: only the cores train, and `save_pretrained` writes a tenant of that basis."""
         raw_config, tensors = load_adapter(source, adapter_name)
-        where = os.fspath(source) if adapter_name is None else f"{os.fspath(source)}:{adapter_name}"
+        path, entry = split_source(source, adapter_name)
+        where = os.fspath(path) if entry is None else f"{os.fspath(path)}:{entry}"
         groups = raw_config.get("groups")
         if not isinstance(groups, dict) or not groups:
             raise IncompatibleAdapterError(f"{where}: config has no 'groups'")
-        config = DenseLoRAConfig.from_saved(raw_config)
+        basis_print = None
+        if _basis.is_tenant(raw_config):
+            basis_config, basis_tensors, basis_where = _basis.resolve_basis(raw_config, path, entry, basis)
+            _basis.check_groups(raw_config, basis_tensors, where, basis_where)
+            tensors = _basis.with_basis(tensors, basis_tensors)
+            basis_print = _basis.required_fingerprint(raw_config)
+            _check_same_activations(raw_config, basis_config, where)
+        elif basis is not None:
+            raise ArgumentError(f"{where} is a full adapter (it has its own shared tensors); basis= applies to tenants")
+        config = DenseLoRAConfig.from_saved({k: v for k, v in raw_config.items() if k != _basis.BASIS_KEY})
         wrapped = inject(model, config, groups=groups, tensors=tensors, source=where)
-        wrapped.requires_grad_adapter(is_trainable)
-        if not is_trainable:
+        if freeze_shared and basis_print is None:
+            basis_print = _basis.fingerprint(raw_config, tensors)
+        wrapped.basis_fingerprint = basis_print
+        wrapped.requires_grad_adapter(is_trainable or freeze_shared)
+        if freeze_shared:
+            wrapped.freeze_shared()
+        elif not is_trainable:
             wrapped.eval()
         return wrapped
+
+    def shared_fingerprint(self) -> str:
+        """The fingerprint of this model's basis: `basis_fingerprint` when set, else that of its
+        shared tensors and activations now (`denselora.io.basis.fingerprint`)."""
+        if self.basis_fingerprint is not None:
+            return self.basis_fingerprint
+        shared = [t for s in self.shared_modules.values() for t in (s.encoder, s.decoder)]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in shared)
+        cached = self.__dict__.get("_shared_print")
+        if cached is None or cached[0] != key:
+            cached = (key, _basis.fingerprint(self.adapter_config_dict(), self.adapter_state()))
+            self.__dict__["_shared_print"] = cached
+        return cached[1]
+
+    def freeze_shared(self) -> None:
+        """Freeze every shared encoder and decoder (the basis): only the cores ``M_l`` train."""
+        for shared in self.shared_modules.values():
+            shared.requires_grad_(False)
+
+    # -- tenants: many adapters of one basis in one model --
+    @property
+    def tenants(self) -> tenants.Residents:
+        """The resident tenants of this model's basis (`denselora.method.tenants.Residents`)."""
+        if self._tenants is None:
+            self._tenants = tenants.Residents(self)
+        return self._tenants
+
+    def load_adapter(self, source: PathLike, adapter_name: str, basis: Optional[_basis.BasisSource] = None) -> None:
+        """Make the tenant ``source`` (a directory or bundle entry; or a full adapter on this
+        model's basis, whose cores are taken) resident under ``adapter_name``, for `route`. Its
+        basis must be this model's (`BasisMismatchError` names both fingerprints); a failed load
+        changes nothing resident."""
+        self.tenants.load(source, adapter_name, basis=basis)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove a resident tenant (the others are untouched)."""
+        self.tenants.delete(adapter_name)
+
+    def add_tenant_source(self, bundle: PathLike) -> None:
+        """Let `route` bring in, memory-mapped, a tenant of ``bundle`` that is not resident."""
+        self.tenants.add_source(bundle)
+
+    @property
+    def max_resident(self) -> Optional[int]:
+        """The most tenants resident at once (None: no bound); beyond it the least recently
+        routed is evicted."""
+        return self.tenants.max_resident
+
+    @max_resident.setter
+    def max_resident(self, value: Optional[int]) -> None:
+        self.tenants.set_max_resident(value)
+
+    def route(self, names: Sequence[Optional[str]]) -> contextlib.AbstractContextManager[None]:
+        """Inside the block, row ``i`` of every batch runs with the tenant ``names[i]`` (``"default"``:
+        this model's own adapter; None: the base model alone): ``h = act(E x)`` once for the batch,
+        ``z_i = M[t_i] h_i``, ``out += s act(D z)``. For inference (no gradients, no dropout)."""
+        return self.tenants.route(names)
 
     def load_adapter_state(self, tensors: Mapping[str, torch.Tensor], *, source: str = "tensors") -> None:
         """Copy ``tensors`` (named as in `adapter_state`) into the adapter's parameters, in their
@@ -252,34 +350,19 @@ class DenseLoRAModel(nn.Module):
         """Write a PEFT LoRA (``adapter_config.json`` + ``adapter_model.safetensors``) equal to this
         ``identity`` adapter: ``A = E_g``, ``B = D_g @ M_l``, and ``lora_alpha / r = alpha / r``."""
         self._require_linear("export as LoRA")
-        tensors: dict[str, torch.Tensor] = {}
-        ranks: dict[str, int] = {}
+        layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         fan_in_fan_out = False
         for path, layer in self.adapter_layers():
             shared = layer.shared
-            prefix = f"base_model.model.{path}"
-            tensors[f"{prefix}.lora_A.weight"] = shared.encoder.detach().float().cpu()
-            tensors[f"{prefix}.lora_B.weight"] = (shared.decoder.detach().float().cpu() @ layer.m.detach().float().cpu())
-            ranks[path] = shared.encoder_rank
+            decoder, m = shared.decoder.detach().float().cpu(), layer.m.detach().float().cpu()
+            layers[path] = (shared.encoder, decoder @ m)
             fan_in_fan_out |= is_conv1d(layer.base_layer)
-        scaling = self.denselora_config.scale
-        rank = max(set(ranks.values()), key=list(ranks.values()).count)
-        config = {
-            "peft_type": "LORA",
-            "r": rank,
-            "lora_alpha": scaling * rank,
-            "rank_pattern": {p: r for p, r in ranks.items() if r != rank},
-            "alpha_pattern": {p: scaling * r for p, r in ranks.items() if r != rank},
-            "target_modules": sorted({p.rsplit(".", 1)[-1] for p in ranks}),
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "fan_in_fan_out": fan_in_fan_out,
-            "base_model_name_or_path": self.adapter_config_dict().get("base_model_name_or_path"),
-            "inference_mode": True,
-            "init_lora_weights": True,
-            "use_rslora": False,
-            "use_dora": False,
-        }
+        config, tensors = lora_adapter(
+            layers,
+            self.denselora_config.scale,
+            fan_in_fan_out=fan_in_fan_out,
+            base_model_name_or_path=self.adapter_config_dict().get("base_model_name_or_path"),
+        )
         save_peft_lora(save_directory, config, tensors)
 
     def set_branch_path(self, path: str) -> None:
@@ -291,6 +374,15 @@ class DenseLoRAModel(nn.Module):
         paths.check_branch_path(path, "set_branch_path(path)")
         for _, layer in self.adapter_layers():
             layer.branch_path = path
+
+
+def _check_same_activations(tenant: Mapping[str, Any], basis_config: Mapping[str, Any], where: str) -> None:
+    # The fingerprint covers the basis's activations; a tenant config claiming others is damaged.
+    if _basis.activations_of(tenant) != _basis.activations_of(basis_config):
+        raise IncompatibleAdapterError(
+            f"{where}: the tenant's activations {_basis.activations_of(tenant)} are not its basis's "
+            f"{_basis.activations_of(basis_config)}"
+        )
 
 
 def _keep_adapter_entries(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ArgumentError, ConfigError, FormatError
+from ..io import basis
 from ..io.adapter import load_adapter, save_adapter
 from ..io.atomic import atomic_directory
 from ..method.model import DenseLoRAModel
@@ -67,7 +68,10 @@ def restore_adapter(model: nn.Module, directory: os.PathLike | str) -> None:
         raise ArgumentError(
             f"restoring {directory} needs a DenseLoRA model, got {type(inner).__name__} (for PEFT use PeftModel.load_adapter)"
         )
-    _, tensors = load_adapter(directory)
+    config, tensors = load_adapter(directory)
+    if basis.is_tenant(config):  # a tenant trained on the model's frozen basis: its cores only
+        basis.check_basis(config, inner.shared_fingerprint(), os.fspath(directory), "the model's basis")
+        tensors = basis.with_basis(tensors, inner.adapter_state())
     inner.load_adapter_state(tensors, source=os.fspath(directory))
 
 

@@ -3,6 +3,10 @@
 //! Tensor names are `shared.<group>.encoder` (r_e x in), `shared.<group>.decoder` (out x r_d) and
 //! `<module path>.m` (r_d x r_e). Every shared tensor is stored once. The config's `groups` object
 //! maps each adapted module path to its group; reading checks that tensors and config agree exactly.
+//!
+//! A *tenant* stores only its cores: its config has a `basis` object, `{"fingerprint": <32 hex>,
+//! "groups": {group: [in, out, encoder_rank, decoder_rank]}}`, naming the basis (the shared tensors
+//! of some full adapter) it needs; its group layouts come from there instead of from shared tensors.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -17,8 +21,29 @@ use crate::tensor::{Tensor, TensorRef};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const TENSORS_FILE: &str = "adapter.safetensors";
-/// Version of the adapter directory layout written by this library.
+/// Version of the adapter layout written for full adapters (shared tensors and cores).
 pub const FORMAT_VERSION: u64 = 1;
+/// Version written for tenants (cores only, `basis` in the config); the newest this library reads.
+pub const TENANT_FORMAT_VERSION: u64 = 2;
+/// The config key of a tenant's basis.
+pub const BASIS_KEY: &str = "basis";
+
+/// The `format_version` an adapter with this config is written with: tenants 2, full adapters 1
+/// (so that readers older than tenants keep reading full adapters).
+pub fn format_version_for(config: &Map<String, Value>) -> u64 {
+    if config.contains_key(BASIS_KEY) {
+        TENANT_FORMAT_VERSION
+    } else {
+        FORMAT_VERSION
+    }
+}
+
+/// `config` with the `format_version` it is written with.
+pub fn stamped(config: &Map<String, Value>) -> Map<String, Value> {
+    let mut config = config.clone();
+    config.insert("format_version".into(), Value::from(format_version_for(&config)));
+    config
+}
 
 /// An adapter config: the JSON object of `adapter_config.json`. The core reads only the keys it
 /// needs (`groups`, `format_version`, and what the algebra consults); the rest passes through.
@@ -104,8 +129,55 @@ fn matrix_shape(tensors: &BTreeMap<String, TensorRef<'_>>, key: &str, context: &
     }
 }
 
+/// A tenant's basis as its config names it: the fingerprint and each group's
+/// `[in_features, out_features, encoder_rank, decoder_rank]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BasisRef {
+    pub fingerprint: String,
+    pub groups: BTreeMap<String, [usize; 4]>,
+}
+
+/// The basis a tenant's config names; `None` for a full adapter.
+pub fn config_basis(config: &Map<String, Value>, context: &str) -> Result<Option<BasisRef>> {
+    let Some(basis) = config.get(BASIS_KEY) else { return Ok(None) };
+    let bad = |m: String| Error::incompatible(context, format!("config \"{BASIS_KEY}\" {m}"));
+    let basis = basis.as_object().ok_or_else(|| bad(format!("is {basis}, not an object")))?;
+    let fingerprint = match basis.get("fingerprint") {
+        Some(Value::String(f))
+            if f.len() == 32 && f.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+        {
+            f.clone()
+        }
+        other => return Err(bad(format!("has fingerprint {other:?}; expected 32 lowercase hex digits"))),
+    };
+    let groups = basis
+        .get("groups")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("has no \"groups\" object (group -> [in, out, encoder_rank, decoder_rank])".into()))?;
+    let mut out = BTreeMap::new();
+    for (group, dims) in groups {
+        let parsed: Option<Vec<usize>> = dims
+            .as_array()
+            .map(|a| a.iter().map(|d| d.as_u64().filter(|&d| d > 0).map(|d| d as usize)).collect::<Option<_>>())
+            .unwrap_or(None);
+        match parsed.as_deref() {
+            Some(&[i, o, e, d]) => {
+                out.insert(group.clone(), [i, o, e, d]);
+            }
+            _ => {
+                return Err(bad(format!(
+                "gives group {group:?} as {dims}; expected [in, out, encoder_rank, decoder_rank] of positive integers"
+            )))
+            }
+        }
+    }
+    Ok(Some(BasisRef { fingerprint, groups: out }))
+}
+
 /// Check that `tensors` are exactly what `config` promises and return each group's layout.
-/// `context` names the adapter (its path or bundle entry) in errors.
+/// `context` names the adapter (its path or bundle entry) in errors. A tenant (a config with
+/// `basis`) holds exactly one core per module, shaped by its group in `basis.groups`, and no
+/// shared tensor.
 pub fn validate_layout(
     config: &Map<String, Value>,
     tensors: &BTreeMap<String, TensorRef<'_>>,
@@ -116,6 +188,9 @@ pub fn validate_layout(
     for (module, group) in &groups {
         by_group.entry(group.as_str()).or_default().push(module.clone());
     }
+    if let Some(basis) = config_basis(config, context)? {
+        return validate_tenant_layout(by_group, &basis.groups, tensors, context);
+    }
     let mut expected: BTreeSet<String> = BTreeSet::new();
     let mut layouts = Vec::with_capacity(by_group.len());
     for (group, modules) in by_group {
@@ -124,19 +199,7 @@ pub fn validate_layout(
         expected.insert(encoder_key(group));
         expected.insert(decoder_key(group));
         for module in &modules {
-            let key = m_key(module);
-            let shape = matrix_shape(tensors, &key, context)?;
-            if shape != (dec_rank, enc_rank) {
-                return Err(Error::incompatible(
-                    format!("{context}: module {module}"),
-                    format!(
-                        "tensor {key:?} has shape {:?}, but group {group:?} needs [{dec_rank}, {enc_rank}] \
-                         (decoder columns x encoder rows)",
-                        [shape.0, shape.1]
-                    ),
-                ));
-            }
-            expected.insert(key);
+            expected.insert(check_m_shape(tensors, module, group, (dec_rank, enc_rank), context)?);
         }
         layouts.push(GroupLayout {
             name: group.to_string(),
@@ -156,12 +219,79 @@ pub fn validate_layout(
     Ok(layouts)
 }
 
+fn check_m_shape(
+    tensors: &BTreeMap<String, TensorRef<'_>>,
+    module: &str,
+    group: &str,
+    (dec_rank, enc_rank): (usize, usize),
+    context: &str,
+) -> Result<String> {
+    let key = m_key(module);
+    let shape = matrix_shape(tensors, &key, context)?;
+    if shape != (dec_rank, enc_rank) {
+        return Err(Error::incompatible(
+            format!("{context}: module {module}"),
+            format!(
+                "tensor {key:?} has shape {:?}, but group {group:?} needs [{dec_rank}, {enc_rank}] \
+                 (decoder columns x encoder rows)",
+                [shape.0, shape.1]
+            ),
+        ));
+    }
+    Ok(key)
+}
+
+fn validate_tenant_layout(
+    by_group: BTreeMap<&str, Vec<String>>,
+    basis_groups: &BTreeMap<String, [usize; 4]>,
+    tensors: &BTreeMap<String, TensorRef<'_>>,
+    context: &str,
+) -> Result<Vec<GroupLayout>> {
+    if let Some(shared) = tensors.keys().find(|k| k.starts_with("shared.")) {
+        return Err(Error::incompatible(
+            context,
+            format!("tensor {shared:?} is a shared tensor; a tenant stores only its cores (its basis holds the rest)"),
+        ));
+    }
+    if let Some(unused) = basis_groups.keys().find(|g| !by_group.contains_key(g.as_str())) {
+        return Err(Error::incompatible(
+            context,
+            format!("basis group {unused:?} is the group of no module in \"groups\""),
+        ));
+    }
+    let mut expected: BTreeSet<String> = BTreeSet::new();
+    let mut layouts = Vec::with_capacity(by_group.len());
+    for (group, modules) in by_group {
+        let &[in_features, out_features, enc_rank, dec_rank] = basis_groups.get(group).ok_or_else(|| {
+            Error::incompatible(
+                format!("{context}: module {}", modules[0]),
+                format!("group {group:?} is missing from the config's basis groups"),
+            )
+        })?;
+        for module in &modules {
+            expected.insert(check_m_shape(tensors, module, group, (dec_rank, enc_rank), context)?);
+        }
+        layouts.push(GroupLayout {
+            name: group.to_string(),
+            in_features,
+            out_features,
+            encoder_rank: enc_rank,
+            decoder_rank: dec_rank,
+            modules,
+        });
+    }
+    if let Some(extra) = tensors.keys().find(|k| !expected.contains(*k)) {
+        return Err(Error::incompatible(context, format!("tensor {extra:?} belongs to no module named in the config")));
+    }
+    Ok(layouts)
+}
+
 fn check_format_version(config: &Map<String, Value>, path: &Path) -> Result<()> {
     match config.get("format_version").and_then(Value::as_u64) {
-        Some(v) if v <= FORMAT_VERSION => Ok(()),
+        Some(v) if v <= TENANT_FORMAT_VERSION => Ok(()),
         Some(v) => Err(Error::format(
             path,
-            format!("format_version {v} is newer than this library reads ({FORMAT_VERSION}); upgrade denselora"),
+            format!("format_version {v} is newer than this library reads ({TENANT_FORMAT_VERSION}); upgrade denselora"),
         )),
         None => Err(Error::format(path, "missing or non-integer \"format_version\"")),
     }
@@ -213,14 +343,13 @@ pub fn write_adapter_dir(
     config: &Map<String, Value>,
     tensors: &BTreeMap<String, TensorRef<'_>>,
 ) -> Result<()> {
-    let mut config = config.clone();
-    config.insert("format_version".into(), Value::from(FORMAT_VERSION));
+    let config = stamped(config);
     validate_layout(&config, tensors, &dir.display().to_string())?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let named: Vec<(&str, TensorRef<'_>)> = tensors.iter().map(|(k, t)| (k.as_str(), *t)).collect();
     let metadata = BTreeMap::from([
         ("format".to_string(), "denselora".to_string()),
-        ("format_version".to_string(), FORMAT_VERSION.to_string()),
+        ("format_version".to_string(), format_version_for(&config).to_string()),
     ]);
     save_safetensors(&dir.join(TENSORS_FILE), &named, &metadata)?;
     let config_path = dir.join(CONFIG_FILE);
@@ -346,6 +475,107 @@ pub(crate) mod tests {
         std::fs::write(&cfg, "{not json").unwrap();
         let err = read_adapter_dir(dir.path()).unwrap_err();
         assert!(err.to_string().contains(CONFIG_FILE), "{err}");
+    }
+
+    /// The tenant of `sample_adapter`: its cores and a config naming its basis.
+    pub fn sample_tenant() -> Adapter {
+        let mut adapter = sample_adapter();
+        adapter.tensors.retain(|k, _| !k.starts_with("shared."));
+        let basis = serde_json::json!({
+            "fingerprint": "0123456789abcdef0123456789abcdef",
+            "groups": {"q_proj": [8, 8, 4, 4], "up_proj": [8, 12, 4, 4]},
+        });
+        adapter.config.insert(BASIS_KEY.into(), basis);
+        adapter.config.insert("format_version".into(), Value::from(TENANT_FORMAT_VERSION));
+        adapter
+    }
+
+    fn tenant_error(edit: impl FnOnce(&mut Adapter)) -> String {
+        let mut tenant = sample_tenant();
+        edit(&mut tenant);
+        let err = tenant.layout("tenant-x").unwrap_err();
+        assert!(matches!(err, Error::Incompatible { .. }), "{err}");
+        let message = err.to_string();
+        assert!(message.contains("tenant-x"), "{message}");
+        message
+    }
+
+    #[test]
+    fn a_tenant_takes_its_layout_from_the_basis_and_is_written_as_version_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = sample_tenant();
+        let layout = tenant.layout("t").unwrap();
+        assert_eq!(layout, sample_adapter().layout("t").unwrap());
+        tenant.write(dir.path()).unwrap();
+        let back = read_adapter_dir(dir.path()).unwrap();
+        assert_eq!(back, tenant);
+        assert_eq!(back.config["format_version"], Value::from(2));
+        assert_eq!(format_version_for(&back.config), TENANT_FORMAT_VERSION);
+        // A full adapter keeps version 1, even when handed a config stamped otherwise.
+        let mut full = sample_adapter();
+        full.config.insert("format_version".into(), Value::from(2));
+        full.write(dir.path()).unwrap();
+        assert_eq!(read_adapter_dir(dir.path()).unwrap().config["format_version"], Value::from(FORMAT_VERSION));
+    }
+
+    #[test]
+    fn a_tenant_layout_error_names_the_tensor_or_group() {
+        let shared = tenant_error(|t| {
+            let e = sample_adapter().tensors[&encoder_key("q_proj")].clone();
+            t.tensors.insert(encoder_key("q_proj"), e);
+        });
+        assert!(shared.contains("shared.q_proj.encoder") && shared.contains("only its cores"), "{shared}");
+        let missing = tenant_error(|t| {
+            t.tensors.remove(&m_key("model.layers.1.self_attn.q_proj"));
+        });
+        assert!(missing.contains("model.layers.1.self_attn.q_proj.m") && missing.contains("missing"), "{missing}");
+        let shape = tenant_error(|t| {
+            t.tensors.insert(m_key("model.layers.0.mlp.up_proj"), Tensor::from_f32(DType::F32, vec![4, 3], &[0.0; 12]));
+        });
+        assert!(shape.contains("model.layers.0.mlp.up_proj.m") && shape.contains("[4, 4]"), "{shape}");
+        let stray = tenant_error(|t| {
+            t.tensors
+                .insert("model.layers.9.mlp.up_proj.m".into(), Tensor::from_f32(DType::F32, vec![4, 4], &[0.0; 16]));
+        });
+        assert!(stray.contains("model.layers.9.mlp.up_proj.m") && stray.contains("no module"), "{stray}");
+        let group = tenant_error(|t| {
+            t.config[BASIS_KEY]["groups"].as_object_mut().unwrap().remove("up_proj");
+        });
+        assert!(group.contains("\"up_proj\"") && group.contains("model.layers.0.mlp.up_proj"), "{group}");
+        let unused = tenant_error(|t| {
+            t.config[BASIS_KEY]["groups"]["v_proj"] = serde_json::json!([8, 8, 4, 4]);
+        });
+        assert!(unused.contains("\"v_proj\""), "{unused}");
+        let dims = tenant_error(|t| t.config[BASIS_KEY]["groups"]["q_proj"] = serde_json::json!([8, 8, 4]));
+        assert!(dims.contains("q_proj") && dims.contains("encoder_rank"), "{dims}");
+        let zero = tenant_error(|t| t.config[BASIS_KEY]["groups"]["q_proj"] = serde_json::json!([8, 8, 0, 4]));
+        assert!(zero.contains("positive"), "{zero}");
+        let fingerprint = tenant_error(|t| t.config[BASIS_KEY]["fingerprint"] = Value::from("xyz"));
+        assert!(fingerprint.contains("fingerprint") && fingerprint.contains("xyz"), "{fingerprint}");
+        let not_object = tenant_error(|t| {
+            t.config.insert(BASIS_KEY.into(), Value::from("basis/"));
+        });
+        assert!(not_object.contains("not an object"), "{not_object}");
+    }
+
+    #[test]
+    fn a_tenant_with_a_bad_layout_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tenant = sample_tenant();
+        tenant.tensors.remove(&m_key("model.layers.0.mlp.up_proj"));
+        assert!(tenant.write(dir.path()).is_err());
+        assert!(!dir.path().join(TENSORS_FILE).exists());
+    }
+
+    #[test]
+    fn version_2_is_read_and_3_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        sample_tenant().write(dir.path()).unwrap();
+        let cfg = dir.path().join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&cfg).unwrap().replace("\"format_version\": 2", "\"format_version\": 3");
+        std::fs::write(&cfg, text).unwrap();
+        let err = read_adapter_dir(dir.path()).unwrap_err();
+        assert!(matches!(err, Error::Format { .. }) && err.to_string().contains("format_version 3"), "{err}");
     }
 
     #[test]

@@ -19,8 +19,7 @@ pub fn save_adapter(
     config_json: &str,
     tensors: &Bound<'_, PyDict>,
 ) -> BindingResult<()> {
-    let mut config = adapter::parse_config_object(config_json, Path::new("config_json"))?;
-    config.insert("format_version".into(), adapter::FORMAT_VERSION.into());
+    let config = adapter::stamped(&adapter::parse_config_object(config_json, Path::new("config_json"))?);
     let borrowed = BorrowedTensors::from_dict(tensors, false)?;
     py.detach(|| adapter::write_adapter_dir(&path, &config, &borrowed.views()))?;
     Ok(())
@@ -41,6 +40,7 @@ pub fn load_adapter<'py>(py: Python<'py>, path: PathBuf) -> BindingResult<Bound<
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ADAPTER_FORMAT_VERSION", adapter::FORMAT_VERSION)?;
+    m.add("TENANT_FORMAT_VERSION", adapter::TENANT_FORMAT_VERSION)?;
     m.add_function(wrap_pyfunction!(save_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(load_adapter, m)?)?;
     Ok(())

@@ -96,6 +96,14 @@ impl PyBundle {
         Ok(PyBundle { bundle: Arc::new(bundle) })
     }
 
+    /// A new handle on the file now at this path (writers replace the file; this handle and its
+    /// arrays keep the one they mapped).
+    fn reopen(&self, py: Python<'_>) -> BindingResult<Self> {
+        let bundle = &self.bundle;
+        let fresh = py.detach(|| bundle.reopen())?;
+        Ok(PyBundle { bundle: Arc::new(fresh) })
+    }
+
     #[getter]
     fn path(&self) -> PathBuf {
         self.bundle.path().to_path_buf()

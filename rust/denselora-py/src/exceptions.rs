@@ -82,6 +82,13 @@ pub static INCOMPATIBLE_ADAPTER_ERROR: ExceptionClass = ExceptionClass::new(
     |py| Ok(vec![DENSELORA_ERROR.get(py)?, py.get_type::<PyValueError>()]),
 );
 
+pub static BASIS_MISMATCH_ERROR: ExceptionClass = ExceptionClass::new(
+    "BasisMismatchError",
+    "A tenant (cores only) given a basis other than the one it was trained on: names the tenant, the \
+     fingerprint it needs and the fingerprint it was given.",
+    |py| Ok(vec![INCOMPATIBLE_ADAPTER_ERROR.get(py)?]),
+);
+
 pub static NOT_MERGEABLE_ERROR: ExceptionClass = ExceptionClass::new(
     "NotMergeableError",
     "An operation that needs a linear (``identity``) branch was asked of a non-linear one.",
@@ -115,12 +122,13 @@ pub static NON_FINITE_ERROR: ExceptionClass =
     });
 
 /// Every class, bases before subclasses.
-pub static ALL: [&ExceptionClass; 11] = [
+pub static ALL: [&ExceptionClass; 12] = [
     &DENSELORA_ERROR,
     &CONFIG_ERROR,
     &FORMAT_ERROR,
     &CHECKSUM_ERROR,
     &INCOMPATIBLE_ADAPTER_ERROR,
+    &BASIS_MISMATCH_ERROR,
     &NOT_MERGEABLE_ERROR,
     &ARGUMENT_ERROR,
     &SHAPE_ERROR,

@@ -10,4 +10,4 @@ pub mod writer;
 mod tests;
 
 pub use reader::{AdapterEntry, Bundle, BundleStats, TensorEntry};
-pub use writer::{pack, unpack, BundleWriter, PackEntry, PackOptions, PackSource, PackStats};
+pub use writer::{lock_path, pack, unpack, BundleWriter, PackEntry, PackOptions, PackSource, PackStats};

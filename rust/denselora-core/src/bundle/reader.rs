@@ -17,7 +17,7 @@ use memmap2::Mmap;
 use serde_json::Value;
 
 use super::format::*;
-use crate::adapter::{validate_layout, ConfigMap, GroupLayout, FORMAT_VERSION as ADAPTER_FORMAT_VERSION};
+use crate::adapter::{validate_layout, ConfigMap, GroupLayout, TENANT_FORMAT_VERSION as NEWEST_ADAPTER_FORMAT_VERSION};
 use crate::dtype::DType;
 use crate::error::{ArgumentKind, Error, Result};
 use crate::tensor::TensorRef;
@@ -241,6 +241,12 @@ impl Bundle {
         })
     }
 
+    /// Open the file now at this bundle's path: the entries a writer added since this handle was
+    /// opened appear; this handle and the views it handed out keep the file they mapped.
+    pub fn reopen(&self) -> Result<Bundle> {
+        Bundle::open(&self.path)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -311,7 +317,7 @@ impl Bundle {
         let record: AdapterRecord =
             serde_json::from_slice(record_bytes).map_err(|e| fail(format!("invalid record JSON: {e}")))?;
         match record.config.get("format_version").and_then(Value::as_u64) {
-            Some(v) if v <= ADAPTER_FORMAT_VERSION => {}
+            Some(v) if v <= NEWEST_ADAPTER_FORMAT_VERSION => {}
             Some(v) => return Err(fail(format!("adapter format_version {v} is newer than this library reads"))),
             None => return Err(fail("config has no integer \"format_version\"".into())),
         }

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::format::*;
 use super::*;
-use crate::adapter::tests::sample_adapter;
+use crate::adapter::tests::{sample_adapter, sample_tenant};
 use crate::adapter::{decoder_key, encoder_key, Adapter};
 use crate::dtype::{self, DType};
 use crate::error::Error;
@@ -170,6 +170,52 @@ fn keep_existing_adds_and_replaces_in_place() {
 }
 
 #[test]
+fn concurrent_writers_keep_every_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, adapters) = sample_bundle(dir.path());
+    let a = &adapters[0].1;
+    let writers = 6;
+    std::thread::scope(|s| {
+        for i in 0..writers {
+            let path = &path;
+            s.spawn(move || {
+                let adapter = scaled(a, 3.0 + i as f32);
+                let options = PackOptions { dtype: None, keep_existing: true };
+                pack(path, &[memory_entry(&format!("w{i}"), &adapter)], &options, &mut no_progress()).unwrap();
+            });
+        }
+    });
+    let bundle = Bundle::open(&path).unwrap();
+    assert_eq!(bundle.len(), adapters.len() + writers);
+    for i in 0..writers {
+        assert_same(&bundle, &format!("w{i}"), &scaled(a, 3.0 + i as f32));
+    }
+    bundle.verify().unwrap();
+    assert!(lock_path(&path).exists());
+    assert_eq!(lock_path(&path).file_name().unwrap(), "sample.dl.lock");
+}
+
+#[test]
+fn readers_keep_their_file_while_a_writer_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, adapters) = sample_bundle(dir.path());
+    let reader = Bundle::open(&path).unwrap();
+    let before = reader.tensor_map("a").unwrap();
+    let extra = scaled(&adapters[0].1, 5.0);
+    let options = PackOptions { dtype: None, keep_existing: false };
+    // Replace the file with one holding other bytes at the same offsets.
+    pack(&path, &[memory_entry("a", &extra)], &options, &mut no_progress()).unwrap();
+    for (k, t) in &adapters[0].1.tensors {
+        assert_eq!(before[k].data, &t.data[..], "the reader's view of {k} is unchanged");
+    }
+    reader.verify().unwrap();
+    assert_eq!(reader.len(), 3);
+    let fresh = reader.reopen().unwrap();
+    assert_eq!(fresh.names().collect::<Vec<_>>(), ["a"]);
+    assert_same(&fresh, "a", &extra);
+}
+
+#[test]
 fn failed_pack_leaves_destination_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = sample_bundle(dir.path());
@@ -190,7 +236,9 @@ fn failed_pack_leaves_destination_untouched() {
     .unwrap_err();
     assert!(err.to_string().contains("interrupted"));
     assert_eq!(std::fs::read(&path).unwrap(), before);
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+    let mut left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["sample.dl", "sample.dl.lock"], "no temporary file left behind (the writers' lock stays)");
 }
 
 #[test]
@@ -204,6 +252,43 @@ fn unpack_reproduces_adapter_directories() {
         assert_eq!(&crate::adapter::read_adapter_dir(&out.join(name)).unwrap(), adapter);
     }
     assert!(unpack(&bundle, &out, &["nope".to_string()], &mut no_progress()).is_err());
+}
+
+#[test]
+fn a_family_bundle_holds_a_basis_and_its_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let basis = sample_adapter();
+    let t1 = sample_tenant();
+    let t2 = scaled(&t1, 3.0);
+    let path = dir.path().join("family.dl");
+    let entries = [memory_entry("basis", &basis), memory_entry("t1", &t1), memory_entry("t2", &t2)];
+    pack(&path, &entries, &PackOptions::default(), &mut no_progress()).unwrap();
+    let bundle = Bundle::open(&path).unwrap();
+    bundle.verify().unwrap();
+    for (name, adapter) in [("basis", &basis), ("t1", &t1), ("t2", &t2)] {
+        assert_same(&bundle, name, adapter);
+    }
+    assert_eq!(bundle.adapter("t1").unwrap().groups, basis.layout("x").unwrap());
+    assert_eq!(bundle.adapter("t1").unwrap().config["format_version"], Value::from(2));
+    assert_eq!(bundle.adapter("basis").unwrap().config["format_version"], Value::from(1));
+    let out = dir.path().join("out");
+    unpack(&bundle, &out, &[], &mut no_progress()).unwrap();
+    assert_eq!(crate::adapter::read_adapter_dir(&out.join("t2")).unwrap(), t2);
+
+    // A tenant entry whose cores do not fit its basis groups is refused by the writer and, when a
+    // record lies, by the reader, naming the entry and the tensor.
+    let mut bad = sample_tenant();
+    bad.config[crate::adapter::BASIS_KEY]["groups"]["q_proj"] = serde_json::json!([8, 8, 4, 5]);
+    let err =
+        pack(&dir.path().join("bad.dl"), &[memory_entry("bad", &bad)], &PackOptions::default(), &mut no_progress())
+            .unwrap_err();
+    assert!(err.to_string().contains("adapter \"bad\"") && err.to_string().contains("q_proj.m"), "{err}");
+    let bytes = std::fs::read(&path).unwrap();
+    let lying =
+        with_record(&bytes, 1, |r| r["config"]["basis"]["groups"]["up_proj"] = serde_json::json!([8, 12, 4, 2]));
+    let err = open_bytes(lying).unwrap().adapter("t1").unwrap_err();
+    assert!(matches!(err, Error::Format { .. }), "{err}");
+    assert!(err.to_string().contains("adapter \"t1\"") && err.to_string().contains("up_proj.m"), "{err}");
 }
 
 #[test]

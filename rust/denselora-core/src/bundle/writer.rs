@@ -8,15 +8,11 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
-
 use super::format::*;
 use super::reader::Bundle;
 use rayon::prelude::*;
 
-use crate::adapter::{
-    read_adapter_dir, validate_layout, write_adapter_dir, Adapter, ConfigMap, FORMAT_VERSION as ADAPTER_FORMAT_VERSION,
-};
+use crate::adapter::{read_adapter_dir, stamped, validate_layout, write_adapter_dir, Adapter, ConfigMap};
 use crate::atomic::write_atomically;
 use crate::dtype::{self, DType};
 use crate::error::{ArgumentKind, Error, Result};
@@ -195,8 +191,7 @@ impl<'w> BundleWriter<'w> {
                 format!("adapter {name:?} is added to {} twice", self.path.display()),
             ));
         }
-        let mut config = config.clone();
-        config.insert("format_version".into(), Value::from(ADAPTER_FORMAT_VERSION));
+        let config = stamped(config);
         validate_layout(&config, tensors, &format!("adapter {name:?}"))?;
         let mut records = Vec::with_capacity(tensors.len());
         for (tname, t) in tensors {
@@ -353,6 +348,11 @@ pub fn pack(
             ));
         }
     }
+    // Writers of one bundle take turns: reading what is there, writing the new file and renaming it
+    // over happen under one exclusive lock, so no writer builds on a bundle another is replacing
+    // (which would silently drop that writer's adapters). Readers never lock: they map a file that
+    // the rename never changes.
+    let _lock = lock_writers(dest)?;
     let base = if options.keep_existing && dest.exists() { Some(Bundle::open(dest)?) } else { None };
     if entries.is_empty() && base.is_none() {
         return Err(Error::argument(
@@ -405,6 +405,29 @@ pub fn pack(
         Ok(())
     })?;
     Ok(stats)
+}
+
+/// The sidecar lock file of a bundle: `<bundle>.lock` beside it (created on first use and left in
+/// place; removing it could let two writers lock two different files).
+pub fn lock_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".lock");
+    dest.with_file_name(name)
+}
+
+/// Block until this process holds the exclusive lock of `dest`'s writers; released when the
+/// returned file is dropped (or the process ends, however it ends).
+fn lock_writers(dest: &Path) -> Result<File> {
+    let path = lock_path(dest);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    file.lock().map_err(|e| Error::io(&path, e))?;
+    Ok(file)
 }
 
 /// Write adapters of `bundle` as adapter directories `out/<name>`, tensors byte-identical to the
