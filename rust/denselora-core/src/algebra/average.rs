@@ -22,11 +22,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::align::{encoder_residuals, match_rows, permute, product_residuals};
-use super::linalg::{cols, hstack, left_singular, sq, tucker2, Mat};
+use super::linalg::{cols, left_singular, split_cols, sq, tucker2};
 use super::refactor::{gauge, latent_rms, procrustes_mean, weighted_sum, Cores};
 use super::{check_finite, group_factors, put_group, GroupFactors};
 use crate::activation::Activation;
 use crate::adapter::{config_activations, config_groups, Adapter, GroupLayout};
+use crate::dtype;
 use crate::error::{ArgumentKind, Error, Result};
 use crate::tensor::Tensor;
 
@@ -219,21 +220,23 @@ fn auto_mode(inputs: &[(String, &Adapter)]) -> (Mode, String) {
     }
 }
 
-/// Weighted mean of every tensor, rounded to the reference's dtype.
+/// Weighted mean of every tensor, rounded to the reference's dtype; one task per tensor.
 fn linear_mean(inputs: &[(String, &Adapter)], weights: &[f64]) -> Adapter {
     let reference = inputs[0].1;
-    let mut out = reference.clone();
-    for (key, tensor) in &reference.tensors {
-        let mut acc = vec![0.0f64; tensor.view().numel()];
-        for ((_, adapter), w) in inputs.iter().zip(weights) {
-            for (a, v) in acc.iter_mut().zip(adapter.tensors[key].to_f32()) {
-                *a += w * f64::from(v);
+    let tensors = reference
+        .tensors
+        .par_iter()
+        .map(|(key, tensor)| {
+            let mut acc = vec![0.0f64; tensor.view().numel()];
+            for ((_, adapter), &w) in inputs.iter().zip(weights) {
+                let t = &adapter.tensors[key];
+                dtype::accumulate_f64(t.dtype, &t.data, w, &mut acc);
             }
-        }
-        let values: Vec<f32> = acc.into_iter().map(|v| v as f32).collect();
-        out.tensors.insert(key.clone(), Tensor::from_f32(tensor.dtype, tensor.shape.clone(), &values));
-    }
-    out
+            let data = dtype::from_f64(tensor.dtype, &acc);
+            (key.clone(), Tensor { dtype: tensor.dtype, shape: tensor.shape.clone(), data })
+        })
+        .collect();
+    Adapter { config: reference.config.clone(), tensors }
 }
 
 struct GroupResult {
@@ -293,9 +296,9 @@ fn average_group(
     }
 
     let layers = layout.modules.len();
-    let per_run: Vec<Vec<Mat>> = matched.iter().enumerate().map(|(k, r)| cores.run_cores(k, r)).collect();
-    let avg: Vec<Mat> = (0..layers).map(|l| weighted_sum(per_run.iter().map(|c| &c[l]), weights)).collect();
-    let total: f64 = avg.iter().map(sq).sum();
+    // [C_1 | ... | C_L]: the averaged cores, layers side by side.
+    let avg = cores.averaged(&matched, weights);
+    let total = sq(&avg);
     if total == 0.0 {
         // Every product is zero (e.g. untrained decoders): nothing to refactor.
         report.refactor_error = Some(0.0);
@@ -304,17 +307,18 @@ fn average_group(
     let ref_d = cols(&cores.rd, 0, rank_d);
     let factors = match &cores.qe_re {
         None => {
-            let (u, _) = left_singular(&hstack(&avg), rank_d);
+            let (u, _) = left_singular(&avg, rank_d);
             let (t, t_inv) = gauge(Some(u.transpose() * &ref_d), rank_d, latent_rms(&reference.decoder, rank_d));
-            let kept: f64 = avg.iter().map(|c| sq(&(u.transpose() * c))).sum();
-            report.refactor_error = Some(((total - kept).max(0.0) / total).sqrt());
+            let projected = u.transpose() * &avg;
+            report.refactor_error = Some(((total - sq(&projected)).max(0.0) / total).sqrt());
             GroupFactors {
                 encoder: weighted_sum(matched.iter().map(|r| &r.encoder), weights),
                 decoder: &cores.qd * &u * &t,
-                ms: avg.iter().map(|c| &t_inv * u.transpose() * c).collect(),
+                ms: split_cols(&(&t_inv * projected), layers),
             }
         }
         Some((qe, re)) => {
+            let avg = split_cols(&avg, layers);
             let tk = tucker2(&avg, rank_d, rank_e);
             let (u, v) = (&tk.u, &tk.v);
             let (td, td_inv) = gauge(Some(u.transpose() * &ref_d), rank_d, latent_rms(&reference.decoder, rank_d));

@@ -48,6 +48,12 @@ pub fn hstack(blocks: &[Mat]) -> Mat {
     out
 }
 
+/// `a` cut into `n` blocks of equal width: the inverse of `hstack`.
+pub fn split_cols(a: &Mat, n: usize) -> Vec<Mat> {
+    let width = a.ncols() / n.max(1);
+    (0..n).map(|i| cols(a, i * width, width)).collect()
+}
+
 /// `[a_1; a_2; ...]`; all blocks share their column count.
 pub fn vstack(blocks: &[Mat]) -> Mat {
     let width = blocks.first().map_or(0, Mat::ncols);

@@ -59,7 +59,7 @@ pub(crate) fn put_group(out: &mut Adapter, like: &Adapter, layout: &GroupLayout,
 /// NaN or infinity anywhere is an error naming the adapter and the tensor.
 pub fn check_finite(adapter: &Adapter, context: &str) -> Result<()> {
     for (name, tensor) in &adapter.tensors {
-        if let Some(pos) = tensor.to_f32().iter().position(|v| !v.is_finite()) {
+        if let Some(pos) = crate::dtype::first_non_finite(tensor.dtype, &tensor.data) {
             return Err(Error::non_finite(
                 context,
                 format!("tensor {name:?} holds a non-finite value at flat index {pos}"),
