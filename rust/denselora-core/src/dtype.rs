@@ -85,6 +85,22 @@ pub fn to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     }
 }
 
+/// Decode the first `out.len()` values of little-endian bytes of `dtype` into `out`.
+pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => out
+            .iter_mut()
+            .zip(bytes.chunks_exact(4))
+            .for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        DType::F16 => {
+            out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, c)| *o = f16::from_le_bytes([c[0], c[1]]).to_f32())
+        }
+        DType::BF16 => {
+            out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, c)| *o = bf16::from_le_bytes([c[0], c[1]]).to_f32())
+        }
+    }
+}
+
 /// `acc[i] += w * x[i]` for the values `x` of little-endian bytes of `dtype`, without decoding
 /// them into a buffer first (the weighted sums of linear averaging).
 pub fn accumulate_f64(dtype: DType, bytes: &[u8], w: f64, acc: &mut [f64]) {

@@ -6,12 +6,21 @@
 use super::assignment;
 use super::linalg::{hstack, relative_distance, vstack, Mat};
 use super::GroupFactors;
+use crate::dtype;
+use crate::tensor::Tensor;
 
 /// The (signed) permutation matching the rows of `other` to those of `reference`:
 /// row i of the aligned encoder is `sign[i] * other[perm[i]]`.
 pub fn match_rows(reference: &Mat, other: &Mat, odd: bool) -> (Vec<usize>, Vec<f64>) {
     let n = reference.nrows();
-    let norms = |m: &Mat| (0..m.nrows()).map(|i| m.row(i).norm_l2()).collect::<Vec<_>>();
+    // Row norms in one pass over the (column-major) storage.
+    let norms = |m: &Mat| {
+        let mut sums = vec![0.0f64; m.nrows()];
+        for j in 0..m.ncols() {
+            sums.iter_mut().zip(m.col_as_slice(j)).for_each(|(s, v)| *s += v * v);
+        }
+        sums.into_iter().map(f64::sqrt).collect::<Vec<_>>()
+    };
     let (na, nb) = (norms(reference), norms(other));
     let sim = reference * other.transpose();
     let cosine = |i: usize, j: usize| if na[i] > 0.0 && nb[j] > 0.0 { sim[(i, j)] / (na[i] * nb[j]) } else { 0.0 };
@@ -36,6 +45,41 @@ pub(crate) fn permute(run: &GroupFactors, perm: &[usize], sign: &[f64]) -> Group
 pub(crate) fn encoder_residuals(set: &[GroupFactors], reference: &GroupFactors) -> Vec<f64> {
     set.iter()
         .map(|r| relative_distance(std::slice::from_ref(&r.encoder), std::slice::from_ref(&reference.encoder)))
+        .collect()
+}
+
+/// `encoder_residuals` of the encoders as stored (tensors of any dtype), decoded a block at a time
+/// rather than converted to matrices: what linear averaging reports.
+pub(crate) fn stored_encoder_residuals<'a>(encoders: &[&'a Tensor]) -> Vec<f64> {
+    const BLOCK: usize = 1024;
+    let reference = encoders[0];
+    let n = reference.view().numel();
+    let (mut x, mut y) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
+    encoders
+        .iter()
+        .map(|run| {
+            let (mut num, mut den) = (0.0f64, 0.0f64);
+            for start in (0..n).step_by(BLOCK) {
+                let len = BLOCK.min(n - start);
+                let bytes =
+                    |t: &'a Tensor| -> &'a [u8] { &t.data[start * t.dtype.size()..(start + len) * t.dtype.size()] };
+                dtype::decode_into(run.dtype, bytes(run), &mut x[..len]);
+                dtype::decode_into(reference.dtype, bytes(reference), &mut y[..len]);
+                for (a, b) in x[..len].iter().zip(&y[..len]) {
+                    let (a, b) = (f64::from(*a), f64::from(*b));
+                    num += (a - b) * (a - b);
+                    den += b * b;
+                }
+            }
+            // As `relative_distance`.
+            if num == 0.0 {
+                0.0
+            } else if den == 0.0 {
+                num.sqrt()
+            } else {
+                (num / den).sqrt()
+            }
+        })
         .collect()
 }
 

@@ -21,12 +21,12 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::align::{encoder_residuals, match_rows, permute, product_residuals};
+use super::align::{encoder_residuals, match_rows, permute, product_residuals, stored_encoder_residuals};
 use super::linalg::{cols, left_singular, split_cols, sq, tucker2};
 use super::refactor::{gauge, latent_rms, procrustes_mean, weighted_sum, Cores};
-use super::{check_finite, group_factors, put_group, GroupFactors};
+use super::{check_finite, decoder_side, group_factors, put_group, GroupFactors};
 use crate::activation::Activation;
-use crate::adapter::{config_activations, config_groups, Adapter, GroupLayout};
+use crate::adapter::{config_activations, config_groups, encoder_key, Adapter, GroupLayout};
 use crate::dtype;
 use crate::error::{ArgumentKind, Error, Result};
 use crate::tensor::Tensor;
@@ -150,7 +150,6 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
     let ref_acts = config_activations(&reference.config, ref_name)?;
     for (name, adapter) in inputs {
         let layout = adapter.layout(name)?;
-        check_finite(adapter, name)?;
         if let (Some(a), Some(b)) =
             (string_key(reference, "base_model_name_or_path"), string_key(adapter, "base_model_name_or_path"))
         {
@@ -204,6 +203,9 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
             }
         }
     }
+    // NaN or infinity: every input in parallel, the first offending one (in input order) reported.
+    let finite: Vec<Result<()>> = inputs.par_iter().map(|(name, adapter)| check_finite(adapter, name)).collect();
+    finite.into_iter().collect::<Result<()>>()?;
     Ok(ref_layout)
 }
 
@@ -245,9 +247,12 @@ struct GroupResult {
     report: GroupAlignment,
 }
 
+/// One group of every run: its factors in f64 (with an empty encoder when only the decoder side is
+/// read, see `decoder_side`) and its encoder residuals as stored.
 fn average_group(
     layout: &GroupLayout,
     runs: &[GroupFactors],
+    encoder_residual_before: Vec<f64>,
     weights: &[f64],
     encoder_activation: Activation,
     aligned: bool,
@@ -255,34 +260,30 @@ fn average_group(
 ) -> GroupResult {
     let linear_encoder = encoder_activation.is_linear();
     let reference = &runs[0];
-    // Linear mode needs no matching: its report compares the runs as stored.
-    let matched: Vec<GroupFactors> = if aligned {
-        runs.iter()
-            .map(|run| {
-                let (perm, sign) = match_rows(&reference.encoder, &run.encoder, encoder_activation.is_odd());
-                permute(run, &perm, &sign)
-            })
-            .collect()
-    } else {
-        runs.iter().map(GroupFactors::clone).collect()
-    };
-    let enc_res = |set: &[GroupFactors]| encoder_residuals(set, reference);
     let prod_res = |set: &[GroupFactors]| product_residuals(set, linear_encoder);
-    let before_set = if linear_encoder { &matched } else { runs };
     let mut report = GroupAlignment {
         group: layout.name.clone(),
         layers: layout.modules.len(),
         encoder_activation,
-        encoder_residual_before: enc_res(runs),
+        encoder_residual_before,
         encoder_residual_after: None,
-        product_residual_before: prod_res(before_set),
+        // With a linear encoder D M E does not change under the permutation: the runs as stored.
+        product_residual_before: prod_res(runs),
         product_residual_after: None,
         refactor_error: None,
     };
+    // Linear mode needs no matching: its report compares the runs as stored.
     if !aligned {
         return GroupResult { factors: None, report };
     }
-    report.encoder_residual_after = Some(enc_res(&matched));
+    let matched: Vec<GroupFactors> = runs
+        .iter()
+        .map(|run| {
+            let (perm, sign) = match_rows(&reference.encoder, &run.encoder, encoder_activation.is_odd());
+            permute(run, &perm, &sign)
+        })
+        .collect();
+    report.encoder_residual_after = Some(encoder_residuals(&matched, reference));
     report.product_residual_after = Some(prod_res(&matched));
 
     let (rank_d, rank_e) = (reference.decoder.ncols(), reference.encoder.nrows());
@@ -348,13 +349,25 @@ pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Resul
     let aligned = mode == Mode::Aligned;
     let (ref_name, reference) = &inputs[0];
     let encoder_activation = config_activations(&reference.config, ref_name)?.0;
-    let mut out = if aligned { (*reference).clone() } else { linear_mean(inputs, &weights) };
+    // Aligned mode rewrites every tensor (each belongs to a group): only the config is copied.
+    let mut out = if aligned {
+        Adapter { config: reference.config.clone(), tensors: Default::default() }
+    } else {
+        linear_mean(inputs, &weights)
+    };
+    // The report of linear averaging with a non-linear encoder reads only the decoder side.
+    let encoders_needed = aligned || encoder_activation.is_linear();
     // Groups are independent: one task each.
     let results: Vec<GroupResult> = layouts
         .par_iter()
         .map(|layout| {
-            let runs: Vec<GroupFactors> = inputs.iter().map(|(_, a)| group_factors(a, layout)).collect();
-            average_group(layout, &runs, &weights, encoder_activation, aligned, options.decoder)
+            let factors =
+                |a: &Adapter| if encoders_needed { group_factors(a, layout) } else { decoder_side(a, layout) };
+            let runs: Vec<GroupFactors> = inputs.iter().map(|(_, a)| factors(a)).collect();
+            let key = encoder_key(&layout.name);
+            let encoders: Vec<&Tensor> = inputs.iter().map(|(_, a)| &a.tensors[&key]).collect();
+            let encoder_residuals = stored_encoder_residuals(&encoders);
+            average_group(layout, &runs, encoder_residuals, &weights, encoder_activation, aligned, options.decoder)
         })
         .collect();
     let mut groups = Vec::with_capacity(layouts.len());

@@ -35,9 +35,18 @@ pub(crate) struct GroupFactors {
 }
 
 pub(crate) fn group_factors(adapter: &Adapter, layout: &GroupLayout) -> GroupFactors {
+    GroupFactors {
+        encoder: to_matrix(adapter.tensors[&encoder_key(&layout.name)].view()),
+        ..decoder_side(adapter, layout)
+    }
+}
+
+/// `D` and the `M_l` of one group in f64, with an empty (0 x 0) encoder: for what reads only the
+/// decoder side (the report of linear averaging with a non-linear encoder).
+pub(crate) fn decoder_side(adapter: &Adapter, layout: &GroupLayout) -> GroupFactors {
     let get = |key: String| to_matrix(adapter.tensors[&key].view());
     GroupFactors {
-        encoder: get(encoder_key(&layout.name)),
+        encoder: Mat::zeros(0, 0),
         decoder: get(decoder_key(&layout.name)),
         ms: layout.modules.iter().map(|m| get(m_key(m))).collect(),
     }

@@ -100,10 +100,15 @@ impl Cores {
             Some((_, re)) => {
                 // Per run, w_k R_d,k [M_1,k | ... | M_L,k]; per layer, its blocks side by side
                 // times [R_e,1^T; ...; R_e,K^T] = R_e^T.
-                let left: Vec<Mat> =
-                    runs.iter().enumerate().map(|(k, r)| weighted.subcols(k * rank_d, rank_d) * hstack(&r.ms)).collect();
+                let left: Vec<Mat> = runs
+                    .iter()
+                    .enumerate()
+                    .map(|(k, r)| weighted.subcols(k * rank_d, rank_d) * hstack(&r.ms))
+                    .collect();
                 let per_layer: Vec<Mat> = (0..layers)
-                    .map(|l| hstack(&left.iter().map(|x| cols(x, l * rank_e, rank_e)).collect::<Vec<_>>()) * re.transpose())
+                    .map(|l| {
+                        hstack(&left.iter().map(|x| cols(x, l * rank_e, rank_e)).collect::<Vec<_>>()) * re.transpose()
+                    })
                     .collect();
                 hstack(&per_layer)
             }
