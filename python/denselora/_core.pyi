@@ -184,7 +184,8 @@ def fused_branch(
     """``out += scale * act_d(decoder @ m @ act_e(encoder @ x_i))`` for every row of ``x``, in place.
 
     Raises: ShapeError, DTypeError, LayoutError (not contiguous, read-only or overlapping ``out``),
-    ArgumentError (an activation name), NonFiniteError (with ``check_finite``)."""
+    ArgumentError (an activation name, a non-finite scale, no threads), NonFiniteError (with
+    ``check_finite``)."""
 
 def fused_routed_branch(
     x: np.ndarray,
@@ -202,8 +203,8 @@ def fused_routed_branch(
 ) -> None:
     """The fused branch with core ``cores[row_core[i]]`` for row i (-1: none), in place.
 
-    Raises: ShapeError, DTypeError, LayoutError, ArgumentError (an activation name or a core index
-    out of range), NonFiniteError (with ``check_finite``)."""
+    Raises: ShapeError, DTypeError, LayoutError, ArgumentError (an activation name, a non-finite
+    scale, no threads, a core index out of range), NonFiniteError (with ``check_finite``)."""
 
 def kernel_isa() -> _Isa:
     """The kernel's vector backend in use."""
@@ -236,7 +237,7 @@ class PreparedBranch:
     @property
     def out_features(self) -> int: ...
     def add_unchecked(self, x_ptr: int, out_ptr: int, rows: int, dtype: _DType, num_threads: int) -> None:
-        """Raises: DTypeError (``dtype``), LayoutError (a null address)."""
+        """Raises: DTypeError (``dtype``), LayoutError (a null address), ArgumentError (no threads)."""
 
 @final
 class PreparedRoutedBranch:
@@ -262,7 +263,7 @@ class PreparedRoutedBranch:
     def num_cores(self) -> int: ...
     def add_unchecked(self, x_ptr: int, out_ptr: int, row_core_ptr: int, rows: int, dtype: _DType, num_threads: int) -> None:
         """Raises: DTypeError (``dtype``), LayoutError (a null or misaligned address), ArgumentError
-        (a core index out of range)."""
+        (no threads, a core index out of range)."""
 
 def dropout_mask(out: np.ndarray, seed: int, threshold: int, offset: Optional[int] = None) -> None:
     """Fill the writable 1-D bool array ``out`` with whether element ``offset + i`` of the
