@@ -19,6 +19,7 @@ Files are in the page cache (warm); times are medians. Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bundle.json")
     args = parser.parse_args()
+    if args.adapters < 2:
+        parser.error("--adapters must be at least 2 (adapters used before and never used are timed apart)")
     n = args.adapters
     rng = np.random.default_rng(0)
     names = [f"task-{i:04d}" for i in range(n)]
@@ -146,7 +149,7 @@ def main() -> None:
 
         # -- open the collection and fetch one adapter --
         picks = random.Random(0).sample(names, min(args.repeats, n))
-        it = iter(picks * 4)
+        it = itertools.cycle(picks)  # four timed loops of --repeats calls each
 
         def bundle_open_fetch():
             b = Bundle(bundle_path)
@@ -178,14 +181,17 @@ def main() -> None:
         # First use of an adapter parses and validates its record and checks its blobs once;
         # later uses hand out views straight away. Both are measured, on distinct adapters.
         bundle = Bundle(bundle_path)
-        fresh = iter(random.Random(1).sample(names, 2 * min(300, n // 2)))
-        again_names = random.Random(2).sample(names, 50)
+        # Disjoint sets (any --adapters >= 2): up to 50 adapters used before, up to 300 never used.
+        shuffled = random.Random(1).sample(names, n)
+        again_names = shuffled[: min(50, n // 2)]
+        fresh_names = shuffled[len(again_names) :][:300]
+        fresh = iter(fresh_names)
         for name in again_names:
             bundle.tensors(name)
-        again = iter(again_names * 20)
-        other = iter(random.Random(3).sample(names, min(200, n)) * (400 // min(200, n) + 1))
+        again = iter(again_names * (700 // len(again_names) + 1))
+        other = itertools.cycle(random.Random(3).sample(names, min(200, n)))
         switch = {
-            "bundle.tensors, first use of the adapter": median_time(lambda: bundle.tensors(next(fresh)), min(300, n // 2)),
+            "bundle.tensors, first use of the adapter": median_time(lambda: bundle.tensors(next(fresh)), len(fresh_names)),
             "bundle.tensors, adapter used before": median_time(lambda: bundle.tensors(next(again)), 500),
             "bundle.torch_tensors (copies, used before)": median_time(lambda: bundle.torch_tensors(next(again)), 200),
             "safetensors.numpy.load_file": median_time(lambda: st_load_numpy(dirs / next(other) / "adapter.safetensors"), 100),

@@ -160,7 +160,7 @@ def _load(source: AdapterSource, index: int) -> tuple[str, dict[str, Any], dict[
 
 
 def _core_args(name: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> tuple[str, str, dict[str, np.ndarray]]:
-    return name, json.dumps(dict(config)), {k: arrays.to_numpy(t, k) for k, t in tensors.items()}
+    return name, json.dumps(dict(config)), arrays.to_numpy_dict(tensors)
 
 
 def _from_core(config_json: str, raw: Mapping[str, tuple[str, np.ndarray]]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

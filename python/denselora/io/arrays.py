@@ -7,6 +7,8 @@ array) in both directions, and the core names the dtype beside every array it re
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import torch
 
@@ -45,6 +47,28 @@ def to_numpy(tensor: torch.Tensor, name: str = "tensor", *, dtypes: tuple[torch.
     if t.dtype not in dtypes:
         t = t.float()
     return view(t.contiguous(), name)
+
+
+# numpy dtypes that the core takes as numpy holds them (bfloat16 needs ``view``'s bit patterns).
+_AS_IS = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+def to_numpy_dict(tensors: Mapping[str, torch.Tensor], *, dtypes: tuple[torch.dtype, ...] = CORE_DTYPES) -> dict[str, np.ndarray]:
+    """``to_numpy`` of every tensor of a mapping. An adapter holds hundreds of small tensors, so the
+    common case (a CPU tensor of float32 or float16, C-contiguous, not requiring grad) is viewed
+    directly; any other goes through ``to_numpy`` and its checks."""
+    out = {}
+    for name, t in tensors.items():
+        array = None
+        if isinstance(t, torch.Tensor):
+            try:
+                array = t.numpy()
+            except (TypeError, RuntimeError):
+                pass  # bfloat16, not on the CPU, or requiring grad
+        if array is None or array.dtype not in _AS_IS or not array.flags.c_contiguous:
+            array = to_numpy(t, name, dtypes=dtypes)
+        out[name] = array
+    return out
 
 
 def to_tensor(dtype: str, array: np.ndarray) -> torch.Tensor:

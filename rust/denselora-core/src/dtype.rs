@@ -85,6 +85,61 @@ pub fn to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     }
 }
 
+/// Decode the first `out.len()` values of little-endian bytes of `dtype` into `out`.
+pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => out
+            .iter_mut()
+            .zip(bytes.chunks_exact(4))
+            .for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        DType::F16 => {
+            out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, c)| *o = f16::from_le_bytes([c[0], c[1]]).to_f32())
+        }
+        DType::BF16 => {
+            out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, c)| *o = bf16::from_le_bytes([c[0], c[1]]).to_f32())
+        }
+    }
+}
+
+/// `acc[i] += w * x[i]` for the values `x` of little-endian bytes of `dtype`, without decoding
+/// them into a buffer first (the weighted sums of linear averaging).
+pub fn accumulate_f64(dtype: DType, bytes: &[u8], w: f64, acc: &mut [f64]) {
+    match dtype {
+        DType::F32 => acc
+            .iter_mut()
+            .zip(bytes.chunks_exact(4))
+            .for_each(|(a, c)| *a += w * f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        DType::F16 => acc
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(a, c)| *a += w * f64::from(f16::from_le_bytes([c[0], c[1]]).to_f32())),
+        DType::BF16 => acc
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(a, c)| *a += w * f64::from(bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+    }
+}
+
+/// The index of the first NaN or infinity among the values of little-endian bytes of `dtype`.
+pub fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<usize> {
+    match dtype {
+        DType::F32 => bytes.chunks_exact(4).position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        DType::F16 => bytes.chunks_exact(2).position(|c| !f16::from_le_bytes([c[0], c[1]]).is_finite()),
+        DType::BF16 => bytes.chunks_exact(2).position(|c| !bf16::from_le_bytes([c[0], c[1]]).is_finite()),
+    }
+}
+
+/// Encode f64 values as little-endian bytes of `dtype`, rounded through f32 as `from_f32` does.
+pub fn from_f64(dtype: DType, values: &[f64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size());
+    match dtype {
+        DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&(*v as f32).to_le_bytes())),
+        DType::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v as f32).to_le_bytes())),
+        DType::BF16 => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v as f32).to_le_bytes())),
+    }
+    out
+}
+
 /// Encode f32 values as little-endian bytes of `dtype` (round to nearest even).
 pub fn from_f32(dtype: DType, values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * dtype.size());

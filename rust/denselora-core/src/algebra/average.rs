@@ -21,12 +21,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::align::{encoder_residuals, match_rows, permute, product_residuals};
-use super::linalg::{cols, hstack, left_singular, sq, tucker2, Mat};
+use super::align::{encoder_residuals, match_rows, permute, product_residuals, stored_encoder_residuals};
+use super::linalg::{cols, left_singular, split_cols, sq, tucker2};
 use super::refactor::{gauge, latent_rms, procrustes_mean, weighted_sum, Cores};
-use super::{check_finite, group_factors, put_group, GroupFactors};
+use super::{check_finite, decoder_side, group_factors, put_group, GroupFactors};
 use crate::activation::Activation;
-use crate::adapter::{config_activations, config_groups, Adapter, GroupLayout};
+use crate::adapter::{config_activations, config_groups, encoder_key, Adapter, GroupLayout};
+use crate::dtype;
 use crate::error::{ArgumentKind, Error, Result};
 use crate::tensor::Tensor;
 
@@ -149,7 +150,6 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
     let ref_acts = config_activations(&reference.config, ref_name)?;
     for (name, adapter) in inputs {
         let layout = adapter.layout(name)?;
-        check_finite(adapter, name)?;
         if let (Some(a), Some(b)) =
             (string_key(reference, "base_model_name_or_path"), string_key(adapter, "base_model_name_or_path"))
         {
@@ -203,6 +203,9 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
             }
         }
     }
+    // NaN or infinity: every input in parallel, the first offending one (in input order) reported.
+    let finite: Vec<Result<()>> = inputs.par_iter().map(|(name, adapter)| check_finite(adapter, name)).collect();
+    finite.into_iter().collect::<Result<()>>()?;
     Ok(ref_layout)
 }
 
@@ -219,21 +222,23 @@ fn auto_mode(inputs: &[(String, &Adapter)]) -> (Mode, String) {
     }
 }
 
-/// Weighted mean of every tensor, rounded to the reference's dtype.
+/// Weighted mean of every tensor, rounded to the reference's dtype; one task per tensor.
 fn linear_mean(inputs: &[(String, &Adapter)], weights: &[f64]) -> Adapter {
     let reference = inputs[0].1;
-    let mut out = reference.clone();
-    for (key, tensor) in &reference.tensors {
-        let mut acc = vec![0.0f64; tensor.view().numel()];
-        for ((_, adapter), w) in inputs.iter().zip(weights) {
-            for (a, v) in acc.iter_mut().zip(adapter.tensors[key].to_f32()) {
-                *a += w * f64::from(v);
+    let tensors = reference
+        .tensors
+        .par_iter()
+        .map(|(key, tensor)| {
+            let mut acc = vec![0.0f64; tensor.view().numel()];
+            for ((_, adapter), &w) in inputs.iter().zip(weights) {
+                let t = &adapter.tensors[key];
+                dtype::accumulate_f64(t.dtype, &t.data, w, &mut acc);
             }
-        }
-        let values: Vec<f32> = acc.into_iter().map(|v| v as f32).collect();
-        out.tensors.insert(key.clone(), Tensor::from_f32(tensor.dtype, tensor.shape.clone(), &values));
-    }
-    out
+            let data = dtype::from_f64(tensor.dtype, &acc);
+            (key.clone(), Tensor { dtype: tensor.dtype, shape: tensor.shape.clone(), data })
+        })
+        .collect();
+    Adapter { config: reference.config.clone(), tensors }
 }
 
 struct GroupResult {
@@ -242,9 +247,12 @@ struct GroupResult {
     report: GroupAlignment,
 }
 
+/// One group of every run: its factors in f64 (with an empty encoder when only the decoder side is
+/// read, see `decoder_side`) and its encoder residuals as stored.
 fn average_group(
     layout: &GroupLayout,
     runs: &[GroupFactors],
+    encoder_residual_before: Vec<f64>,
     weights: &[f64],
     encoder_activation: Activation,
     aligned: bool,
@@ -252,34 +260,30 @@ fn average_group(
 ) -> GroupResult {
     let linear_encoder = encoder_activation.is_linear();
     let reference = &runs[0];
-    // Linear mode needs no matching: its report compares the runs as stored.
-    let matched: Vec<GroupFactors> = if aligned {
-        runs.iter()
-            .map(|run| {
-                let (perm, sign) = match_rows(&reference.encoder, &run.encoder, encoder_activation.is_odd());
-                permute(run, &perm, &sign)
-            })
-            .collect()
-    } else {
-        runs.iter().map(GroupFactors::clone).collect()
-    };
-    let enc_res = |set: &[GroupFactors]| encoder_residuals(set, reference);
     let prod_res = |set: &[GroupFactors]| product_residuals(set, linear_encoder);
-    let before_set = if linear_encoder { &matched } else { runs };
     let mut report = GroupAlignment {
         group: layout.name.clone(),
         layers: layout.modules.len(),
         encoder_activation,
-        encoder_residual_before: enc_res(runs),
+        encoder_residual_before,
         encoder_residual_after: None,
-        product_residual_before: prod_res(before_set),
+        // With a linear encoder D M E does not change under the permutation: the runs as stored.
+        product_residual_before: prod_res(runs),
         product_residual_after: None,
         refactor_error: None,
     };
+    // Linear mode needs no matching: its report compares the runs as stored.
     if !aligned {
         return GroupResult { factors: None, report };
     }
-    report.encoder_residual_after = Some(enc_res(&matched));
+    let matched: Vec<GroupFactors> = runs
+        .iter()
+        .map(|run| {
+            let (perm, sign) = match_rows(&reference.encoder, &run.encoder, encoder_activation.is_odd());
+            permute(run, &perm, &sign)
+        })
+        .collect();
+    report.encoder_residual_after = Some(encoder_residuals(&matched, reference));
     report.product_residual_after = Some(prod_res(&matched));
 
     let (rank_d, rank_e) = (reference.decoder.ncols(), reference.encoder.nrows());
@@ -293,9 +297,9 @@ fn average_group(
     }
 
     let layers = layout.modules.len();
-    let per_run: Vec<Vec<Mat>> = matched.iter().enumerate().map(|(k, r)| cores.run_cores(k, r)).collect();
-    let avg: Vec<Mat> = (0..layers).map(|l| weighted_sum(per_run.iter().map(|c| &c[l]), weights)).collect();
-    let total: f64 = avg.iter().map(sq).sum();
+    // [C_1 | ... | C_L]: the averaged cores, layers side by side.
+    let avg = cores.averaged(&matched, weights);
+    let total = sq(&avg);
     if total == 0.0 {
         // Every product is zero (e.g. untrained decoders): nothing to refactor.
         report.refactor_error = Some(0.0);
@@ -304,17 +308,18 @@ fn average_group(
     let ref_d = cols(&cores.rd, 0, rank_d);
     let factors = match &cores.qe_re {
         None => {
-            let (u, _) = left_singular(&hstack(&avg), rank_d);
+            let (u, _) = left_singular(&avg, rank_d);
             let (t, t_inv) = gauge(Some(u.transpose() * &ref_d), rank_d, latent_rms(&reference.decoder, rank_d));
-            let kept: f64 = avg.iter().map(|c| sq(&(u.transpose() * c))).sum();
-            report.refactor_error = Some(((total - kept).max(0.0) / total).sqrt());
+            let projected = u.transpose() * &avg;
+            report.refactor_error = Some(((total - sq(&projected)).max(0.0) / total).sqrt());
             GroupFactors {
                 encoder: weighted_sum(matched.iter().map(|r| &r.encoder), weights),
                 decoder: &cores.qd * &u * &t,
-                ms: avg.iter().map(|c| &t_inv * u.transpose() * c).collect(),
+                ms: split_cols(&(&t_inv * projected), layers),
             }
         }
         Some((qe, re)) => {
+            let avg = split_cols(&avg, layers);
             let tk = tucker2(&avg, rank_d, rank_e);
             let (u, v) = (&tk.u, &tk.v);
             let (td, td_inv) = gauge(Some(u.transpose() * &ref_d), rank_d, latent_rms(&reference.decoder, rank_d));
@@ -344,13 +349,25 @@ pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Resul
     let aligned = mode == Mode::Aligned;
     let (ref_name, reference) = &inputs[0];
     let encoder_activation = config_activations(&reference.config, ref_name)?.0;
-    let mut out = if aligned { (*reference).clone() } else { linear_mean(inputs, &weights) };
+    // Aligned mode rewrites every tensor (each belongs to a group): only the config is copied.
+    let mut out = if aligned {
+        Adapter { config: reference.config.clone(), tensors: Default::default() }
+    } else {
+        linear_mean(inputs, &weights)
+    };
+    // The report of linear averaging with a non-linear encoder reads only the decoder side.
+    let encoders_needed = aligned || encoder_activation.is_linear();
     // Groups are independent: one task each.
     let results: Vec<GroupResult> = layouts
         .par_iter()
         .map(|layout| {
-            let runs: Vec<GroupFactors> = inputs.iter().map(|(_, a)| group_factors(a, layout)).collect();
-            average_group(layout, &runs, &weights, encoder_activation, aligned, options.decoder)
+            let factors =
+                |a: &Adapter| if encoders_needed { group_factors(a, layout) } else { decoder_side(a, layout) };
+            let runs: Vec<GroupFactors> = inputs.iter().map(|(_, a)| factors(a)).collect();
+            let key = encoder_key(&layout.name);
+            let encoders: Vec<&Tensor> = inputs.iter().map(|(_, a)| &a.tensors[&key]).collect();
+            let encoder_residuals = stored_encoder_residuals(&encoders);
+            average_group(layout, &runs, encoder_residuals, &weights, encoder_activation, aligned, options.decoder)
         })
         .collect();
     let mut groups = Vec::with_capacity(layouts.len());

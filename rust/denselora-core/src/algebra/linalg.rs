@@ -14,9 +14,18 @@ pub type Mat = faer::Mat<f64>;
 
 /// A 2-D tensor as an f64 matrix (tensors are row-major).
 pub fn to_matrix(tensor: TensorRef<'_>) -> Mat {
-    let cols = tensor.shape[1];
-    let values = tensor.to_f32();
-    Mat::from_fn(tensor.shape[0], cols, |i, j| f64::from(values[i * cols + j]))
+    let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
+    let row_bytes = cols * tensor.dtype.size();
+    let mut m = Mat::zeros(rows, cols);
+    // One row decoded at a time: no copy of the whole tensor.
+    let mut row = vec![0.0f32; cols];
+    for i in 0..rows {
+        crate::dtype::decode_into(tensor.dtype, &tensor.data[i * row_bytes..(i + 1) * row_bytes], &mut row);
+        for (j, v) in row.iter().enumerate() {
+            m[(i, j)] = f64::from(*v);
+        }
+    }
+    m
 }
 
 /// An f64 matrix stored as a row-major tensor of `dtype` (rounded once, at the end).
@@ -46,6 +55,12 @@ pub fn hstack(blocks: &[Mat]) -> Mat {
         at += b.ncols();
     }
     out
+}
+
+/// `a` cut into `n` blocks of equal width: the inverse of `hstack`.
+pub fn split_cols(a: &Mat, n: usize) -> Vec<Mat> {
+    let width = a.ncols() / n.max(1);
+    (0..n).map(|i| cols(a, i * width, width)).collect()
 }
 
 /// `[a_1; a_2; ...]`; all blocks share their column count.

@@ -35,9 +35,18 @@ pub(crate) struct GroupFactors {
 }
 
 pub(crate) fn group_factors(adapter: &Adapter, layout: &GroupLayout) -> GroupFactors {
+    GroupFactors {
+        encoder: to_matrix(adapter.tensors[&encoder_key(&layout.name)].view()),
+        ..decoder_side(adapter, layout)
+    }
+}
+
+/// `D` and the `M_l` of one group in f64, with an empty (0 x 0) encoder: for what reads only the
+/// decoder side (the report of linear averaging with a non-linear encoder).
+pub(crate) fn decoder_side(adapter: &Adapter, layout: &GroupLayout) -> GroupFactors {
     let get = |key: String| to_matrix(adapter.tensors[&key].view());
     GroupFactors {
-        encoder: get(encoder_key(&layout.name)),
+        encoder: Mat::zeros(0, 0),
         decoder: get(decoder_key(&layout.name)),
         ms: layout.modules.iter().map(|m| get(m_key(m))).collect(),
     }
@@ -59,7 +68,7 @@ pub(crate) fn put_group(out: &mut Adapter, like: &Adapter, layout: &GroupLayout,
 /// NaN or infinity anywhere is an error naming the adapter and the tensor.
 pub fn check_finite(adapter: &Adapter, context: &str) -> Result<()> {
     for (name, tensor) in &adapter.tensors {
-        if let Some(pos) = tensor.to_f32().iter().position(|v| !v.is_finite()) {
+        if let Some(pos) = crate::dtype::first_non_finite(tensor.dtype, &tensor.data) {
             return Err(Error::non_finite(
                 context,
                 format!("tensor {name:?} holds a non-finite value at flat index {pos}"),

@@ -82,16 +82,36 @@ impl Cores {
         Cores { qd, rd, qe_re }
     }
 
-    fn core(&self, k: usize, rank_d: usize, rank_e: usize, m: &Mat) -> Mat {
-        let left = cols(&self.rd, k * rank_d, rank_d) * m;
-        match &self.qe_re {
-            Some((_, re)) => left * cols(re, k * rank_e, rank_e).transpose(),
-            None => left,
+    /// The weighted mean of the runs' cores with the layers side by side, `[C_1 | ... | C_L]`
+    /// (p x L q), where `C_l = sum_k w_k R_d,k M_l,k` (times `R_e,k^T` with a linear encoder).
+    /// A few large products rather than two small ones per run and layer.
+    pub fn averaged(&self, runs: &[GroupFactors], weights: &[f64]) -> Mat {
+        let (rank_d, rank_e) = (runs[0].decoder.ncols(), runs[0].encoder.nrows());
+        let layers = runs[0].ms.len();
+        // [w_1 R_d,1 | ... | w_K R_d,K].
+        let mut weighted = self.rd.clone();
+        for j in 0..weighted.ncols() {
+            let w = weights[j / rank_d];
+            weighted.col_as_slice_mut(j).iter_mut().for_each(|x| *x *= w);
         }
-    }
-
-    pub fn run_cores(&self, k: usize, run: &GroupFactors) -> Vec<Mat> {
-        let (rank_d, rank_e) = (run.decoder.ncols(), run.encoder.nrows());
-        run.ms.iter().map(|m| self.core(k, rank_d, rank_e, m)).collect()
+        match &self.qe_re {
+            // sum_k (w_k R_d,k) [M_1,k | ... | M_L,k], as one product over the stacked runs.
+            None => weighted * vstack(&runs.iter().map(|r| hstack(&r.ms)).collect::<Vec<_>>()),
+            Some((_, re)) => {
+                // Per run, w_k R_d,k [M_1,k | ... | M_L,k]; per layer, its blocks side by side
+                // times [R_e,1^T; ...; R_e,K^T] = R_e^T.
+                let left: Vec<Mat> = runs
+                    .iter()
+                    .enumerate()
+                    .map(|(k, r)| weighted.subcols(k * rank_d, rank_d) * hstack(&r.ms))
+                    .collect();
+                let per_layer: Vec<Mat> = (0..layers)
+                    .map(|l| {
+                        hstack(&left.iter().map(|x| cols(x, l * rank_e, rank_e)).collect::<Vec<_>>()) * re.transpose()
+                    })
+                    .collect();
+                hstack(&per_layer)
+            }
+        }
     }
 }

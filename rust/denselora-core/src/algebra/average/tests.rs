@@ -2,7 +2,7 @@
 //! same function, weights and EMA are exact, and the Gram-matrix residuals match explicit products.
 
 use super::super::align::product_residuals;
-use super::super::linalg::relative_distance;
+use super::super::linalg::{relative_distance, Mat};
 use super::super::testutil::{factors, random_adapter, set_factors, Rng};
 use super::*;
 use faer::linalg::solvers::DenseSolveCore;
