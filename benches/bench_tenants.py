@@ -108,6 +108,43 @@ def main() -> None:
     tenant_config = json.loads((work / names[0] / "adapter_config.json").read_text())
     del carrier
 
+    # Many residents: a bundle of --tenants tenants as the source, each brought in by a routed miss.
+    generator = torch.Generator().manual_seed(7)
+    shapes = {f"{p}.m": tuple(layer.m.shape) for p, layer in model.adapter_layers()}
+    entries = {f"r{i}": (tenant_config, {n: torch.randn(s, generator=generator) * 0.3 for n, s in shapes.items()})
+               for i in range(args.tenants)}
+    pack(work / "family.dl", entries)
+    del entries
+    for name in names:  # measured alone; loaded again for generation
+        model.delete_adapter(name)
+    model.add_tenant_source(work / "family.dl")
+    bring_in = []
+    x = torch.randint(2, args.vocab, (1, 1))
+    for i in range(args.tenants):
+        start = time.perf_counter()
+        with model.route([f"r{i}"]):
+            pass
+        bring_in.append(time.perf_counter() - start)
+    with model.route([f"r{args.tenants - 1}"]), torch.no_grad():
+        model(x)  # the routed batch runs with the tenant brought in last
+    stacks = model.tenants.stacks.values()
+    per_tenant = sum(s.cores[0].numel() * s.cores.element_size() for s in stacks)
+    allocated = sum(s.cores.numel() * s.cores.element_size() for s in stacks)
+    resident = {
+        "tenants": len(model.tenants),
+        "bytes_per_tenant": per_tenant,
+        "stack_bytes": allocated,
+        "stack_mib": allocated / 2**20,
+        "bring_in_from_bundle_ms_median": 1e3 * statistics.median(bring_in),
+        "bring_in_from_bundle_ms_p90": 1e3 * float(np.percentile(bring_in, 90)),
+    }
+    print(json.dumps(resident))
+    write(args, config, [], resident)
+    for name in list(model.tenants.names()):
+        model.delete_adapter(name)
+    for name in names:
+        model.load_adapter(work / name, adapter_name=name)
+
     rng = np.random.default_rng(0)
     rows = []
     peft_model = None
@@ -142,39 +179,15 @@ def main() -> None:
         row["tenants_vs_in_turn"] = row["in_turn_s"] / row["tenants_s"]
         rows.append(row)
         print(json.dumps(row))
+        write(args, config, rows, resident)
     del peft_model
 
-    # Many residents: a bundle of --tenants tenants as the source, each brought in by a routed miss.
-    generator = torch.Generator().manual_seed(7)
-    shapes = {f"{p}.m": tuple(layer.m.shape) for p, layer in model.adapter_layers()}
-    entries = {f"r{i}": (tenant_config, {n: torch.randn(s, generator=generator) * 0.3 for n, s in shapes.items()})
-               for i in range(args.tenants)}
-    pack(work / "family.dl", entries)
-    del entries
-    for name in list(model.tenants.names()):
-        model.delete_adapter(name)
-    model.add_tenant_source(work / "family.dl")
-    bring_in = []
-    x = torch.randint(2, args.vocab, (1, 1))
-    for i in range(args.tenants):
-        start = time.perf_counter()
-        with model.route([f"r{i}"]):
-            pass
-        bring_in.append(time.perf_counter() - start)
-    with model.route([f"r{args.tenants - 1}"]), torch.no_grad():
-        model(x)  # the routed batch runs with the tenant brought in last
-    stacks = model.tenants.stacks.values()
-    per_tenant = sum(s.cores[0].numel() * s.cores.element_size() for s in stacks)
-    allocated = sum(s.cores.numel() * s.cores.element_size() for s in stacks)
-    resident = {
-        "tenants": len(model.tenants),
-        "bytes_per_tenant": per_tenant,
-        "stack_bytes": allocated,
-        "stack_mib": allocated / 2**20,
-        "bring_in_from_bundle_ms_median": 1e3 * statistics.median(bring_in),
-        "bring_in_from_bundle_ms_p90": 1e3 * float(np.percentile(bring_in, 90)),
-    }
-    print(json.dumps(resident))
+    write(args, config, rows, resident)
+    print(f"wrote {args.out}")
+
+
+def write(args: argparse.Namespace, config: DenseLoRAConfig, rows: list, resident: dict) -> None:
+    """The results so far (written after every measurement, so that a stopped run keeps them)."""
     result = {
         "command": "python benches/bench_tenants.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                              if k not in ("out", "skip_peft")) + (" --skip-peft" if args.skip_peft else ""),
@@ -183,11 +196,10 @@ def main() -> None:
         "generation": {"prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows},
         "resident": resident,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads, "kernel_isa": isa(),
-                    "denselora": denselora.__version__, "torch": torch.__version__},
+                    "load_average_1min": os.getloadavg()[0], "denselora": denselora.__version__, "torch": torch.__version__},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
