@@ -155,13 +155,10 @@ def resolve_basis(
         from .bundle import Bundle
 
         with Bundle(tenant_path) as bundle:
-            for name in bundle.names():
-                config = bundle.config(name)
-                if name == tenant_entry or is_tenant(config):
-                    continue
-                if fingerprint(config, bundle.tensors(name)) == needed:
-                    config, tensors = load_adapter(tenant_path, name)
-                    return config, tensors, _where(tenant_path, name)
+            found = [f.bases[0] for f in families(bundle) if f.fingerprint == needed and f.bases]
+        if found:
+            config, tensors = load_adapter(tenant_path, found[0])
+            return config, tensors, _where(tenant_path, found[0])
         raise IncompatibleAdapterError(
             f"{where}: the tenant needs the basis of fingerprint {needed}; no full adapter of {tenant_path} has it "
             "(give it with basis=...)"
