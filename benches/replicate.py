@@ -1,22 +1,26 @@
-"""The accuracy claim on a real model: SmolLM2-135M-Instruct, targets q,k,v,up,down, BIG-bench
-social_iqa and strategyqa (train/validation/test split fixed by a seed; test examples never trained
-on). PEFT LoRA r=16 against DenseLoRA r=16 and r=32 (gelu) and DenseLoRA r=16 identity, same steps,
-learning rate chosen per method on validation accuracy, several seeds, and a data-efficiency point
-(10% of the training split).
+"""Accuracy against trainable parameters on a real model: SmolLM2-135M-Instruct, targets
+q,k,v,up,down, multiple-choice BIG-bench tasks (train/validation/test split fixed by a seed; test
+examples never trained on). The methods (``METHODS``): zero-shot, PEFT LoRA r = 1..16, PEFT VeRA,
+DenseLoRA r = 8..64 in the library's default configuration and in the paper's; same steps, learning
+rate per method family (``--no-tune``) or chosen on validation accuracy from a small grid, several
+seeds.
 
 Each run is its own subprocess (clean peak memory) and writes its JSON under
-``benches/results/replicate/runs/``; rerunning skips finished runs, so the sweep can be stopped and
-resumed. The summary goes to ``benches/results/replicate.json`` and a plot to
-``benches/results/replicate.png``.
+``benches/results/replicate/runs/``; rerunning skips finished runs, so the study can be stopped and
+resumed. The summary goes to ``benches/results/<name>.json`` and ``.md``, and the plot of accuracy
+against trainable parameters to ``benches/results/<name>.png``.
 
-Full configuration (hours on 2 CPU cores; minutes on one GPU):
+The curve of docs/method_study.md (hours on 2 CPU cores; minutes on one GPU):
 
-    python benches/replicate.py --steps 300 --seeds 0,1,2 --test-size 400 --fractions 1.0,0.1
+    python benches/replicate.py --name curve --data-root benches/data \
+        --tasks hyperbaton,logical_fallacy_detection,epistemic_reasoning \
+        --methods zero-shot,lora-r1,lora-r4,lora-r16,vera-r256,denselora-r16-default,denselora-r64-default,denselora-r16 \
+        --steps 120 --test-size 200 --val-size 100 --no-tune --fractions 1.0 --seeds 0,1,2 --threads 1
+    python benches/replicate.py --name curve ... --report     # the same flags: table, JSON and plot only
 
-A reduced one, as measured on a shared 2-core machine (see docs/training.md; one process per task):
+The earlier 30-step protocol on social_iqa and strategyqa (``--name replicate``, the default):
 
     python benches/replicate.py --tasks social_iqa --steps 30 --test-size 200 --val-size 100 --threads 1
-    python benches/replicate.py --steps 30 --test-size 200 --val-size 100 --report   # table and plot
 """
 
 from __future__ import annotations
@@ -261,7 +265,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
-    parser.add_argument("--tasks", default="hyperbaton")
+    parser.add_argument("--tasks", default="social_iqa,strategyqa")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--data-root", default=None, help="folder with <task>/task.json (default: ../shared/data/bigbench, else the packaged slices)")
     parser.add_argument("--steps", type=int, default=300)
@@ -276,6 +280,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--report", action="store_true", help="only summarize the finished runs of this protocol (table, JSON, plot)")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per run")
+    parser.add_argument("--name", default="replicate", help="stem of the summary files under benches/results (JSON, table, plot)")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent / "python"))
     if args.run_one:
@@ -292,12 +297,12 @@ def main() -> int:
     table = markdown_table(summary)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name, text in (("replicate.json", json.dumps(summary, indent=2) + "\n"), ("replicate.md", table)):
+    for name, text in ((f"{args.name}.json", json.dumps(summary, indent=2) + "\n"), (f"{args.name}.md", table)):
         staging = RESULTS / f"{name}.tmp"
         staging.write_text(text)
         os.replace(staging, RESULTS / name)
     try:
-        plot(summary, RESULTS / "replicate.png")
+        plot(summary, RESULTS / f"{args.name}.png")
     except ImportError:
         print("matplotlib is not installed: no plot")
     return 0

@@ -4,7 +4,7 @@
 //! (columns).
 
 use super::assignment;
-use super::linalg::{hstack, relative_distance, vstack, Mat};
+use super::linalg::{hstack, relative_distance, relative_from_squares, vstack, Mat};
 use super::GroupFactors;
 use crate::dtype;
 use crate::tensor::Tensor;
@@ -71,14 +71,7 @@ pub(crate) fn stored_encoder_residuals<'a>(encoders: &[&'a Tensor]) -> Vec<f64> 
                     den += b * b;
                 }
             }
-            // As `relative_distance`.
-            if num == 0.0 {
-                0.0
-            } else if den == 0.0 {
-                num.sqrt()
-            } else {
-                (num / den).sqrt()
-            }
+            relative_from_squares(num, den)
         })
         .collect()
 }

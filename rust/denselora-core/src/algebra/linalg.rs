@@ -117,6 +117,12 @@ pub fn sq(a: &Mat) -> f64 {
 pub fn relative_distance(a: &[Mat], b: &[Mat]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| sq(&(x - y))).sum();
     let den: f64 = b.iter().map(sq).sum();
+    relative_from_squares(num, den)
+}
+
+/// `sqrt(num / den)` for a squared distance `num` and a squared reference norm `den`: 0 when both
+/// are zero, the absolute distance when only the reference is.
+pub fn relative_from_squares(num: f64, den: f64) -> f64 {
     if num == 0.0 {
         0.0
     } else if den == 0.0 {
