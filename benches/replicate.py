@@ -38,6 +38,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 RUNS = RESULTS / "replicate" / "runs"
+# Each trained adapter (not committed: benches/results/replicate/adapters/ is ignored), for the
+# tenants' bases and the subspace analysis.
+ADAPTERS = RESULTS / "replicate" / "adapters"
+# Steps at which a run measures, on a fixed probe batch, each adapted layer's update of its output
+# (size relative to the base output, effective rank): the diagnosis past step 0.
+DIAGNOSE_AT = (20, 50, 100)
 
 # The curve of accuracy against trainable parameters: LoRA across ranks (r=1 trains about as many
 # numbers as DenseLoRA r=16), PEFT's VeRA, and DenseLoRA across ranks in the library's default
@@ -49,7 +55,12 @@ METHODS: dict[str, dict[str, Any]] = {
     **{f"denselora-r{r}-default": {"method": "denselora", "r": r, "preset": "default", "lrs": "default"} for r in (8, 16, 32, 64)},
     **{f"denselora-r{r}": {"method": "denselora", "r": r, "preset": "paper", "lrs": "paper"} for r in (8, 16, 32, 64)},
     "denselora-r16-identity": {"method": "denselora", "r": 16, "preset": "paper", "activation": "identity", "lrs": "paper"},
+    # A tenant: only the per-layer cores M train (38,400 numbers at r=16), on the frozen shared
+    # encoders and decoders of the default r=16 adapter trained (seed 0) on another task.
+    "denselora-r16-tenant": {"method": "denselora", "r": 16, "preset": "default", "lrs": "default", "basis": "denselora-r16-default"},
 }
+# The task whose adapter serves as a tenant's basis.
+BASIS_TASK = {"hyperbaton": "logical_fallacy_detection", "logical_fallacy_detection": "hyperbaton", "epistemic_reasoning": "hyperbaton"}
 # Learning-rate grids: the paper's configuration moves the model about 25x less per step than LoRA
 # at the same rate and wants far larger ones; the default configuration steps like LoRA; VeRA
 # trains only scaling vectors and wants rates near 1e-2 (its paper).
@@ -80,6 +91,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     from denselora.training.data import TokenizedDataset, load_examples, split_examples, subsample
     from denselora.training.evaluation import multiple_choice_accuracy
 
+    from _study import diagnostics
     from _study.methods import build_adapter_model
 
     if spec.get("threads"):
@@ -94,6 +106,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     options = {k: v for k, v in method.items() if k in ("preset", "activation")}
     if method["method"] == "none":  # the base model as it is: the floor every method starts from
         model, trainable, total = base, 0, sum(p.numel() for p in base.parameters())
+    elif "basis" in method:
+        from denselora import DenseLoRAModel
+
+        model = DenseLoRAModel.from_pretrained(base, spec["basis_dir"], freeze_shared=True)
+        trainable, total = model.get_nb_trainable_parameters()
     else:
         model = build_adapter_model(base, method["method"], r=method["r"], alpha=2 * method["r"], **options)
         trainable, total = model.get_nb_trainable_parameters()
@@ -104,8 +121,21 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = None
+    diagnosis: dict[str, Any] = {}
     if method["method"] != "none":
-        result = train(model, tokenizer, TokenizedDataset(train_examples, tokenizer, cutoff_len=256), config)
+        dataset = TokenizedDataset(train_examples, tokenizer, cutoff_len=256)
+        probe = probe_batch(dataset, tokenizer, device)
+        measured = method["method"] in ("denselora", "lora")  # the methods whose layers diagnostics reads
+
+        def on_step(step: int, _record: Any) -> None:
+            if measured and step in DIAGNOSE_AT:
+                diagnosis[str(step)] = diagnostics.summarize(diagnostics.layer_updates(model, probe))
+
+        result = train(model, tokenizer, dataset, config, callback=on_step)
+        if measured:
+            diagnosis[str(spec["steps"])] = diagnostics.summarize(diagnostics.layer_updates(model, probe))
+        if spec.get("save_to"):
+            model.save_pretrained(spec["save_to"])
     val = multiple_choice_accuracy(model, tokenizer, splits.validation) if spec["evaluate_validation"] else None
     test = multiple_choice_accuracy(model, tokenizer, splits.test) if spec["evaluate_test"] else None
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -122,7 +152,17 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "step_seconds": result.seconds / max(result.steps, 1) if result else 0.0,
         "peak_memory_mib": peak,
         "peak_memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS",
+        "layer_updates": diagnosis,
     }
+
+
+def probe_batch(dataset: Any, tokenizer: Any, device: str, size: int = 8) -> dict[str, Any]:
+    """The first ``size`` training examples as one padded batch: the fixed inputs on which the
+    layer updates are measured along a run."""
+    from denselora.training.data import Collator, pad_id_of
+
+    batch = Collator(pad_id_of(tokenizer))([dataset[i] for i in range(min(size, len(dataset)))])
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
 def run_name(spec: dict[str, Any]) -> str:
@@ -130,11 +170,14 @@ def run_name(spec: dict[str, Any]) -> str:
 
 
 def ensure(spec: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-    """The result of ``spec``, from disk when it ran before, else by running it now."""
+    """The result of ``spec``, from disk when it ran before, else by running it now (saving its
+    adapter under ``ADAPTERS``)."""
     RUNS.mkdir(parents=True, exist_ok=True)
     path = RUNS / f"{run_name(spec)}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if METHODS[spec["method"]]["method"] != "none":
+        spec = dict(spec, save_to=str(ADAPTERS / run_name(spec)))
     started = time.perf_counter()
     print(f"run {path.stem} ...", flush=True)
     proc = subprocess.run(
@@ -150,6 +193,21 @@ def ensure(spec: dict[str, Any], timeout: float) -> dict[str, Any] | None:
     os.replace(staging, path)
     print(f"  test {result['test_accuracy']}, val {result['val_accuracy']}, {result['step_seconds']:.2f} s/step", flush=True)
     return result
+
+
+def ensure_basis(args: argparse.Namespace, spec: dict[str, Any], name: str) -> str | None:
+    """The adapter directory serving as the basis of tenant method ``name`` on ``spec``'s task:
+    the seed-0 run of the basis method on `BASIS_TASK`, trained now if it is not on disk."""
+    basis_method = METHODS[name]["basis"]
+    task = BASIS_TASK[spec["task"]]
+    basis_spec = dict(spec, task=task, data=str(data_path(args.data_root, task)), method=basis_method, seed=0,
+                      lr=DEFAULT_LR[METHODS[basis_method]["lrs"]], fraction=1.0)
+    folder = ADAPTERS / run_name(basis_spec)
+    if not (folder / "adapter_config.json").is_file():
+        (RUNS / f"{run_name(basis_spec)}.json").unlink(missing_ok=True)  # ran before adapters were kept: run again
+        if ensure(basis_spec, args.timeout) is None:
+            return None
+    return str(folder)
 
 
 SAME_PROTOCOL = ("steps", "batch_size", "test_size", "val_size", "split_seed")
@@ -212,6 +270,48 @@ def markdown_table(summary: dict[str, Any]) -> str:
             f"| {row['task']} | {row['method']} | {row['fraction']:.0%} | {row['lr']:.0e} | {row['trainable_params']:,d} | "
             f"{row['trainable_pct']:.3f} | {acc} | {len(row['seeds'])} | {row['step_seconds']:.2f} | {row['peak_memory_mib']:.0f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def diagnosis(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Past step 0, from the runs that recorded it: each method's layer updates along the run (mean
+    over layers of the size relative to the base output and of the effective rank), and
+    how much of LoRA r=16's update lies in DenseLoRA r=16's shared subspaces, per module name
+    (`diagnostics.basis_capture` on the adapters of the same task and seed)."""
+    from _study import diagnostics
+
+    along = [
+        {"task": r["task"], "method": r["method"], "seed": r["seed"], "step": int(step), **values["all"]}
+        for r in results
+        for step, values in sorted(r.get("layer_updates", {}).items(), key=lambda kv: int(kv[0]))
+    ]
+    capture = []
+    for r in results:
+        if r["method"] != "lora-r16":
+            continue
+        lora = ADAPTERS / run_name(r)
+        for name in ("denselora-r16-default", "denselora-r16"):
+            twin = next((d for d in results if d["method"] == name and d["task"] == r["task"] and d["seed"] == r["seed"]), None)
+            if twin is None or not (lora / "adapter_model.safetensors").is_file() or not (ADAPTERS / run_name(twin)).is_dir():
+                continue
+            per_layer = diagnostics.basis_capture(str(lora), str(ADAPTERS / run_name(twin)))
+            modules = sorted({m.rsplit(".", 1)[-1] for m in per_layer})
+            for module in modules + ["all"]:
+                rows = [v for m, v in per_layer.items() if module == "all" or m.endswith(f".{module}")]
+                capture.append(
+                    {"task": r["task"], "seed": r["seed"], "basis": name, "module": module,
+                     "captured": statistics.fmean(v["captured"] for v in rows), "random": statistics.fmean(v["random"] for v in rows)}
+                )
+    return {"layer_updates": along, "basis_capture": capture}
+
+
+def diagnosis_tables(found: dict[str, Any]) -> str:
+    lines = ["| task | method | seed | step | update / base output | effective rank (entropy) | rank for 99% energy |", "|---|---|---:|---:|---:|---:|---:|"]
+    for row in found["layer_updates"]:
+        lines.append(f"| {row['task']} | {row['method']} | {row['seed']} | {row['step']} | {row['relative_norm']:.4f} | {row['entropy_rank']:.1f} | {row['energy_rank']:.1f} |")
+    lines += ["", "| task | seed | DenseLoRA basis | module | share of LoRA r16's update inside the basis | random subspaces |", "|---|---:|---|---|---:|---:|"]
+    for row in found["basis_capture"]:
+        lines.append(f"| {row['task']} | {row['seed']} | {row['basis']} | {row['module']} | {row['captured']:.3f} | {row['random']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -294,10 +394,13 @@ def main() -> int:
         print("no finished runs")
         return 1
     summary = summarize(results, args)
+    summary["diagnosis"] = diagnosis(results)
     table = markdown_table(summary)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name, text in ((f"{args.name}.json", json.dumps(summary, indent=2) + "\n"), (f"{args.name}.md", table)):
+    written = ((f"{args.name}.json", json.dumps(summary, indent=2) + "\n"), (f"{args.name}.md", table),
+               (f"{args.name}-diagnosis.md", diagnosis_tables(summary["diagnosis"])))
+    for name, text in written:
         staging = RESULTS / f"{name}.tmp"
         staging.write_text(text)
         os.replace(staging, RESULTS / name)
@@ -322,6 +425,11 @@ def run_all(args: argparse.Namespace) -> None:
                 base = dict(task=task, data=data, method=name, steps=args.steps, batch_size=args.batch_size, fraction=fraction,
                             test_size=args.test_size, val_size=args.val_size, split_seed=args.split_seed, threads=args.threads,
                             evaluate_validation=not args.no_tune, evaluate_test=True)
+                if "basis" in METHODS[name]:
+                    basis = ensure_basis(args, base, name)
+                    if basis is None:
+                        continue
+                    base["basis_dir"] = basis
                 if not full:
                     lr = picked.get(name, DEFAULT_LR[family])  # the reduced-data runs keep the full-data choice
                 elif args.no_tune:

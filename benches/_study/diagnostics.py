@@ -221,3 +221,48 @@ def summarize(per_layer: Mapping[str, Mapping[str, float]], keys: Iterable[str] 
         buckets[path.rsplit(".", 1)[-1]].append(values)
         buckets["all"].append(values)
     return {name: {k: sum(v[k] for v in rows) / len(rows) for k in keys} for name, rows in buckets.items()}
+
+
+def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the column space of ``columns`` (numerical rank only)."""
+    u, s, _ = torch.linalg.svd(columns.double(), full_matrices=False)
+    keep = s > s[0] * 1e-6 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    return u[:, keep]
+
+
+def basis_capture(lora_dir: str, denselora_dir: str) -> dict[str, dict[str, float]]:
+    """How much of a PEFT LoRA's update lies in a DenseLoRA adapter's shared subspaces, per layer:
+    ``captured = ||P_D dW P_E|| / ||dW||`` for ``dW = B A`` of the layer (Frobenius), ``P_E`` the
+    projector on the row space of the layer's group encoder ``E_g`` and ``P_D`` on the column space
+    of its decoder ``D_g``; ``random`` is what subspaces of the same dimensions drawn at random
+    would capture on average (``sqrt(r_E r_D / (in out))``). The rest, ``1 - captured^2`` of the
+    update's energy, is what no core ``M_l`` can reach on that basis."""
+    from safetensors.torch import load_file
+
+    from denselora.io.adapter import load_adapter
+
+    config, tensors = load_adapter(denselora_dir)
+    lora = load_file(f"{lora_dir}/adapter_model.safetensors")
+    bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    results: dict[str, dict[str, float]] = {}
+    for module, group in sorted(config["groups"].items()):
+        keys = [k for k in lora if k.endswith(f"{module}.lora_A.weight")]
+        if len(keys) != 1:
+            continue
+        a, b = lora[keys[0]].double(), lora[keys[0].replace("lora_A", "lora_B")].double()
+        if group not in bases:
+            bases[group] = (
+                _orthonormal(tensors[f"shared.{group}.encoder"].double().T),
+                _orthonormal(tensors[f"shared.{group}.decoder"].double()),
+            )
+        q_in, q_out = bases[group]
+        # P_D (B A) P_E computed through the thin factors: (Q_out^T B)(A Q_in) has the same norm.
+        inner = (q_out.T @ b) @ (a @ q_in)
+        total = float(torch.linalg.matrix_norm(b @ a))
+        results[module] = {
+            "captured": float(torch.linalg.matrix_norm(inner)) / total if total > 0 else 0.0,
+            "random": math.sqrt(q_in.shape[1] * q_out.shape[1] / (a.shape[1] * b.shape[0])),
+        }
+    if not results:
+        raise ArgumentError(f"{lora_dir} and {denselora_dir} adapt no module in common")
+    return results
