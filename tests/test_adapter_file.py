@@ -223,13 +223,36 @@ def test_bfloat16_crosses_as_its_bit_patterns_both_ways():
     back = arrays.to_tensor("BF16", bits)
     assert back.dtype == torch.bfloat16 and torch.equal(back, t)
     assert np.shares_memory(arrays.view(t, "t"), t.view(torch.int16).numpy())  # a view, no copy
-    wide = arrays.to_numpy(t, dtypes=arrays.WRITABLE_DTYPES)  # what the file writers take
-    assert wide.dtype == np.float32 and np.array_equal(wide, t.float().numpy())
     assert arrays.to_numpy(t.double()).dtype == np.float32
     with pytest.raises(dl.errors.ArgumentError, match="'w' is a list"):
         arrays.to_numpy([1.0], "w")
     with pytest.raises(dl.errors.DTypeError, match="^x:"):
         arrays.view(t.double(), "x")
+
+
+def test_bfloat16_adapters_are_written_and_packed_as_bfloat16(tmp_path):
+    """No silent widening: a bfloat16 adapter's file holds BF16 tensors (read by the safetensors
+    package), loads back bit for bit, and packs into a bundle as BF16."""
+    from safetensors import safe_open
+
+    model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=4))
+    randomize_adapter(model)
+    model.to(torch.bfloat16)
+    state = {k: v.detach().clone() for k, v in model.adapter_state().items()}
+    assert {v.dtype for v in state.values()} == {torch.bfloat16}
+    model.save_pretrained(tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "adapter.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(state)
+        for name in f.keys():
+            stored = f.get_tensor(name)
+            assert stored.dtype == torch.bfloat16 and torch.equal(stored, state[name]), name
+    _, back = dl.load_adapter(tmp_path / "a")
+    assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], state[k]) for k in state)
+    from denselora.io.bundle import pack
+
+    pack(tmp_path / "b.dl", {"a": tmp_path / "a"})
+    with dl.Bundle(tmp_path / "b.dl") as bundle:
+        assert set(bundle.dtypes("a").values()) == {"BF16"}
 
 
 def test_peft_adapters_are_told_apart_from_denselora_ones(saved, tmp_path):

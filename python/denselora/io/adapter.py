@@ -22,7 +22,7 @@ from .sources import BUNDLE_SUFFIX, PathLike, split_source
 def save_adapter(directory: PathLike, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
     """Write ``adapter_config.json`` and ``adapter.safetensors`` under ``directory`` (atomically).
     The core validates that tensors and ``config['groups']`` agree before writing."""
-    data = arrays.to_numpy_dict(tensors, dtypes=arrays.WRITABLE_DTYPES)
+    data = arrays.to_numpy_dict(tensors)
     with atomic_directory(directory) as staging:
         _core.save_adapter(os.fspath(staging), json.dumps(dict(config)), data)
 

@@ -16,9 +16,6 @@ from ..errors import ArgumentError, DTypeError
 
 #: The tensor dtypes the core computes with (bfloat16 as its bit patterns).
 CORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: The dtypes the core's file writers take (adapter directories, plain safetensors files, bundle
-#: entries given as arrays); a tensor of another dtype, bfloat16 included, is written as float32.
-WRITABLE_DTYPES = (torch.float32, torch.float16)
 
 # Integers of each element width: float bits as integers, for the core's in-place dropout.
 _INTEGERS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -38,13 +35,14 @@ def view(tensor: torch.Tensor, name: str) -> np.ndarray:
     return t.numpy()
 
 
-def to_numpy(tensor: torch.Tensor, name: str = "tensor", *, dtypes: tuple[torch.dtype, ...] = CORE_DTYPES) -> np.ndarray:
+def to_numpy(tensor: torch.Tensor, name: str = "tensor") -> np.ndarray:
     """``tensor``'s values as a C-contiguous CPU array: a view when the tensor already is one, a
-    copy otherwise. A tensor whose dtype is not in ``dtypes`` is converted to float32 first."""
+    copy otherwise. A tensor of a dtype the core does not take (`CORE_DTYPES`) is converted to
+    float32 first."""
     if not isinstance(tensor, torch.Tensor):
         raise ArgumentError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
     t = tensor.detach().cpu()
-    if t.dtype not in dtypes:
+    if t.dtype not in CORE_DTYPES:
         t = t.float()
     return view(t.contiguous(), name)
 
@@ -53,7 +51,7 @@ def to_numpy(tensor: torch.Tensor, name: str = "tensor", *, dtypes: tuple[torch.
 _AS_IS = (np.dtype(np.float32), np.dtype(np.float16))
 
 
-def to_numpy_dict(tensors: Mapping[str, torch.Tensor], *, dtypes: tuple[torch.dtype, ...] = CORE_DTYPES) -> dict[str, np.ndarray]:
+def to_numpy_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """``to_numpy`` of every tensor of a mapping. An adapter holds hundreds of small tensors, so the
     common case (a CPU tensor of float32 or float16, C-contiguous, not requiring grad) is viewed
     directly; any other goes through ``to_numpy`` and its checks."""
@@ -66,7 +64,7 @@ def to_numpy_dict(tensors: Mapping[str, torch.Tensor], *, dtypes: tuple[torch.dt
             except (TypeError, RuntimeError):
                 pass  # bfloat16, not on the CPU, or requiring grad
         if array is None or array.dtype not in _AS_IS or not array.flags.c_contiguous:
-            array = to_numpy(t, name, dtypes=dtypes)
+            array = to_numpy(t, name)
         out[name] = array
     return out
 

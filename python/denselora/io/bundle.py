@@ -154,7 +154,7 @@ def _writable(name: str, value: Any) -> np.ndarray:
     if torch is not None and isinstance(value, torch.Tensor):
         from . import arrays
 
-        return arrays.to_numpy(value, name, dtypes=arrays.WRITABLE_DTYPES)
+        return arrays.to_numpy(value, name)
     return np.ascontiguousarray(value)
 
 

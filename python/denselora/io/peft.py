@@ -58,7 +58,7 @@ def lora_adapter(
 
 def save_peft_lora(directory: PathLike, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
     """Write a PEFT LoRA adapter (atomically): ``adapter_config.json`` and ``adapter_model.safetensors``."""
-    data = arrays.to_numpy_dict(tensors, dtypes=arrays.WRITABLE_DTYPES)
+    data = arrays.to_numpy_dict(tensors)
     with atomic_directory(directory) as staging:
         _core.save_safetensors(os.fspath(staging / TENSORS_FILE), data, {"format": "pt"})
         _core.write_text_atomic(os.fspath(staging / CONFIG_FILE), json.dumps(dict(config), indent=2) + "\n")

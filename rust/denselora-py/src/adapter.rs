@@ -20,7 +20,7 @@ pub fn save_adapter(
     tensors: &Bound<'_, PyDict>,
 ) -> BindingResult<()> {
     let config = adapter::stamped(&adapter::parse_config_object(config_json, Path::new("config_json"))?);
-    let borrowed = BorrowedTensors::from_dict(tensors, false)?;
+    let borrowed = BorrowedTensors::from_dict(tensors)?;
     py.detach(|| adapter::write_adapter_dir(&path, &config, &borrowed.views()))?;
     Ok(())
 }

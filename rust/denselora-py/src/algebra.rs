@@ -15,7 +15,7 @@ use crate::errors::BindingResult;
 
 fn to_adapter(name: &str, config_json: &str, tensors: &Bound<'_, PyDict>) -> BindingResult<Adapter> {
     let config = adapter::parse_config_object(config_json, Path::new(name))?;
-    let borrowed = BorrowedTensors::from_dict(tensors, true)?;
+    let borrowed = BorrowedTensors::from_dict(tensors)?;
     let tensors: BTreeMap<_, _> = borrowed.views().into_iter().map(|(k, t)| (k, t.to_owned())).collect();
     Ok(Adapter { config, tensors })
 }

@@ -23,16 +23,16 @@ pub fn array_bytes<'py>(array: &Bound<'py, PyUntypedArray>, name: &str, dtype: D
     Ok(if len == 0 { &[] } else { unsafe { std::slice::from_raw_parts(ptr, len) } })
 }
 
-/// The storage dtype of a numpy array: float32, float16, or uint16 standing for bfloat16 when
-/// `bf16_bits` says so.
-pub fn array_dtype(array: &Bound<'_, PyUntypedArray>, name: &str, bf16_bits: bool) -> Result<DType, Error> {
+/// The storage dtype of a numpy array: float32, float16, or uint16 standing for bfloat16 (the one
+/// bfloat16 policy: raw 16-bit patterns both ways, as `denselora.io.arrays` sends them).
+pub fn array_dtype(array: &Bound<'_, PyUntypedArray>, name: &str) -> Result<DType, Error> {
     let py = array.py();
     let dtype = array.dtype();
     if dtype.is_equiv_to(&numpy::dtype::<f32>(py)) {
         Ok(DType::F32)
     } else if dtype.is_equiv_to(&numpy::dtype::<half::f16>(py)) {
         Ok(DType::F16)
-    } else if bf16_bits && dtype.is_equiv_to(&numpy::dtype::<u16>(py)) {
+    } else if dtype.is_equiv_to(&numpy::dtype::<u16>(py)) {
         Ok(DType::BF16)
     } else {
         Err(Error::argument(
@@ -70,7 +70,7 @@ pub(crate) struct BorrowedTensors<'py> {
 }
 
 impl<'py> BorrowedTensors<'py> {
-    pub(crate) fn from_dict(tensors: &Bound<'py, PyDict>, bf16_bits: bool) -> BindingResult<Self> {
+    pub(crate) fn from_dict(tensors: &Bound<'py, PyDict>) -> BindingResult<Self> {
         let mut entries = Vec::with_capacity(tensors.len());
         for (key, value) in tensors.iter() {
             let name: String =
@@ -78,7 +78,7 @@ impl<'py> BorrowedTensors<'py> {
             let array = value
                 .cast_into::<PyUntypedArray>()
                 .map_err(|_| Error::argument(&name, ArgumentKind::DType, "value is not a numpy array"))?;
-            let dtype = array_dtype(&array, &name, bf16_bits)?;
+            let dtype = array_dtype(&array, &name)?;
             let bytes = array_bytes(&array, &name, dtype)?;
             entries.push((name, dtype, array.shape().to_vec(), bytes));
         }

@@ -248,7 +248,7 @@ pub fn pack_bundle<'py>(
         })?;
         let context = PathBuf::from(format!("config of adapter {name:?}"));
         let config = adapter::parse_config_object(&config_json, &context)?;
-        owned.push((name, OwnedSource::Memory(config, BorrowedTensors::from_dict(&tensors, false)?)));
+        owned.push((name, OwnedSource::Memory(config, BorrowedTensors::from_dict(&tensors)?)));
     }
     let options = PackOptions { dtype, keep_existing };
     let stats = with_progress(py, progress, move |call| {

@@ -20,7 +20,7 @@ pub fn save_safetensors(
     tensors: &Bound<'_, PyDict>,
     metadata: Option<BTreeMap<String, String>>,
 ) -> BindingResult<()> {
-    let borrowed = BorrowedTensors::from_dict(tensors, false)?;
+    let borrowed = BorrowedTensors::from_dict(tensors)?;
     let metadata = metadata.unwrap_or_default();
     py.detach(|| {
         let views = borrowed.views();

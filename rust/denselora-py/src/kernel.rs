@@ -23,7 +23,7 @@ type View<'py> = (Vec<usize>, DType, &'py [u8]);
 type ViewMut<'py> = (Vec<usize>, DType, &'py mut [u8]);
 
 fn view<'py>(a: &Bound<'py, PyUntypedArray>, name: &str) -> Result<View<'py>, Error> {
-    let dtype = array_dtype(a, name, true)?;
+    let dtype = array_dtype(a, name)?;
     Ok((a.shape().to_vec(), dtype, array_bytes(a, name, dtype)?))
 }
 
