@@ -178,11 +178,20 @@ def ensure(spec: dict[str, Any], timeout: float) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     if METHODS[spec["method"]]["method"] != "none":
         spec = dict(spec, save_to=str(ADAPTERS / run_name(spec)))
+    claim = path.with_suffix(".running")  # several study processes can share the queue
+    try:
+        claim.open("x").close()
+    except FileExistsError:
+        print(f"skip {path.stem}: another process is running it ({claim})", flush=True)
+        return None
     started = time.perf_counter()
     print(f"run {path.stem} ...", flush=True)
-    proc = subprocess.run(
-        [sys.executable, __file__, "--run-one", json.dumps(spec)], capture_output=True, text=True, timeout=timeout
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--run-one", json.dumps(spec)], capture_output=True, text=True, timeout=timeout
+        )
+    finally:
+        claim.unlink(missing_ok=True)
     if proc.returncode != 0:
         print(f"  failed:\n{proc.stderr[-2000:]}", flush=True)
         return None
