@@ -285,8 +285,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
 def diagnosis(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Past step 0, from the runs that recorded it: each method's layer updates along the run (mean
     over layers of the size relative to the base output and of the effective rank), and
-    how much of LoRA r=16's update lies in DenseLoRA r=16's shared subspaces, per module name
-    (`diagnostics.basis_capture` on the adapters of the same task and seed)."""
+    how much of LoRA r=16's update lies in DenseLoRA r=16's shared subspaces (same task and seed)
+    and in another seed's LoRA subspaces, per module name (`diagnostics.basis_capture`)."""
     from _study import diagnostics
 
     along = [
@@ -299,16 +299,21 @@ def diagnosis(results: list[dict[str, Any]]) -> dict[str, Any]:
         if r["method"] != "lora-r16":
             continue
         lora = ADAPTERS / run_name(r)
-        for name in ("denselora-r16-default", "denselora-r16"):
-            twin = next((d for d in results if d["method"] == name and d["task"] == r["task"] and d["seed"] == r["seed"]), None)
-            if twin is None or not (lora / "adapter_model.safetensors").is_file() or not (ADAPTERS / run_name(twin)).is_dir():
+        # References: DenseLoRA's shared subspaces, and LoRA's own of another seed (how much two
+        # LoRA runs agree sets the scale).
+        twins = [d for d in results if d["task"] == r["task"] and (
+            (d["method"] in ("denselora-r16-default", "denselora-r16") and d["seed"] == r["seed"])
+            or (d["method"] == "lora-r16" and d["seed"] != r["seed"]))]
+        for twin in twins:
+            reference = ADAPTERS / run_name(twin)
+            if not (lora / "adapter_model.safetensors").is_file() or not reference.is_dir():
                 continue
-            per_layer = diagnostics.basis_capture(str(lora), str(ADAPTERS / run_name(twin)))
+            per_layer = diagnostics.basis_capture(str(lora), str(reference))
             modules = sorted({m.rsplit(".", 1)[-1] for m in per_layer})
             for module in modules + ["all"]:
                 rows = [v for m, v in per_layer.items() if module == "all" or m.endswith(f".{module}")]
                 capture.append(
-                    {"task": r["task"], "seed": r["seed"], "basis": name, "module": module,
+                    {"task": r["task"], "seed": r["seed"], "reference": f"{twin['method']} seed {twin['seed']}", "module": module,
                      "captured": statistics.fmean(v["captured"] for v in rows), "random": statistics.fmean(v["random"] for v in rows)}
                 )
     return {"layer_updates": along, "basis_capture": capture}
@@ -318,9 +323,9 @@ def diagnosis_tables(found: dict[str, Any]) -> str:
     lines = ["| task | method | seed | step | update / base output | effective rank (entropy) | rank for 99% energy |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in found["layer_updates"]:
         lines.append(f"| {row['task']} | {row['method']} | {row['seed']} | {row['step']} | {row['relative_norm']:.4f} | {row['entropy_rank']:.1f} | {row['energy_rank']:.1f} |")
-    lines += ["", "| task | seed | DenseLoRA basis | module | share of LoRA r16's update inside the basis | random subspaces |", "|---|---:|---|---|---:|---:|"]
+    lines += ["", "| task | LoRA r16 seed | subspaces of | module | share of LoRA's update inside them | random subspaces |", "|---|---:|---|---|---:|---:|"]
     for row in found["basis_capture"]:
-        lines.append(f"| {row['task']} | {row['seed']} | {row['basis']} | {row['module']} | {row['captured']:.3f} | {row['random']:.3f} |")
+        lines.append(f"| {row['task']} | {row['seed']} | {row['reference']} | {row['module']} | {row['captured']:.3f} | {row['random']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -237,33 +237,51 @@ def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
     return u[:, keep]
 
 
-def basis_capture(lora_dir: str, denselora_dir: str) -> dict[str, dict[str, float]]:
-    """How much of a PEFT LoRA's update lies in a DenseLoRA adapter's shared subspaces, per layer:
-    ``captured = ||P_D dW P_E|| / ||dW||`` for ``dW = B A`` of the layer (Frobenius), ``P_E`` the
-    projector on the row space of the layer's group encoder ``E_g`` and ``P_D`` on the column space
-    of its decoder ``D_g``; ``random`` is what subspaces of the same dimensions drawn at random
-    would capture on average (``sqrt(r_E r_D / (in out))``). The rest, ``1 - captured^2`` of the
-    update's energy, is what no core ``M_l`` can reach on that basis."""
+def _lora_factors(directory: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module path: (A, B)}`` of a PEFT LoRA directory (``A`` r x in, ``B`` out x r)."""
     from safetensors.torch import load_file
 
-    from denselora.io.adapter import load_adapter
+    tensors = load_file(f"{directory}/adapter_model.safetensors")
+    out = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
+            out[module] = (a.double(), tensors[key.replace("lora_A", "lora_B")].double())
+    return out
 
-    config, tensors = load_adapter(denselora_dir)
-    lora = load_file(f"{lora_dir}/adapter_model.safetensors")
-    bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+def _subspaces(directory: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module path: (Q_in, Q_out)}``: orthonormal bases of the input directions a layer's
+    adapter reads and the output directions it writes. DenseLoRA: the row space of its group's
+    encoder ``E_g`` and the column space of its decoder ``D_g``; PEFT LoRA: of the layer's ``A``
+    and ``B``."""
+    from denselora.io.adapter import load_adapter
+    from denselora.io.peft import is_peft_lora
+
+    if is_peft_lora(directory):
+        return {m: (_orthonormal(a.T), _orthonormal(b)) for m, (a, b) in _lora_factors(directory).items()}
+    config, tensors = load_adapter(directory)
+    per_group = {
+        g: (_orthonormal(tensors[f"shared.{g}.encoder"].double().T), _orthonormal(tensors[f"shared.{g}.decoder"].double()))
+        for g in set(config["groups"].values())
+    }
+    return {module: per_group[group] for module, group in config["groups"].items()}
+
+
+def basis_capture(lora_dir: str, reference_dir: str) -> dict[str, dict[str, float]]:
+    """How much of a PEFT LoRA's update lies in the subspaces of another adapter, per layer:
+    ``captured = ||P_out dW P_in|| / ||dW||`` for ``dW = B A`` of the layer (Frobenius), with
+    ``P_in``/``P_out`` the projectors on the input and output subspaces of ``reference_dir``'s
+    adapter at that layer (`_subspaces`: a DenseLoRA adapter's shared ``E_g``/``D_g``, or another
+    LoRA's ``A``/``B``, e.g. a second seed). ``random`` is what subspaces of the same dimensions
+    drawn at random would capture on average (``sqrt(r_in r_out / (in out))``)."""
+    reference = _subspaces(reference_dir)
     results: dict[str, dict[str, float]] = {}
-    for module, group in sorted(config["groups"].items()):
-        keys = [k for k in lora if k.endswith(f"{module}.lora_A.weight")]
-        if len(keys) != 1:
+    for module, (a, b) in sorted(_lora_factors(lora_dir).items()):
+        if module not in reference:
             continue
-        a, b = lora[keys[0]].double(), lora[keys[0].replace("lora_A", "lora_B")].double()
-        if group not in bases:
-            bases[group] = (
-                _orthonormal(tensors[f"shared.{group}.encoder"].double().T),
-                _orthonormal(tensors[f"shared.{group}.decoder"].double()),
-            )
-        q_in, q_out = bases[group]
-        # P_D (B A) P_E computed through the thin factors: (Q_out^T B)(A Q_in) has the same norm.
+        q_in, q_out = reference[module]
+        # P_out (B A) P_in through the thin factors: (Q_out^T B)(A Q_in) has the same norm.
         inner = (q_out.T @ b) @ (a @ q_in)
         total = float(torch.linalg.matrix_norm(b @ a))
         results[module] = {
@@ -271,5 +289,5 @@ def basis_capture(lora_dir: str, denselora_dir: str) -> dict[str, dict[str, floa
             "random": math.sqrt(q_in.shape[1] * q_out.shape[1] / (a.shape[1] * b.shape[0])),
         }
     if not results:
-        raise ArgumentError(f"{lora_dir} and {denselora_dir} adapt no module in common")
+        raise ArgumentError(f"{lora_dir} and {reference_dir} adapt no module in common")
     return results
