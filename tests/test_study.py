@@ -173,3 +173,42 @@ def test_lora_baseline_trains_with_the_library_loop(tmp_path):
     with pytest.raises(ConfigError, match="method"):
         build_adapter_model(char_llama(), "dora")
 
+
+
+def _randomize_lora(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+
+
+def test_basis_capture_against_numpy_projections(tmp_path):
+    """The share of a LoRA update inside another adapter's subspaces, against projectors built
+    with numpy's least squares: 1 against itself, the formula against a DenseLoRA adapter's
+    shared encoder and decoder."""
+    lora = build_adapter_model(tiny_llama(), "lora", r=2, alpha=4)
+    _randomize_lora(lora, 0)
+    lora.save_pretrained(tmp_path / "lora")
+    dense = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig(r=3))
+    randomize_adapter(dense)
+    dense.save_pretrained(tmp_path / "dense")
+
+    itself = diagnostics.basis_capture(str(tmp_path / "lora"), str(tmp_path / "lora"))
+    assert itself and all(v["captured"] == pytest.approx(1.0, abs=1e-9) for v in itself.values())
+
+    captured = diagnostics.basis_capture(str(tmp_path / "lora"), str(tmp_path / "dense"))
+    state = {k: v.detach().double().numpy() for k, v in dense.adapter_state().items()}
+
+    def projector(columns):  # onto the column space: X pinv(X)
+        return columns @ np.linalg.pinv(columns)
+
+    assert set(captured) == set(dense.groups)
+    for module, group in dense.groups.items():
+        layer = lora.base_model.model.get_submodule(module)
+        a, b = layer.lora_A["default"].weight.detach().double().numpy(), layer.lora_B["default"].weight.detach().double().numpy()
+        update = b @ a
+        inside = projector(state[f"shared.{group}.decoder"]) @ update @ projector(state[f"shared.{group}.encoder"].T)
+        assert captured[module]["captured"] == pytest.approx(np.linalg.norm(inside) / np.linalg.norm(update), rel=1e-9)
+        fan_out, fan_in = update.shape
+        assert captured[module]["random"] == pytest.approx(np.sqrt(3 * 3 / (fan_in * fan_out)))
