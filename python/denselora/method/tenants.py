@@ -67,10 +67,22 @@ class LayerStack:
         m = layer.m
         #: The shape of one core, ``(r_d, r_e)``.
         self.core_shape = tuple(m.shape)
-        self.cores = torch.zeros((capacity, *m.shape), dtype=layer.shared.encoder.dtype, device=m.device)
         self._prepared: Optional[tuple[tuple[Any, ...], Optional[_core.PreparedRoutedBranch]]] = None
         # (the stack, a numpy view of it) while it is a contiguous float32 or float16 CPU tensor.
         self._array: Optional[tuple[torch.Tensor, np.ndarray]] = None
+        self.cores = torch.zeros((capacity, *m.shape), dtype=layer.shared.encoder.dtype, device=m.device)
+
+    @property
+    def cores(self) -> torch.Tensor:
+        """The stack, ``[capacity, r_d, r_e]``."""
+        return self._cores
+
+    @cores.setter
+    def cores(self, value: torch.Tensor) -> None:
+        # Views of the stack replaced are let go (they are rebuilt for the new one when used).
+        self._cores = value
+        self._array = None
+        self._prepared = None
 
     def grow(self, capacity: int) -> None:
         grown = self.cores.new_zeros((capacity, *self.cores.shape[1:]))
