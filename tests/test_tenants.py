@@ -16,7 +16,7 @@ from denselora import _core
 from denselora.errors import ArgumentError, BasisMismatchError, IncompatibleAdapterError
 from denselora.io import basis as basis_io
 from denselora.io.adapter import load_adapter
-from denselora.io.bundle import pack
+from denselora.io.bundle import Bundle, pack
 from denselora.method import tenants
 from denselora.method.model import DenseLoRAModel
 
@@ -328,3 +328,59 @@ def test_a_resident_tenant_costs_r2_numbers_per_layer(family):
     per_tenant = sum(s.cores[0].numel() * s.cores.element_size() for s in stacks)
     assert per_tenant == len(model.groups) * 4 * 4 * 4  # r x r float32 per adapted layer
     np.testing.assert_array_equal(next(iter(stacks)).cores[1:].numpy(), 0)
+
+
+def test_one_route_serves_every_shape_of_its_batch(family, routed_path):
+    # generate routes once, then runs the prompt and one token at a time: the token slots follow.
+    basis_dir, tenant_dirs = family
+    names = ["t1", None, "default", "t0"]
+    prompts = torch.randint(0, 96, (len(names), 6), generator=torch.Generator().manual_seed(4))
+    model = resident_model(basis_dir, tenant_dirs)
+    parts = [prompts, prompts[:, :1], prompts[:, 2:5], prompts[:, :1]]
+    with model.route(names):
+        got = [logits(model, part) for part in parts]
+        with pytest.raises(ArgumentError, match="4 tenant names for a batch of 2 rows"):
+            logits(model, prompts[:2, :1])
+    alone = {"t0": DenseLoRAModel.from_pretrained(tiny_llama(), tenant_dirs["t0"], basis=basis_dir),
+             "t1": DenseLoRAModel.from_pretrained(tiny_llama(), tenant_dirs["t1"], basis=basis_dir),
+             "default": DenseLoRAModel.from_pretrained(tiny_llama(), basis_dir), None: tiny_llama()}
+    for part, out in zip(parts, got):
+        want = torch.cat([logits(alone[name], part[i : i + 1]) for i, name in enumerate(names)])
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stored", [None, "f16", "bf16"])
+def test_a_tenant_brought_in_from_a_bundle_has_its_stored_cores(family, tmp_path, stored, model_dtype):
+    basis_dir, tenant_dirs = family
+    bundle = tmp_path / "tenants.dl"
+    pack(bundle, tenant_dirs, dtype=stored)
+    model = DenseLoRAModel.from_pretrained(tiny_llama().to(model_dtype), basis_dir)
+    model.add_tenant_source(bundle)
+    with model.route(["t2", "t0"]):
+        pass
+    reader = Bundle(bundle)
+    for name in ("t2", "t0"):
+        slot = model.tenants._slots[name]
+        want = reader.torch_tensors(name)  # copies, bfloat16 restored: an independent path
+        for path, stack in model.tenants.stacks.items():
+            assert torch.equal(stack.cores[slot], want[f"{path}.m"].to(stack.cores.dtype)), (name, path)
+    slot = model.tenants._slots["t2"]
+    model.delete_adapter("t2")
+    assert all(not stack.cores[slot].any() for stack in model.tenants.stacks.values())
+
+
+def test_a_bundle_tenant_is_checked_against_the_basis_as_it_is_now(family, tmp_path, tokens):
+    basis_dir, tenant_dirs = family
+    bundle = tmp_path / "family.dl"
+    pack(bundle, {"basis": basis_dir, **tenant_dirs})
+    model = DenseLoRAModel.from_pretrained(tiny_llama(), f"{bundle}:basis")
+    model.add_tenant_source(bundle)
+    with model.route(["t0"]):
+        pass
+    with torch.no_grad():
+        next(iter(model.shared_modules.values())).encoder.add_(1.0)  # another basis now
+    with pytest.raises(BasisMismatchError, match="t1"):
+        with model.route(["t1"]):
+            pass
+    assert model.tenants.names() == ["t0"]

@@ -94,6 +94,10 @@ class Bundle:
         """The adapter's config (as in its ``adapter_config.json``)."""
         return json.loads(self._open.config_json(name))
 
+    def config_json(self, name: str) -> str:
+        """The adapter's config as JSON text (what `config` parses)."""
+        return self._open.config_json(name)
+
     def dtypes(self, name: str) -> dict[str, str]:
         """Stored dtype of each tensor: ``"F32"``, ``"F16"`` or ``"BF16"``."""
         return {t[0]: t[1] for t in self._open.tensor_info(name)}
@@ -120,6 +124,11 @@ class Bundle:
         hands it out; damaged bytes raise `denselora.errors.ChecksumError`.
         """
         return {k: array for k, (_, array) in self._open.tensors(name, verify).items()}
+
+    def typed_tensors(self, name: str, *, verify: bool = True) -> dict[str, tuple[str, np.ndarray]]:
+        """As `tensors`, each array with its stored dtype: ``{tensor name: (dtype, array)}``, the
+        dtype as in `dtypes`."""
+        return dict(self._open.tensors(name, verify))
 
     def torch_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors as writable torch tensors (copies, bfloat16 restored)."""

@@ -18,9 +18,10 @@ name that is not resident is brought in from the bundles of `Residents.add_sourc
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +44,16 @@ if TYPE_CHECKING:
 #: The name of the model's own adapter among the residents.
 DEFAULT = "default"
 _FIRST_CAPACITY = 8
+# Tenant configs (as JSON text) from tenant sources already found compatible, at most this many.
+_ACCEPTED_CONFIGS = 64
+
+
+class TokenSlots(NamedTuple):
+    """The slot of every token row of one input shape in a routed batch."""
+
+    index: torch.Tensor  # int32, one per token row, -1: no tenant
+    address: int  # index.data_ptr()
+    rows: int  # index.numel()
 
 
 class LayerStack:
@@ -54,8 +65,24 @@ class LayerStack:
         self.residents = residents
         self.layer = layer
         m = layer.m
-        self.cores = torch.zeros((capacity, *m.shape), dtype=layer.shared.encoder.dtype, device=m.device)
+        #: The shape of one core, ``(r_d, r_e)``.
+        self.core_shape = tuple(m.shape)
         self._prepared: Optional[tuple[tuple[Any, ...], Optional[_core.PreparedRoutedBranch]]] = None
+        # (the stack, a numpy view of it) while it is a contiguous float32 or float16 CPU tensor.
+        self._array: Optional[tuple[torch.Tensor, np.ndarray]] = None
+        self.cores = torch.zeros((capacity, *m.shape), dtype=layer.shared.encoder.dtype, device=m.device)
+
+    @property
+    def cores(self) -> torch.Tensor:
+        """The stack, ``[capacity, r_d, r_e]``."""
+        return self._cores
+
+    @cores.setter
+    def cores(self, value: torch.Tensor) -> None:
+        # Views of the stack replaced are let go (they are rebuilt for the new one when used).
+        self._cores = value
+        self._array = None
+        self._prepared = None
 
     def grow(self, capacity: int) -> None:
         grown = self.cores.new_zeros((capacity, *self.cores.shape[1:]))
@@ -64,19 +91,51 @@ class LayerStack:
 
     def follow_encoder(self) -> None:
         """Keep the stack in the encoder's dtype and device (the model may have been moved)."""
-        encoder = self.layer.shared.encoder
-        if self.cores.dtype != encoder.dtype or self.cores.device != encoder.device:
-            self.cores = self.cores.to(device=encoder.device, dtype=encoder.dtype)
+        encoder = self.layer._shared_ref[0]._parameters["encoder"]
+        cores = self.cores
+        if cores.dtype != encoder.dtype or cores.device != encoder.device:
+            self.cores = cores.to(device=encoder.device, dtype=encoder.dtype)
+
+    def _view(self) -> Optional[np.ndarray]:
+        """A numpy view of the stack, or None when it is not a contiguous float32/float16 CPU tensor."""
+        cores = self.cores
+        held = self._array
+        if held is not None and held[0] is cores:
+            return held[1]
+        array = None
+        if cores.is_cpu and cores.dtype in (torch.float32, torch.float16) and cores.is_contiguous():
+            array = cores.detach().numpy()
+        self._array = (cores, array) if array is not None else None
+        return array
+
+    def write(self, slot: int, core: Any) -> None:
+        """Copy one core (a numpy array or a tensor of the core's shape) into ``slot``."""
+        array = self._view()
+        if array is not None and isinstance(core, np.ndarray) and (
+            core.dtype == array.dtype or (core.dtype == np.float16 and array.dtype == np.float32)
+        ):
+            array[slot] = core  # straight from the memory map into the slot
+            return
+        with torch.no_grad():
+            self.cores[slot].copy_(_as_tensor(core))
+
+    def clear(self, slot: int) -> None:
+        array = self._view()
+        if array is not None:
+            array[slot] = 0
+        else:
+            with torch.no_grad():
+                self.cores[slot].zero_()
 
     def forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result`` plus each row's branch with its tenant's core (rows of no tenant: nothing)."""
-        index = self.residents.token_slots(x)
-        layer = self.layer
-        encoder, decoder = layer.shared.encoder, layer.shared.decoder
+        tokens = self.residents.token_slots(x)
+        shared = self.layer._shared_ref[0]._parameters
+        encoder, decoder = shared["encoder"], shared["decoder"]
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or result.requires_grad or encoder.requires_grad or decoder.requires_grad)
-        if not wants_grad and self._add_fused(x, result, index, encoder, decoder):
+        if not wants_grad and self._add_fused(x, result, tokens, encoder, decoder):
             return result
-        return result + self._torch_branch(x, index, encoder, decoder).to(result.dtype)
+        return result + self._torch_branch(x, tokens.index, encoder, decoder).to(result.dtype)
 
     def _torch_branch(self, x: torch.Tensor, index: torch.Tensor, encoder: torch.Tensor, decoder: torch.Tensor) -> torch.Tensor:
         layer = self.layer
@@ -91,14 +150,14 @@ class LayerStack:
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.device)
 
     def _add_fused(
-        self, x: torch.Tensor, out: torch.Tensor, index: torch.Tensor, encoder: torch.Tensor, decoder: torch.Tensor
+        self, x: torch.Tensor, out: torch.Tensor, tokens: TokenSlots, encoder: torch.Tensor, decoder: torch.Tensor
     ) -> bool:
         """The routed kernel, in place, when it can run this call (as `KernelPath.add_` decides)."""
         dtype = KERNEL_DTYPES.get(x.dtype)
         if dtype is None or not (x.is_cpu and out.is_cpu) or out.dtype != x.dtype or not out.is_contiguous():
             return False
         prepared = self._weights(encoder, decoder)
-        rows = index.numel()
+        rows = tokens.rows
         if prepared is None or x.shape[-1] != prepared.in_features or out.shape[-1] != prepared.out_features:
             return False
         if x.numel() != rows * prepared.in_features or out.numel() != rows * prepared.out_features:
@@ -109,14 +168,14 @@ class LayerStack:
             x = x.contiguous()
         # Addresses of tensors checked above: CPU, contiguous, the kernel's dtypes and sizes; the
         # indices are int32, one per row, and the kernel checks their range.
-        prepared.add_unchecked(x.data_ptr(), out.data_ptr(), index.data_ptr(), rows, dtype, get_num_threads())
+        prepared.add_unchecked(x.data_ptr(), out.data_ptr(), tokens.address, rows, dtype, get_num_threads())
         return True
 
     def _weights(self, encoder: torch.Tensor, decoder: torch.Tensor) -> Optional[_core.PreparedRoutedBranch]:
         layer = self.layer
         cores = self.cores
         key = (cores.data_ptr(), cores.shape, encoder.data_ptr(), decoder.data_ptr(), encoder._version, decoder._version,
-               layer.scaling, layer.activation)
+               layer.scaling, layer.encoder_activation, layer.decoder_activation)
         if self._prepared is not None and self._prepared[0] == key:
             return self._prepared[1]
         prepared = None
@@ -146,7 +205,10 @@ class Residents:
         self._sources: list[Bundle] = []
         self._rows: Optional[torch.Tensor] = None  # int32 slot per batch row, -1: none
         self._routed_names: set[str] = set()
-        self._tokens: dict[int, torch.Tensor] = {}
+        # Per routed batch: token rows per batch row -> their slots.
+        self._tokens: dict[int, TokenSlots] = {}
+        # Config text -> (basis fingerprint, scale) it was found compatible with.
+        self._accepted: dict[str, tuple[str, float]] = {}
         self._default_key: Optional[tuple[Any, ...]] = None
         self.stacks: dict[str, LayerStack] = {}
         for path, layer in model.adapter_layers():
@@ -213,9 +275,15 @@ class Residents:
         if name in self._slots:
             raise ArgumentError(f"adapter_name {name!r} is already resident; delete_adapter({name!r}) first")
 
-    def _cores_of(self, config: Mapping[str, Any], tensors: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    def _cores_of(self, config: Mapping[str, Any], tensors: Mapping[str, Any], where: str) -> dict[str, Any]:
         """The cores of an adapter of this model's basis, by module path; every check before any
         change (a failed load changes nothing resident)."""
+        self._check_config(config, tensors, where)
+        return self._cores(tensors, where)
+
+    def _check_config(self, config: Mapping[str, Any], tensors: Mapping[str, Any], where: str) -> None:
+        """`BasisMismatchError` or `IncompatibleAdapterError` unless the adapter is of this model's
+        basis, modules and scale."""
         model = self.model
         mine = self.basis_fingerprint()
         if _basis.is_tenant(config):
@@ -232,20 +300,23 @@ class Residents:
         scale = DenseLoRAConfig.from_saved({k: v for k, v in config.items() if k != _basis.BASIS_KEY}).scale
         if scale != model.denselora_config.scale:
             raise IncompatibleAdapterError(f"{where}: its branch scale is {scale:g}, the model's is {model.denselora_config.scale:g}")
-        cores: dict[str, torch.Tensor] = {}
+
+    def _cores(self, tensors: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Each adapted layer's core among ``tensors``, checked for presence and shape."""
+        cores: dict[str, Any] = {}
         for path, stack in self.stacks.items():
             name = f"{path}.m"
             tensor = tensors.get(name)
             if tensor is None:
                 raise IncompatibleAdapterError(f"{where}: tensor {name} is missing")
-            if tuple(tensor.shape) != tuple(stack.cores.shape[1:]):
+            if tuple(tensor.shape) != stack.core_shape:
                 raise IncompatibleAdapterError(
-                    f"{where}: tensor {name} has shape {tuple(tensor.shape)}, the basis needs {tuple(stack.cores.shape[1:])}"
+                    f"{where}: tensor {name} has shape {tuple(tensor.shape)}, the basis needs {stack.core_shape}"
                 )
             cores[path] = tensor
         return cores
 
-    def _admit(self, name: str, cores: Mapping[str, Any], keep: Sequence[str]) -> None:
+    def _admit(self, name: str, cores: Mapping[str, Any], keep: Collection[str]) -> None:
         if self.max_resident is not None:
             while len(self._slots) >= self.max_resident:
                 victim = next((n for n in self._slots if n not in keep), None)
@@ -262,34 +333,36 @@ class Residents:
             self._free = list(range(capacity - 1, self._capacity - 1, -1))
             self._capacity = capacity
         slot = self._free[-1]
-        with torch.no_grad():
-            for path, stack in self.stacks.items():
-                core, target = cores[path], stack.cores[slot]
-                if isinstance(core, np.ndarray) and core.dtype == np.float32 and target.dtype == torch.float32 and target.is_cpu:
-                    np.copyto(arrays.view(target, path), core)  # straight from the memory map into the slot
-                else:
-                    target.copy_(_as_tensor(core))
+        for path, stack in self.stacks.items():
+            stack.write(slot, cores[path])
         self._free.pop()
         self._slots[name] = slot
 
     def _evict(self, name: str) -> None:
         slot = self._slots.pop(name)
-        with torch.no_grad():
-            for stack in self.stacks.values():
-                stack.cores[slot].zero_()
+        for stack in self.stacks.values():
+            stack.clear(slot)
         self._free.append(slot)
 
-    def _bring_in(self, name: str, keep: Sequence[str]) -> bool:
+    def _bring_in(self, name: str, keep: Collection[str]) -> bool:
         """Load ``name`` from the first tenant source that holds it; whether one did."""
         for bundle in self._sources:
             if name in bundle:
                 where = f"{os.fspath(bundle.path)}:{name}"
-                config = bundle.config(name)
-                # Only this tenant's cores are read from the memory map, copied once, into the slot.
-                dtypes = bundle.dtypes(name)
-                tensors = {k: a if dtypes[k] == "F32" else arrays.to_tensor(dtypes[k], np.array(a))
-                           for k, a in bundle.tensors(name).items()}
-                self._admit(name, self._cores_of(config, tensors, where), keep)
+                # Only this tenant's tensors are read from the memory map (float32 and float16 as
+                # views), each core copied once, into its slot.
+                tensors = {k: a if dtype in ("F32", "F16") else arrays.to_tensor(dtype, np.array(a))
+                           for k, (dtype, a) in bundle.typed_tensors(name).items()}
+                text = bundle.config_json(name)
+                accepted = (self.basis_fingerprint(), self.model.denselora_config.scale)
+                if self._accepted.get(text) != accepted:
+                    config = json.loads(text)
+                    self._check_config(config, tensors, where)
+                    if _basis.is_tenant(config):  # a full adapter's verdict depends on its tensors
+                        if len(self._accepted) >= _ACCEPTED_CONFIGS:
+                            self._accepted.clear()
+                        self._accepted[text] = accepted
+                self._admit(name, self._cores(tensors, where), keep)
                 return True
         return False
 
@@ -310,20 +383,22 @@ class Residents:
                 raise ArgumentError(f"route: a tenant name is a str or None, got {n!r}")
         if self.max_resident is not None and len(wanted) > self.max_resident:
             raise ArgumentError(f"route: {len(wanted)} distinct tenants in one batch, max_resident is {self.max_resident}")
+        keep = set(wanted)
         for n in wanted:
-            if n not in self._slots and not self._bring_in(n, keep=wanted):
+            if n not in self._slots and not self._bring_in(n, keep=keep):
                 where = f"; tenant sources: {', '.join(os.fspath(b.path) for b in self._sources)}" if self._sources else ""
                 raise ArgumentError(f"route: unknown tenant {n!r} (resident: {self._listed()}{where})")
             self._slots.move_to_end(n)
-        if any(layer.merged for _, layer in self.model.adapter_layers()):
+        stacks = self.stacks.values()
+        if any(stack.layer.merged for stack in stacks):
             raise ArgumentError("route: the model's adapter is merged into the base weights; unmerge_adapter() first")
-        for stack in self.stacks.values():
+        for stack in stacks:
             stack.follow_encoder()
         if DEFAULT in names:
             self._refresh_default()
         slots = [-1 if n is None else 0 if n == DEFAULT else self._slots[n] for n in names]
-        self._rows = torch.tensor(slots, dtype=torch.int32)
-        self._routed_names = set(wanted)
+        self._rows = torch.from_numpy(np.array(slots, dtype=np.int32))
+        self._routed_names = keep
         try:
             yield
         finally:
@@ -337,32 +412,38 @@ class Residents:
 
     def _refresh_default(self) -> None:
         """Slot 0: the model's own cores, copied again only when one changed."""
-        layers = [stack.layer.m for stack in self.stacks.values()]
+        layers = [stack.layer._parameters["m"] for stack in self.stacks.values()]
         key = tuple((m.data_ptr(), m._version) for m in layers)
         if key != self._default_key:
             with torch.no_grad():
-                for stack in self.stacks.values():
-                    stack.cores[0].copy_(stack.layer.m)
+                for stack, m in zip(self.stacks.values(), layers):
+                    stack.cores[0].copy_(m)
             self._default_key = key
 
-    def token_slots(self, x: torch.Tensor) -> torch.Tensor:
-        """The slot of every token row of ``x`` (batch rows first), int32."""
+    def token_slots(self, x: torch.Tensor) -> TokenSlots:
+        """The slot of every token row of ``x`` (batch rows first): computed once per shape of a
+        routed batch (prefill, then decoding one token at a time), shared by every layer."""
         rows = self._rows
         assert rows is not None
-        batch = len(rows)
-        if x.dim() < 2 or x.shape[0] != batch:
-            got = x.shape[0] if x.dim() >= 2 else "no"
-            raise ArgumentError(f"route: {batch} tenant names for a batch of {got} rows (input of shape {tuple(x.shape)})")
-        per_row = x.numel() // (batch * x.shape[-1]) if x.shape[-1] else 0
+        shape = x.shape
+        batch = rows.shape[0]
+        if len(shape) < 2 or shape[0] != batch:
+            got = shape[0] if len(shape) >= 2 else "no"
+            raise ArgumentError(f"route: {batch} tenant names for a batch of {got} rows (input of shape {tuple(shape)})")
+        per_row = x.numel() // (batch * shape[-1]) if shape[-1] else 0
         tokens = self._tokens.get(per_row)
         if tokens is None:
-            tokens = rows.repeat_interleave(per_row) if per_row != 1 else rows
+            index = rows.repeat_interleave(per_row) if per_row != 1 else rows
+            tokens = TokenSlots(index, index.data_ptr(), index.numel())
             self._tokens[per_row] = tokens
         return tokens
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
-    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, torch.Tensor):
+        return value
+    value = np.ascontiguousarray(value)
+    return torch.from_numpy(value if value.flags.writeable else value.copy())
 
 
-__all__ = ["DEFAULT", "LayerStack", "Residents"]
+__all__ = ["DEFAULT", "LayerStack", "Residents", "TokenSlots"]
