@@ -391,6 +391,7 @@ def main() -> int:
     parser.add_argument("--val-size", type=int, default=200)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--no-tune", action="store_true", help="skip the learning-rate search; use one lr per method family")
+    parser.add_argument("--lr", type=float, default=None, help="with --no-tune: this learning rate for every method instead of its family's")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--report", action="store_true", help="only summarize the finished runs of this protocol (table, JSON, plot)")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per run")
@@ -447,7 +448,7 @@ def run_all(args: argparse.Namespace) -> None:
                 if not full:
                     lr = picked.get(name, DEFAULT_LR[family])  # the reduced-data runs keep the full-data choice
                 elif args.no_tune:
-                    lr = DEFAULT_LR[family]
+                    lr = DEFAULT_LR[family] if args.lr is None else args.lr
                 else:
                     # Picked on validation accuracy with the first seed (the test accuracy of these runs
                     # plays no part in the choice; the chosen one is also the first seed's result).
