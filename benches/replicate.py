@@ -225,7 +225,8 @@ SAME_PROTOCOL = ("steps", "batch_size", "test_size", "val_size", "split_seed")
 def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The finished runs on disk with this protocol (any task or method, whichever process ran
     them), keeping per task, method and data fraction the runs at the learning rate picked on the
-    first seed's validation accuracy (full data) or at the full-data choice (reduced data)."""
+    first seed's validation accuracy (full data) or at the full-data choice (reduced data); without
+    a search, the runs at every rate."""
     runs = [json.loads(path.read_text()) for path in sorted(RUNS.glob("*.json"))] if RUNS.is_dir() else []
     runs = [r for r in runs if r.get("test_accuracy") is not None and all(r.get(k) == getattr(args, k) for k in SAME_PROTOCOL)]
     picked: dict[tuple[str, str], float] = {}
@@ -235,17 +236,19 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
         first = [r for r in group if r["seed"] == 0 and r.get("val_accuracy") is not None]
         if fraction >= 1 and first:
             picked[task, method] = max(first, key=lambda r: r["val_accuracy"])["lr"]
-        lr = picked.get((task, method), group[0]["lr"])
-        selected += [r for r in group if r["lr"] == lr]
+        if (task, method) in picked:
+            selected += [r for r in group if r["lr"] == picked[task, method]]
+        else:  # no learning-rate search: every rate run is its own row
+            selected += group
     return selected
 
 
 def summarize(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     order = {name: i for i, name in enumerate(METHODS)}
-    keys = sorted({(r["task"], r["method"], r["fraction"]) for r in results}, key=lambda k: (k[0], order.get(k[1], len(order)), -k[2]))
-    for task, method, fraction in keys:
-        runs = [r for r in results if (r["task"], r["method"], r["fraction"]) == (task, method, fraction)]
+    keys = sorted({(r["task"], r["method"], r["fraction"], r["lr"]) for r in results}, key=lambda k: (k[0], order.get(k[1], len(order)), -k[2], k[3]))
+    for task, method, fraction, lr in keys:
+        runs = [r for r in results if (r["task"], r["method"], r["fraction"], r["lr"]) == (task, method, fraction, lr)]
         accs = [r["test_accuracy"] for r in runs]
         rows.append(
             {
@@ -352,7 +355,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         here = [r for r in rows if r["task"] == task]
         for family, (label, color, marker) in FAMILIES.items():
             points = sorted(
-                (r for r in here if METHODS.get(r["method"], {}).get("lrs") == family and "activation" not in METHODS[r["method"]]),
+                (r for r in here if METHODS.get(r["method"], {}).get("lrs") == family
+                 and "activation" not in METHODS[r["method"]] and "basis" not in METHODS[r["method"]]),
                 key=lambda r: r["trainable_params"],
             )
             if points:
@@ -363,6 +367,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                     label=label, color=color, marker=marker, capsize=3,
                 )
         for r in here:
+            if "basis" in METHODS.get(r["method"], {}):  # tenants: cores only, on another task's basis
+                ax.errorbar([r["trainable_params"]], [100 * r["test_accuracy_mean"]], yerr=[100 * r["test_accuracy_std"]],
+                            color="tab:purple", marker="*", markersize=10, capsize=3, linestyle="none",
+                            label=f"DenseLoRA tenant (M only), lr {r['lr']:g}")
             if r["method"] == "zero-shot":
                 ax.axhline(100 * r["test_accuracy_mean"], color="black", linestyle="--", linewidth=1, label="zero-shot")
         ax.set_xscale("log")
