@@ -30,7 +30,7 @@ __getattr__, __dir__, _lazy_names = attach(
     __name__,
     {
         "algebra": ["AverageReport", "FamilyReport", "TruncateReport", "average", "build_family", "truncate"],
-        "io.adapter": ["load_adapter", "save_adapter", "save_adapter_to"],
+        "io.adapter": ["load_adapter", "open_adapter", "save_adapter", "save_adapter_to"],
         "io.bundle": ["Bundle"],
         "method.config": ["DEFAULT_TARGET_MODULES", "DenseLoRAConfig"],
         "method.layer": ["DenseLoRALayer", "DenseLoRAShared"],

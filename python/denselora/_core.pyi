@@ -16,6 +16,8 @@ _DType = Literal["F32", "F16", "BF16", "f32", "f16", "bf16"]
 _Activation = Literal["identity", "gelu", "silu"]
 _Isa = Literal["avx512bf16", "avx512", "avx2", "portable"]
 _Tensors = dict[str, tuple[_DTypeName, np.ndarray]]
+# (group, in_features, out_features, encoder_rank, decoder_rank, module paths)
+_GroupLayout = tuple[str, int, int, int, int, list[str]]
 
 # In registration order, as the extension lists them.
 __all__ = [
@@ -35,7 +37,9 @@ __all__ = [
     "ADAPTER_FORMAT_VERSION",
     "TENANT_FORMAT_VERSION",
     "save_adapter",
-    "load_adapter",
+    "open_adapter",
+    "adapter_layout",
+    "MappedAdapter",
     "save_safetensors",
     "write_text_atomic",
     "Bundle",
@@ -81,10 +85,24 @@ def save_adapter(path: _Path, config_json: str, tensors: Mapping[str, np.ndarray
     Raises: FormatError (config_json is not a JSON object), DTypeError, LayoutError, ArgumentError
     (the arrays), OSError."""
 
-def load_adapter(path: _Path) -> tuple[str, _Tensors]:
-    """Read and validate an adapter directory: ``(config_json, {name: (dtype, array)})``.
+def open_adapter(path: _Path, entry: Optional[str] = None) -> tuple[str, list[_GroupLayout], _Tensors]:
+    """Open and validate an adapter directory, or adapter ``entry`` of a bundle (``None``: its only
+    adapter): ``(config_json, groups, {name: (dtype, array)})``, the arrays read-only views of the
+    memory-mapped file (copies only where a foreign file leaves bytes unaligned).
 
-    Raises: FormatError, IncompatibleAdapterError (tensors that do not fit the config), OSError."""
+    Raises: FormatError, ChecksumError (a bundle entry's blobs), IncompatibleAdapterError (tensors
+    that do not fit the config), ArgumentError (``entry`` for a directory, no such entry, none
+    given for a bundle of several), OSError."""
+
+def adapter_layout(config_json: str, tensors: Mapping[str, np.ndarray], source: str = "adapter") -> list[_GroupLayout]:
+    """The groups of an adapter held in memory, after checking its tensors against the config.
+
+    Raises: FormatError (config_json is not a JSON object), IncompatibleAdapterError, DTypeError,
+    LayoutError, ArgumentError (the arrays)."""
+
+@final
+class MappedAdapter:
+    """The base object of arrays viewing an opened adapter's mapped file (keeps the map alive)."""
 
 def save_safetensors(path: _Path, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write a plain safetensors file atomically.

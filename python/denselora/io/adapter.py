@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional
 
+import numpy as np
 import torch
 
 from .. import _core
 from ..errors import ArgumentError
 from . import arrays
 from .atomic import atomic_directory
-from .bundle import Bundle, pack
+from .bundle import pack
 from .sources import BUNDLE_SUFFIX, PathLike, split_source
 
 
@@ -27,36 +28,69 @@ def save_adapter(directory: PathLike, config: Mapping[str, Any], tensors: Mappin
         _core.save_adapter(os.fspath(staging), json.dumps(dict(config)), data)
 
 
+@dataclass(frozen=True)
+class GroupLayout:
+    """One group of an adapter as the core validated it: the shape every module of the group has
+    (``in_features`` -> ``out_features``), the latent widths and the group's module paths."""
+
+    name: str
+    in_features: int
+    out_features: int
+    encoder_rank: int
+    decoder_rank: int
+    modules: tuple[str, ...]
+
+
+def _layouts(rows: Iterable[tuple[str, int, int, int, int, list[str]]]) -> dict[str, GroupLayout]:
+    return {row[0]: GroupLayout(*row[:5], tuple(row[5])) for row in rows}
+
+
+@dataclass(frozen=True)
+class OpenedAdapter:
+    """An adapter opened by the core: its config, its validated group layouts, and its tensors as
+    ``(dtype name, read-only array)`` viewing the memory-mapped file (bfloat16 as ``uint16`` bits;
+    the arrays keep the map alive on their own). ``where`` names it: the directory or
+    ``bundle.dl:name``."""
+
+    config: dict[str, Any]
+    groups: dict[str, GroupLayout]
+    arrays: dict[str, tuple[str, np.ndarray]]
+    where: str
+
+    def torch_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as writable torch tensors (copies, independent of the map)."""
+        return {k: arrays.to_tensor(dtype, np.array(a)) for k, (dtype, a) in self.arrays.items()}
+
+
+def open_adapter(source: PathLike, adapter_name: Optional[str] = None) -> OpenedAdapter:
+    """Open an adapter directory or bundle entry through the core, the same way for both:
+    memory-mapped and validated once (config, layout, checksums of a bundle entry's blobs).
+
+    ``source`` is a directory, a bundle with ``adapter_name`` (or without, when it holds one
+    adapter), or ``"bundle.dl:name"``."""
+    path, entry = split_source(source, adapter_name)
+    config_json, groups, raw = _core.open_adapter(os.fspath(path), entry)
+    where = os.fspath(path) if entry is None else f"{os.fspath(path)}:{entry}"
+    return OpenedAdapter(json.loads(config_json), _layouts(groups), raw, where)
+
+
+def adapter_layout(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str = "adapter") -> dict[str, GroupLayout]:
+    """The group layouts of an adapter held in memory, after the core checked that ``tensors``
+    are exactly what ``config['groups']`` promises (`IncompatibleAdapterError` naming ``source``
+    and the module or tensor otherwise)."""
+    data = arrays.to_numpy_dict(tensors)
+    return _layouts(_core.adapter_layout(json.dumps(dict(config)), data, source))
+
+
 def load_adapter(source: PathLike, adapter_name: Optional[str] = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read an adapter from a directory or a bundle entry: ``(config dict, {name: tensor})``.
+    """Read an adapter from a directory or a bundle entry: ``(config dict, {name: tensor})``; the
+    tensors are writable copies.
 
     Directories and bundle entries are interchangeable: ``load_adapter("runs/a")``,
     ``load_adapter("all.dl", "a")`` and ``load_adapter("all.dl:a")`` all work.
     """
-    path, entry = split_source(source, adapter_name)
-    if path.is_dir():
-        if entry is not None:
-            raise ArgumentError(f"{path} is an adapter directory; adapter_name={entry!r} applies only to bundles")
-        config_json, raw = _core.load_adapter(os.fspath(path))
-        return json.loads(config_json), {k: arrays.to_tensor(d, a) for k, (d, a) in raw.items()}
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no adapter directory or bundle here")
-    return _load_bundle_entry(path, entry)
-
-
-def _load_bundle_entry(path: Path, entry: Optional[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    with Bundle(path) as bundle:
-        if entry is None:
-            names = bundle.names()
-            if len(names) != 1:
-                shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-                raise ArgumentError(
-                    f"{path}: the bundle holds {len(names)} adapters ({shown}); name one with "
-                    f"adapter_name=... or '{path}:NAME'"
-                )
-            entry = names[0]
-        # Copies: the caller gets ordinary writable tensors, independent of the memory map.
-        return bundle.config(entry), bundle.torch_tensors(entry)
+    opened = open_adapter(source, adapter_name)
+    return opened.config, opened.torch_tensors()
 
 
 def save_adapter_to(

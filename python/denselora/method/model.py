@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..errors import ArgumentError, BasisMismatchError, ConfigError, IncompatibleAdapterError, NotMergeableError
 from ..io import arrays
 from ..io import basis as _basis
-from ..io.adapter import load_adapter, save_adapter
+from ..io.adapter import GroupLayout, adapter_layout, open_adapter, save_adapter
 from ..io.peft import lora_adapter, save_peft_lora
 from ..io.sources import PathLike, split_source
 from . import paths, tenants
@@ -192,12 +192,9 @@ class DenseLoRAModel(nn.Module):
         adapter of the same bundle whose fingerprint it needs; a basis of another fingerprint raises
         `BasisMismatchError` naming both. With ``freeze_shared`` the adapter serves as a frozen
         basis: only the cores train, and `save_pretrained` writes a tenant of that basis."""
-        raw_config, tensors = load_adapter(source, adapter_name)
+        opened = open_adapter(source, adapter_name)  # validated: groups, tensors, their shapes
+        raw_config, where, tensors = opened.config, opened.where, opened.torch_tensors()
         path, entry = split_source(source, adapter_name)
-        where = os.fspath(path) if entry is None else f"{os.fspath(path)}:{entry}"
-        groups = raw_config.get("groups")
-        if not isinstance(groups, dict) or not groups:
-            raise IncompatibleAdapterError(f"{where}: config has no 'groups'")
         basis_print = None
         if _basis.is_tenant(raw_config):
             basis_config, basis_tensors, basis_where = _basis.resolve_basis(raw_config, path, entry, basis)
@@ -208,7 +205,8 @@ class DenseLoRAModel(nn.Module):
         elif basis is not None:
             raise ArgumentError(f"{where} is a full adapter (it has its own shared tensors); basis= applies to tenants")
         config = DenseLoRAConfig.from_saved({k: v for k, v in raw_config.items() if k != _basis.BASIS_KEY})
-        wrapped = inject(model, config, groups=groups, tensors=tensors, source=where)
+        groups = dict(raw_config["groups"])
+        wrapped = inject(model, config, groups=groups, tensors=tensors, layout=opened.groups, source=where)
         if freeze_shared and basis_print is None:
             basis_print = _basis.fingerprint(raw_config, tensors)
         wrapped.basis_fingerprint = basis_print
@@ -440,16 +438,19 @@ def inject(
     *,
     groups: Optional[Mapping[str, str]] = None,
     tensors: Optional[Mapping[str, torch.Tensor]] = None,
+    layout: Optional[Mapping[str, GroupLayout]] = None,
     source: str = "adapter",
 ) -> DenseLoRAModel:
     """Freeze ``model`` and wrap its targeted linear layers. With ``groups`` (module path ->
     group, from a saved adapter) exactly those modules are adapted; with ``tensors`` their values
-    are loaded, strictly: every module must exist with matching shapes."""
+    are loaded, strictly: every module must exist and fit its group's ``layout`` (as the core
+    validated it when the adapter was opened; derived from ``tensors`` by the core when not given)."""
     if hasattr(model, SHARED_ATTR):
         raise ConfigError(f"{type(model).__name__} already carries a DenseLoRA adapter; unload it first")
     if groups is None:
         groups = assign_groups(model, find_target_modules(model, config))
-    ranks = _ranks_from_tensors(tensors, source) if tensors is not None else {}
+    if tensors is not None and layout is None:
+        layout = adapter_layout({"groups": dict(groups)}, tensors, source)
     modules: dict[str, nn.Module] = {}
     absent = [path for path in groups if not _has_submodule(model, path)]
     if absent:
@@ -461,8 +462,8 @@ def inject(
             raise IncompatibleAdapterError(f"{source}: module {path} is a {type(module).__name__}, not a linear layer")
         modules[path] = module
 
-    if tensors is not None:
-        _check_tensors_fit(modules, groups, tensors, source)  # before touching the user's model
+    if layout is not None:
+        _check_modules_fit(modules, groups, layout, source)  # before touching the user's model
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -473,7 +474,7 @@ def inject(
         if group in shared:
             continue
         fan_in, fan_out = linear_dims(modules[path])
-        enc_rank, dec_rank = ranks.get(group, (config.r, config.r))
+        enc_rank, dec_rank = (layout[group].encoder_rank, layout[group].decoder_rank) if layout else (config.r, config.r)
         shared[group] = DenseLoRAShared(fan_in, fan_out, enc_rank, decoder_rank=dec_rank, device=_device_of(modules[path]))
     for path, group in groups.items():
         if linear_dims(modules[path]) != (shared[group].in_features, shared[group].out_features):
@@ -506,40 +507,28 @@ def inject(
     return wrapped
 
 
-def _ranks_from_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, tuple[int, int]]:
-    ranks: dict[str, tuple[int, int]] = {}
-    for name, tensor in tensors.items():
-        if name.startswith("shared.") and name.endswith(".encoder"):
-            group = name[len("shared.") : -len(".encoder")]
-            decoder = tensors.get(f"shared.{group}.decoder")
-            if decoder is None:
-                raise IncompatibleAdapterError(f"{source}: tensor shared.{group}.decoder is missing")
-            ranks[group] = (tensor.shape[0], decoder.shape[1])
-    return ranks
-
-
-def _check_tensors_fit(
-    modules: Mapping[str, nn.Module], groups: Mapping[str, str], tensors: Mapping[str, torch.Tensor], source: str
+def _check_modules_fit(
+    modules: Mapping[str, nn.Module], groups: Mapping[str, str], layout: Mapping[str, GroupLayout], source: str
 ) -> None:
-    """Every tensor the adapter needs is present, no other, and each fits the model's layers."""
-    expected: dict[str, tuple[int, ...]] = {}
-    ranks = _ranks_from_tensors(tensors, source)
+    """Every adapted module is in its group of ``layout``, no other, and has the group's (in, out)."""
+    listed = {path: g.name for g in layout.values() for path in g.modules}
+    for path in sorted(set(listed) ^ set(groups)):
+        has, lacks = ("the groups given", "the layout") if path in groups else ("the layout", "the groups given")
+        raise IncompatibleAdapterError(f"{source}: module {path} is in {has} but not in {lacks}")
     for path, group in groups.items():
+        g = layout[listed[path]]
+        if g.name != group:
+            raise IncompatibleAdapterError(f"{source}: module {path} is in group {group!r}, but in {g.name!r} in the adapter's layout")
         fan_in, fan_out = linear_dims(modules[path])
-        if group not in ranks:
-            raise IncompatibleAdapterError(f"{source}: tensor shared.{group}.encoder is missing")
-        enc_rank, dec_rank = ranks[group]
-        expected[f"shared.{group}.encoder"] = (enc_rank, fan_in)
-        expected[f"shared.{group}.decoder"] = (fan_out, dec_rank)
-        expected[f"{path}.m"] = (dec_rank, enc_rank)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise IncompatibleAdapterError(f"{source}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
+        if fan_in != g.in_features:
             raise IncompatibleAdapterError(
-                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, the model needs {shape}"
+                f"{source}: tensor shared.{group}.encoder has shape ({g.encoder_rank}, {g.in_features}), "
+                f"but module {path} takes {fan_in} inputs"
+            )
+        if fan_out != g.out_features:
+            raise IncompatibleAdapterError(
+                f"{source}: tensor shared.{group}.decoder has shape ({g.out_features}, {g.decoder_rank}), "
+                f"but module {path} gives {fan_out} outputs"
             )
 
 

@@ -16,7 +16,8 @@ use serde_json::{Map, Value};
 use crate::activation::Activation;
 use crate::atomic::write_atomically;
 use crate::error::{Error, Result};
-use crate::safetensors_io::{load_safetensors, save_safetensors};
+use crate::open::OpenAdapter;
+use crate::safetensors_io::save_safetensors;
 use crate::tensor::{Tensor, TensorRef};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -28,20 +29,12 @@ pub const TENANT_FORMAT_VERSION: u64 = 2;
 /// The config key of a tenant's basis.
 pub const BASIS_KEY: &str = "basis";
 
-/// The `format_version` an adapter with this config is written with: tenants 2, full adapters 1
-/// (so that readers older than tenants keep reading full adapters).
-pub fn format_version_for(config: &Map<String, Value>) -> u64 {
-    if config.contains_key(BASIS_KEY) {
-        TENANT_FORMAT_VERSION
-    } else {
-        FORMAT_VERSION
-    }
-}
-
-/// `config` with the `format_version` it is written with.
+/// `config` as it is written, stamped with its `format_version`: tenants 2, full adapters 1 (so
+/// that readers older than tenants keep reading full adapters). The one place a version is chosen.
 pub fn stamped(config: &Map<String, Value>) -> Map<String, Value> {
+    let version = if config.contains_key(BASIS_KEY) { TENANT_FORMAT_VERSION } else { FORMAT_VERSION };
     let mut config = config.clone();
-    config.insert("format_version".into(), Value::from(format_version_for(&config)));
+    config.insert("format_version".into(), Value::from(version));
     config
 }
 
@@ -286,14 +279,14 @@ fn validate_tenant_layout(
     Ok(layouts)
 }
 
-fn check_format_version(config: &Map<String, Value>, path: &Path) -> Result<()> {
+/// Whether this library reads a stored config's `format_version` (the message says why not).
+pub fn check_format_version(config: &Map<String, Value>) -> std::result::Result<(), String> {
     match config.get("format_version").and_then(Value::as_u64) {
         Some(v) if v <= TENANT_FORMAT_VERSION => Ok(()),
-        Some(v) => Err(Error::format(
-            path,
-            format!("format_version {v} is newer than this library reads ({TENANT_FORMAT_VERSION}); upgrade denselora"),
+        Some(v) => Err(format!(
+            "format_version {v} is newer than this library reads ({TENANT_FORMAT_VERSION}); upgrade denselora"
         )),
-        None => Err(Error::format(path, "missing or non-integer \"format_version\"")),
+        None => Err("missing or non-integer \"format_version\"".into()),
     }
 }
 
@@ -309,7 +302,7 @@ pub fn parse_config_object(text: &str, path: &Path) -> Result<ConfigMap> {
 /// Parse the text of a stored `adapter_config.json` (named `path` in errors).
 pub fn parse_config(text: &str, path: &Path) -> Result<ConfigMap> {
     let config = parse_config_object(text, path)?;
-    check_format_version(&config, path)?;
+    check_format_version(&config).map_err(|m| Error::format(path, m))?;
     Ok(config)
 }
 
@@ -320,20 +313,9 @@ pub fn config_to_string(config: &ConfigMap) -> String {
     text
 }
 
-/// Read and validate an adapter directory.
+/// Read and validate an adapter directory into memory (`OpenAdapter::open_dir` maps it instead).
 pub fn read_adapter_dir(dir: &Path) -> Result<Adapter> {
-    if !dir.is_dir() {
-        let kind = if dir.exists() { std::io::ErrorKind::NotADirectory } else { std::io::ErrorKind::NotFound };
-        return Err(Error::io(dir, std::io::Error::new(kind, "not an adapter directory")));
-    }
-    let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-    let config = parse_config(&text, &config_path)?;
-    let tensors_path = dir.join(TENSORS_FILE);
-    let contents = load_safetensors(&tensors_path)?;
-    let views: BTreeMap<String, TensorRef<'_>> = contents.tensors.iter().map(|(k, t)| (k.clone(), t.view())).collect();
-    validate_layout(&config, &views, &dir.display().to_string())?;
-    Ok(Adapter { config, tensors: contents.tensors })
+    Ok(OpenAdapter::open_dir(dir)?.to_adapter())
 }
 
 /// Write an adapter directory (created if needed). The layout is validated first, so an
@@ -347,10 +329,9 @@ pub fn write_adapter_dir(
     validate_layout(&config, tensors, &dir.display().to_string())?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let named: Vec<(&str, TensorRef<'_>)> = tensors.iter().map(|(k, t)| (k.as_str(), *t)).collect();
-    let metadata = BTreeMap::from([
-        ("format".to_string(), "denselora".to_string()),
-        ("format_version".to_string(), format_version_for(&config).to_string()),
-    ]);
+    let version = config["format_version"].to_string();
+    let metadata =
+        BTreeMap::from([("format".to_string(), "denselora".to_string()), ("format_version".to_string(), version)]);
     save_safetensors(&dir.join(TENSORS_FILE), &named, &metadata)?;
     let config_path = dir.join(CONFIG_FILE);
     let text = config_to_string(&config);
@@ -510,7 +491,7 @@ pub(crate) mod tests {
         let back = read_adapter_dir(dir.path()).unwrap();
         assert_eq!(back, tenant);
         assert_eq!(back.config["format_version"], Value::from(2));
-        assert_eq!(format_version_for(&back.config), TENANT_FORMAT_VERSION);
+        assert_eq!(stamped(&back.config)["format_version"], Value::from(TENANT_FORMAT_VERSION));
         // A full adapter keeps version 1, even when handed a config stamped otherwise.
         let mut full = sample_adapter();
         full.config.insert("format_version".into(), Value::from(2));

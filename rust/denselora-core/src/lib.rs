@@ -10,6 +10,7 @@ pub mod dropout;
 pub mod dtype;
 pub mod error;
 pub mod kernel;
+pub mod open;
 pub mod safetensors_io;
 pub mod tensor;
 
@@ -17,4 +18,5 @@ pub use activation::Activation;
 pub use adapter::{read_adapter_dir, write_adapter_dir, Adapter, GroupLayout};
 pub use dtype::DType;
 pub use error::{ArgumentKind, Error, Result};
+pub use open::OpenAdapter;
 pub use tensor::{Tensor, TensorRef};

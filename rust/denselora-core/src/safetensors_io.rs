@@ -1,10 +1,12 @@
 //! Plain safetensors files: an 8-byte little-endian header length, a JSON header, then the data.
-//! Reading goes through the reference `safetensors` crate, which validates every offset.
+//! Both directions go through the reference `safetensors` crate: it validates every offset on
+//! reading and lays out (and aligns) the header on writing.
 
-use std::collections::BTreeMap;
-use std::io::Write;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use safetensors::tensor::View;
 use safetensors::SafeTensors;
 
 use crate::atomic::write_atomically;
@@ -19,84 +21,99 @@ pub struct SafetensorsContents {
     pub tensors: BTreeMap<String, Tensor>,
 }
 
-/// The header JSON, padded with spaces so that the data section starts 8-byte aligned.
-fn header_bytes(tensors: &[(&str, TensorRef<'_>)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
-    }
-    let mut offset = 0usize;
-    for (name, t) in tensors {
-        let end = offset + t.data.len();
-        header.insert(
-            (*name).to_string(),
-            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, end]}),
-        );
-        offset = end;
-    }
-    let mut bytes = serde_json::to_vec(&header).expect("JSON of strings and numbers");
-    while !(bytes.len() + 8).is_multiple_of(8) {
-        bytes.push(b' ');
-    }
-    bytes
+/// Where one tensor lies in a safetensors file's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpan {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset in the file.
+    pub offset: usize,
+    pub length: usize,
 }
 
-/// Serialize tensors (written in name order) to `w`. Each tensor's byte length must match its shape.
-pub fn write_safetensors<W: Write>(
-    w: &mut W,
+impl View for TensorRef<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype.into()
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self.data)
+    }
+
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// The file bytes of `tensors` and `metadata`. Each tensor's byte length must match its shape.
+pub fn serialize_safetensors(
     path: &Path,
     tensors: &[(&str, TensorRef<'_>)],
     metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    let mut sorted: Vec<(&str, TensorRef<'_>)> = tensors.to_vec();
-    sorted.sort_by(|a, b| a.0.cmp(b.0));
-    for pair in sorted.windows(2) {
-        if pair[0].0 == pair[1].0 {
-            return Err(Error::format(path, format!("tensor {:?} is given twice", pair[0].0)));
-        }
+) -> Result<Vec<u8>> {
+    let mut names: Vec<&str> = tensors.iter().map(|(n, _)| *n).collect();
+    names.sort_unstable();
+    if let Some(pair) = names.windows(2).find(|p| p[0] == p[1]) {
+        return Err(Error::format(path, format!("tensor {:?} is given twice", pair[0])));
     }
-    for (name, t) in &sorted {
-        if t.numel() * t.dtype.size() != t.data.len() {
+    for (name, t) in tensors {
+        if t.numel().checked_mul(t.dtype.size()) != Some(t.data.len()) {
             return Err(Error::format(
                 path,
                 format!("tensor {name:?}: {} bytes do not hold shape {:?} of {}", t.data.len(), t.shape, t.dtype),
             ));
         }
     }
-    let header = header_bytes(&sorted, metadata);
-    let io = |e| Error::io(path, e);
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&header).map_err(io)?;
-    for (_, t) in &sorted {
-        w.write_all(t.data).map_err(io)?;
-    }
-    Ok(())
+    let info: Option<HashMap<String, String>> =
+        (!metadata.is_empty()).then(|| metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (*n, *t)), info)
+        .map_err(|e| Error::format(path, format!("cannot serialize: {e}")))
 }
 
-/// Write a safetensors file atomically.
+/// Write a safetensors file atomically (temporary file, fsync, rename).
 pub fn save_safetensors(
     path: &Path,
     tensors: &[(&str, TensorRef<'_>)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    write_atomically(path, |w| write_safetensors(w, path, tensors, metadata))
+    let bytes = serialize_safetensors(path, tensors, metadata)?;
+    write_atomically(path, |w| std::io::Write::write_all(w, &bytes).map_err(|e| Error::io(path, e)))
 }
 
-/// Parse safetensors bytes read from `path` (named in errors).
-pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsContents> {
+/// The metadata and tensor spans of safetensors bytes read from `path` (named in errors), sorted
+/// by name; no tensor data is copied.
+pub fn parse_spans(bytes: &[u8], path: &Path) -> Result<(BTreeMap<String, String>, Vec<TensorSpan>)> {
     let bad = |e: safetensors::SafeTensorError| Error::format(path, format!("not a valid safetensors file: {e}"));
     // `read_metadata` validates every offset against the buffer; parsing the header once is
     // enough (`SafeTensors::deserialize` would parse it again).
     let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(bad)?;
-    let data = &bytes[8 + header_len..];
+    let start = 8 + header_len;
     let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
-    let mut tensors = BTreeMap::new();
+    let mut spans = Vec::with_capacity(meta.tensors().len());
     for (name, info) in meta.tensors() {
         let dtype = DType::try_from(info.dtype).map_err(|m| Error::format(path, format!("tensor {name:?} has {m}")))?;
-        let (start, end) = info.data_offsets;
-        let tensor = Tensor { dtype, shape: info.shape.clone(), data: data[start..end].to_vec() };
-        tensors.insert(name, tensor);
+        let (begin, end) = info.data_offsets;
+        spans.push(TensorSpan { name, dtype, shape: info.shape.clone(), offset: start + begin, length: end - begin });
     }
+    spans.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((metadata, spans))
+}
+
+/// Parse safetensors bytes read from `path` (named in errors) into owned tensors.
+pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsContents> {
+    let (metadata, spans) = parse_spans(bytes, path)?;
+    let tensors = spans
+        .into_iter()
+        .map(|s| {
+            let data = bytes[s.offset..s.offset + s.length].to_vec();
+            (s.name, Tensor { dtype: s.dtype, shape: s.shape, data })
+        })
+        .collect();
     Ok(SafetensorsContents { metadata, tensors })
 }
 

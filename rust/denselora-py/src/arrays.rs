@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use denselora_core::{ArgumentKind, DType, Error, Tensor, TensorRef};
-use numpy::{PyArray1, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::ndarray::{ArrayView, IxDyn};
+use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
+use numpy::{Element, PyArray, PyArray1, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
@@ -62,6 +64,43 @@ pub fn tensor_to_py<'py>(py: Python<'py>, tensor: Tensor) -> PyResult<Bound<'py,
         }
     };
     PyTuple::new(py, [tensor.dtype.name().into_pyobject(py)?.into_any(), array])
+}
+
+/// A read-only numpy array viewing `data`, whose base object is `owner`.
+///
+/// # Safety
+/// `data` must hold `product(shape)` elements of `T`, be aligned for `T`, and stay valid and
+/// unchanged as long as `owner` lives.
+unsafe fn view<'py, T: Element>(owner: &Bound<'py, PyAny>, data: &[u8], shape: &[usize]) -> Bound<'py, PyAny> {
+    let array = ArrayView::<T, IxDyn>::from_shape_ptr(IxDyn(shape), data.as_ptr() as *const T);
+    let out = PyArray::<T, IxDyn>::borrow_from_array(&array, owner.clone());
+    (*out.as_array_ptr()).fields.flags &= !NPY_ARRAY_WRITEABLE;
+    out.into_any()
+}
+
+/// A tensor's bytes owned by `owner` as `(dtype name, numpy array)`: a read-only view without a
+/// copy, or a copy when the bytes are not aligned for the dtype (possible in a safetensors file
+/// of mixed dtypes from another writer). bfloat16 comes back as uint16 bits.
+///
+/// # Safety
+/// `data` must be `product(shape) * dtype.size()` bytes that stay valid and unchanged as long as
+/// `owner` lives (numpy keeps `owner` as the array's base object).
+pub unsafe fn owned_view<'py>(
+    owner: &Bound<'py, PyAny>,
+    data: &[u8],
+    dtype: DType,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = owner.py();
+    if !(data.as_ptr() as usize).is_multiple_of(dtype.size()) {
+        return tensor_to_py(py, Tensor { dtype, shape: shape.to_vec(), data: data.to_vec() });
+    }
+    let array = match dtype {
+        DType::F32 => view::<f32>(owner, data, shape),
+        DType::F16 => view::<half::f16>(owner, data, shape),
+        DType::BF16 => view::<u16>(owner, data, shape),
+    };
+    PyTuple::new(py, [dtype.name().into_pyobject(py)?.into_any(), array])
 }
 
 /// Borrowed arrays of a `{name: ndarray}` dict, ready to be viewed as core tensors.

@@ -4,16 +4,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use denselora_core::bundle::{self, Bundle, PackEntry, PackOptions, PackSource, PackStats, TensorEntry};
+use denselora_core::bundle::{self, Bundle, PackEntry, PackOptions, PackSource, PackStats};
 use denselora_core::{adapter, ArgumentKind, DType, Error};
-use numpy::ndarray::{ArrayView, IxDyn};
-use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
-use numpy::{Element, PyArray, PyUntypedArrayMethods};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
-use crate::arrays::BorrowedTensors;
+use crate::arrays::{owned_view, BorrowedTensors};
 use crate::errors::BindingResult;
 
 /// `(name, dtype, shape, offset, length, converted_from)` of one tensor.
@@ -31,21 +28,6 @@ pub struct MappedBundle {
 #[pyclass(frozen, name = "Bundle", module = "denselora._core")]
 pub struct PyBundle {
     bundle: Arc<Bundle>,
-}
-
-/// A read-only numpy view of one tensor's bytes inside the map, owned by `owner`.
-fn view<'py, T: Element>(owner: &Bound<'py, MappedBundle>, bundle: &Bundle, t: &TensorEntry) -> Bound<'py, PyAny> {
-    let ptr = bundle.bytes()[t.offset..t.offset + t.length].as_ptr() as *const T;
-    debug_assert_eq!(ptr as usize % std::mem::align_of::<T>(), 0, "blobs are 64-byte aligned in a page-aligned map");
-    // SAFETY: the catalog was validated: `length == product(shape) * size_of::<T>()` bytes lie
-    // inside the map at a 64-byte aligned offset. The map lives as long as `owner`, which numpy
-    // keeps as the array's base object; the array is made read-only because the map is.
-    unsafe {
-        let array = ArrayView::<T, IxDyn>::from_shape_ptr(IxDyn(&t.shape), ptr);
-        let out = PyArray::<T, IxDyn>::borrow_from_array(&array, owner.clone().into_any());
-        (*out.as_array_ptr()).fields.flags &= !NPY_ARRAY_WRITEABLE;
-        out.into_any()
-    }
 }
 
 fn stats_dict<'py>(py: Python<'py>, s: &PackStats) -> PyResult<Bound<'py, PyDict>> {
@@ -134,15 +116,13 @@ impl PyBundle {
         let entries = py.detach(|| {
             bundle.tensors(name, verify).map(|ts| ts.into_iter().map(|(t, _)| t.clone()).collect::<Vec<_>>())
         })?;
-        let owner = Bound::new(py, MappedBundle { _bundle: Arc::clone(bundle) })?;
+        let owner = Bound::new(py, MappedBundle { _bundle: Arc::clone(bundle) })?.into_any();
         let dict = PyDict::new(py);
         for t in &entries {
-            let array = match t.dtype {
-                DType::F32 => view::<f32>(&owner, bundle, t),
-                DType::F16 => view::<half::f16>(&owner, bundle, t),
-                DType::BF16 => view::<u16>(&owner, bundle, t),
-            };
-            dict.set_item(&t.name, PyTuple::new(py, [PyString::new(py, t.dtype.name()).into_any(), array])?)?;
+            // SAFETY: the catalog was validated (`length == product(shape) * size` bytes inside the
+            // map); the map lives as long as `owner`, the arrays' base object.
+            let pair = unsafe { owned_view(&owner, bundle.raw_bytes(t), t.dtype, &t.shape)? };
+            dict.set_item(&t.name, pair)?;
         }
         Ok(dict)
     }

@@ -14,10 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use memmap2::Mmap;
-use serde_json::Value;
 
 use super::format::*;
-use crate::adapter::{validate_layout, ConfigMap, GroupLayout, TENANT_FORMAT_VERSION as NEWEST_ADAPTER_FORMAT_VERSION};
+use crate::adapter::{check_format_version, validate_layout, ConfigMap, GroupLayout};
 use crate::dtype::DType;
 use crate::error::{ArgumentKind, Error, Result};
 use crate::tensor::TensorRef;
@@ -316,11 +315,7 @@ impl Bundle {
         let fail = |m: String| Error::format(path, format!("adapter {name:?}: {m}"));
         let record: AdapterRecord =
             serde_json::from_slice(record_bytes).map_err(|e| fail(format!("invalid record JSON: {e}")))?;
-        match record.config.get("format_version").and_then(Value::as_u64) {
-            Some(v) if v <= NEWEST_ADAPTER_FORMAT_VERSION => {}
-            Some(v) => return Err(fail(format!("adapter format_version {v} is newer than this library reads"))),
-            None => return Err(fail("config has no integer \"format_version\"".into())),
-        }
+        check_format_version(&record.config).map_err(|m| fail(format!("adapter {m}")))?;
         let mut tensor_names = HashSet::new();
         let mut tensors = Vec::with_capacity(record.tensors.len());
         for t in &record.tensors {

@@ -12,10 +12,11 @@ use super::format::*;
 use super::reader::Bundle;
 use rayon::prelude::*;
 
-use crate::adapter::{read_adapter_dir, stamped, validate_layout, write_adapter_dir, Adapter, ConfigMap};
+use crate::adapter::{stamped, validate_layout, write_adapter_dir, ConfigMap};
 use crate::atomic::write_atomically;
 use crate::dtype::{self, DType};
 use crate::error::{ArgumentKind, Error, Result};
+use crate::open::OpenAdapter;
 use crate::tensor::TensorRef;
 
 /// What a pack wrote.
@@ -313,7 +314,7 @@ enum Item<'e, 'a> {
 fn add_loaded(
     writer: &mut BundleWriter<'_>,
     entry: &PackEntry<'_>,
-    loaded: Option<Result<Adapter>>,
+    loaded: Option<Result<OpenAdapter>>,
     dtype: Option<DType>,
 ) -> Result<()> {
     match (&entry.source, loaded) {
@@ -321,7 +322,7 @@ fn add_loaded(
         (PackSource::Dir(dir), loaded) => {
             let adapter = match loaded {
                 Some(result) => result?,
-                None => read_adapter_dir(dir)?,
+                None => OpenAdapter::open_dir(dir)?,
             };
             writer.add_adapter(&entry.name, &adapter.config, &adapter.views(), dtype)
         }
@@ -380,10 +381,10 @@ pub fn pack(
         }
         items.extend(entries.iter().filter(|e| !replaced.contains(e.name.as_str())).map(Item::Add));
         for chunk in items.chunks(READ_AHEAD) {
-            let mut loaded: Vec<Option<Result<Adapter>>> = chunk
+            let mut loaded: Vec<Option<Result<OpenAdapter>>> = chunk
                 .par_iter()
                 .map(|item| match item {
-                    Item::Add(PackEntry { source: PackSource::Dir(dir), .. }) => Some(read_adapter_dir(dir)),
+                    Item::Add(PackEntry { source: PackSource::Dir(dir), .. }) => Some(OpenAdapter::open_dir(dir)),
                     _ => None,
                 })
                 .collect();
