@@ -197,6 +197,9 @@ def ensure(spec: dict[str, Any], timeout: float) -> dict[str, Any] | None:
         return None
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_seconds"] = time.perf_counter() - started
+    for key in ("save_to", "basis_dir"):  # recorded relative to the repository
+        if key in result:
+            result[key] = os.path.relpath(result[key], HERE.parent)
     staging = path.with_suffix(".json.tmp")
     staging.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(staging, path)

@@ -37,6 +37,12 @@ def _factors(dtype=torch.float32, seed=0, in_f=12, out_f=10, r_e=4, r_d=3, shape
     return x, e, m, d
 
 
+def _float32_atol(reference):
+    """Two float32 computations of the same sums in a different order agree to a few units of
+    roundoff of the largest term, not of each element: 1e-6 relative to the tensor's largest value."""
+    return 1e-6 * max(1.0, float(reference.abs().max()) if reference.numel() else 0.0)
+
+
 def _run(fn, tensors, weights, **kw):
     for t in tensors:
         t.grad = None
@@ -53,7 +59,7 @@ def test_forward_and_gradients_equal_plain_path(pair):
     plain = _run(dense_branch, tensors, weights, **kw)
     fast = _run(efficient_branch, tensors, weights, **kw)
     for name, a, b in zip(("y", "x", "E", "M", "D"), plain, fast):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{pair} {name}")
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=_float32_atol(a), msg=f"{pair} {name}")
 
 
 @pytest.mark.parametrize("shape", [(0, 12), (12,), "transposed"])
@@ -71,7 +77,7 @@ def test_odd_input_shapes_equal_plain_path(shape):
     plain = _run(dense_branch, tensors, weights, **kw)
     fast = _run(efficient_branch, tensors, weights, **kw)
     for name, a, b in zip(("y", "x", "E", "M", "D"), plain, fast):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=_float32_atol(a), msg=name)
 
 
 def _masked_reference(x, e, m, d, *, scale, pair, p, seed):
@@ -90,7 +96,7 @@ def test_dropout_masks_regenerated_from_seed(pair):
     ref = _run(lambda *t: _masked_reference(*t, scale=0.9, pair=pair, p=0.3, seed=1234), tensors, weights)
     fast = _run(efficient_branch, tensors, weights, scale=0.9, activation=pair, dropout=0.3, training=True, seed=1234)
     for name, a, b in zip(("y", "x", "E", "M", "D"), ref, fast):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{pair} {name}")
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=_float32_atol(a), msg=f"{pair} {name}")
     # Dropout really acts: some outputs are zeroed, and not in eval.
     assert (fast[0] == 0).any()
     evaluated = efficient_branch(*tensors, scale=0.9, activation=pair, dropout=0.3, training=False, seed=1234)
