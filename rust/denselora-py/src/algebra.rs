@@ -1,30 +1,49 @@
 //! Bindings of the adapter algebra: averaging and truncation. Adapters travel as
 //! `(name, config_json, {tensor: array})`; results come back the same way with a JSON report.
+//! The core reads the arrays in place (the input dicts, held by the caller, keep them alive) and
+//! its result buffers become the returned arrays without another copy.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use denselora_core::algebra::{self, AverageOptions, DecoderAlignment, Mode, RankTarget};
-use denselora_core::{adapter, Adapter, ArgumentKind, Error};
+use denselora_core::adapter::{self, ConfigMap};
+use denselora_core::algebra::{
+    self, AdapterRef, AverageOptions, DecoderAlignment, Mode, OutTensor, Output, RankTarget, Values,
+};
+use denselora_core::{ArgumentKind, Error};
+use numpy::ndarray::{ArrayD, IxDyn};
+use numpy::PyArray;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use crate::arrays::tensor_to_py;
 use crate::arrays::BorrowedTensors;
 use crate::errors::BindingResult;
 
-fn to_adapter(name: &str, config_json: &str, tensors: &Bound<'_, PyDict>) -> BindingResult<Adapter> {
-    let config = adapter::parse_config_object(config_json, Path::new(name))?;
-    let borrowed = BorrowedTensors::from_dict(tensors)?;
-    let tensors: BTreeMap<_, _> = borrowed.views().into_iter().map(|(k, t)| (k, t.to_owned())).collect();
-    Ok(Adapter { config, tensors })
+fn parse_config(name: &str, config_json: &str) -> BindingResult<ConfigMap> {
+    Ok(adapter::parse_config_object(config_json, Path::new(name))?)
 }
 
-fn result_to_py<'py>(py: Python<'py>, out: Adapter, report: String) -> BindingResult<Bound<'py, PyTuple>> {
+fn array<'py, T: numpy::Element>(py: Python<'py>, shape: Vec<usize>, values: Vec<T>) -> Bound<'py, PyAny> {
+    let array = ArrayD::from_shape_vec(IxDyn(&shape), values).expect("a result holds as many values as its shape");
+    PyArray::from_owned_array(py, array).into_any()
+}
+
+/// A result tensor as `(dtype name, numpy array)`, the array owning the result's buffer; bfloat16
+/// comes back as uint16 bits.
+fn out_tensor_to_py<'py>(py: Python<'py>, tensor: OutTensor) -> PyResult<Bound<'py, PyTuple>> {
+    let dtype = tensor.dtype();
+    let array = match tensor.values {
+        Values::F32(v) => array(py, tensor.shape, v),
+        Values::F16(v) => array(py, tensor.shape, v),
+        Values::BF16(v) => array(py, tensor.shape, v),
+    };
+    PyTuple::new(py, [dtype.name().into_pyobject(py)?.into_any(), array])
+}
+
+fn result_to_py<'py>(py: Python<'py>, out: Output, report: String) -> BindingResult<Bound<'py, PyTuple>> {
     let config = adapter::config_to_string(&out.config);
     let dict = PyDict::new(py);
     for (name, tensor) in out.tensors {
-        dict.set_item(name, tensor_to_py(py, tensor)?)?;
+        dict.set_item(name, out_tensor_to_py(py, tensor)?)?;
     }
     let items = [
         config.into_pyobject(py).map_err(PyErr::from)?.into_any(),
@@ -70,10 +89,17 @@ pub fn average_adapters<'py>(
     decoder_alignment: &str,
 ) -> BindingResult<Bound<'py, PyTuple>> {
     let options = AverageOptions { mode: parse_mode(mode)?, weights, ema, decoder: parse_decoder(decoder_alignment)? };
-    let adapters: Vec<Adapter> =
-        inputs.iter().map(|(name, config, tensors)| to_adapter(name, config, tensors)).collect::<BindingResult<_>>()?;
-    let named: Vec<(String, &Adapter)> = inputs.iter().map(|(n, _, _)| n.clone()).zip(adapters.iter()).collect();
-    let (out, report) = py.detach(|| algebra::average(&named, &options))?;
+    let configs: Vec<ConfigMap> =
+        inputs.iter().map(|(name, config, _)| parse_config(name, config)).collect::<BindingResult<_>>()?;
+    let borrowed: Vec<BorrowedTensors<'py>> =
+        inputs.iter().map(|(_, _, tensors)| BorrowedTensors::from_dict(tensors)).collect::<BindingResult<_>>()?;
+    let views: Vec<(String, AdapterRef<'_>)> = inputs
+        .iter()
+        .zip(&configs)
+        .zip(&borrowed)
+        .map(|(((name, _, _), config), tensors)| (name.clone(), AdapterRef { config, tensors: tensors.views() }))
+        .collect();
+    let (out, report) = py.detach(|| algebra::average_views(&views, &options))?;
     let report = serde_json::to_string(&report).expect("report serializes");
     result_to_py(py, out, report)
 }
@@ -95,8 +121,10 @@ pub fn truncate_adapter<'py>(
         (None, Some(e)) => RankTarget::Energy(e),
         _ => return Err(Error::argument("rank", ArgumentKind::Value, "give exactly one of rank and energy").into()),
     };
-    let input = to_adapter(name, config_json, tensors)?;
-    let (out, report) = py.detach(|| algebra::truncate(&input, name, target))?;
+    let config = parse_config(name, config_json)?;
+    let borrowed = BorrowedTensors::from_dict(tensors)?;
+    let input = AdapterRef { config: &config, tensors: borrowed.views() };
+    let (out, report) = py.detach(|| algebra::truncate_view(&input, name, target))?;
     let report = serde_json::to_string(&report).expect("report serializes");
     result_to_py(py, out, report)
 }

@@ -7,7 +7,7 @@ use super::assignment;
 use super::linalg::{hstack, relative_distance, relative_from_squares, vstack, Mat};
 use super::GroupFactors;
 use crate::dtype;
-use crate::tensor::Tensor;
+use crate::tensor::TensorRef;
 
 /// The (signed) permutation matching the rows of `other` to those of `reference`:
 /// row i of the aligned encoder is `sign[i] * other[perm[i]]`.
@@ -50,10 +50,10 @@ pub(crate) fn encoder_residuals(set: &[GroupFactors], reference: &GroupFactors) 
 
 /// `encoder_residuals` of the encoders as stored (tensors of any dtype), decoded a block at a time
 /// rather than converted to matrices: what linear averaging reports.
-pub(crate) fn stored_encoder_residuals<'a>(encoders: &[&'a Tensor]) -> Vec<f64> {
+pub(crate) fn stored_encoder_residuals(encoders: &[TensorRef<'_>]) -> Vec<f64> {
     const BLOCK: usize = 1024;
     let reference = encoders[0];
-    let n = reference.view().numel();
+    let n = reference.numel();
     let (mut x, mut y) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
     encoders
         .iter()
@@ -61,10 +61,10 @@ pub(crate) fn stored_encoder_residuals<'a>(encoders: &[&'a Tensor]) -> Vec<f64> 
             let (mut num, mut den) = (0.0f64, 0.0f64);
             for start in (0..n).step_by(BLOCK) {
                 let len = BLOCK.min(n - start);
-                let bytes =
-                    |t: &'a Tensor| -> &'a [u8] { &t.data[start * t.dtype.size()..(start + len) * t.dtype.size()] };
-                dtype::decode_into(run.dtype, bytes(run), &mut x[..len]);
-                dtype::decode_into(reference.dtype, bytes(reference), &mut y[..len]);
+                let (size_x, size_y) = (run.dtype.size(), reference.dtype.size());
+                dtype::decode_into(run.dtype, &run.data[start * size_x..(start + len) * size_x], &mut x[..len]);
+                let ref_bytes = &reference.data[start * size_y..(start + len) * size_y];
+                dtype::decode_into(reference.dtype, ref_bytes, &mut y[..len]);
                 for (a, b) in x[..len].iter().zip(&y[..len]) {
                     let (a, b) = (f64::from(*a), f64::from(*b));
                     num += (a - b) * (a - b);

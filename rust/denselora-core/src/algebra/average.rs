@@ -24,12 +24,12 @@ use serde_json::Value;
 use super::align::{encoder_residuals, match_rows, permute, product_residuals, stored_encoder_residuals};
 use super::linalg::{cols, left_singular, split_cols, sq, tucker2};
 use super::refactor::{gauge, latent_rms, procrustes_mean, weighted_sum, Cores};
-use super::{check_finite, decoder_side, group_factors, put_group, GroupFactors};
+use super::{check_finite, decoder_side, group_factors, put_group, AdapterRef, GroupFactors, OutTensor, Output};
 use crate::activation::Activation;
 use crate::adapter::{config_activations, config_groups, encoder_key, Adapter, GroupLayout};
 use crate::dtype;
 use crate::error::{ArgumentKind, Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::TensorRef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -137,17 +137,17 @@ fn resolve_weights(n: usize, options: &AverageOptions) -> Result<Vec<f64>> {
     }
 }
 
-fn string_key<'a>(adapter: &'a Adapter, key: &str) -> Option<&'a str> {
+fn string_key<'a>(adapter: &AdapterRef<'a>, key: &str) -> Option<&'a str> {
     adapter.config.get(key).and_then(Value::as_str)
 }
 
 /// Everything that must agree before tensors are combined; returns the reference's layout.
-pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout>> {
+pub fn check_compatible(inputs: &[(String, AdapterRef<'_>)]) -> Result<Vec<GroupLayout>> {
     let (ref_name, reference) =
         inputs.first().ok_or_else(|| Error::argument("inputs", ArgumentKind::Value, "no adapter given"))?;
     let ref_layout = reference.layout(ref_name)?;
-    let ref_groups = config_groups(&reference.config, ref_name)?;
-    let ref_acts = config_activations(&reference.config, ref_name)?;
+    let ref_groups = config_groups(reference.config, ref_name)?;
+    let ref_acts = config_activations(reference.config, ref_name)?;
     for (name, adapter) in inputs {
         let layout = adapter.layout(name)?;
         if let (Some(a), Some(b)) =
@@ -160,7 +160,7 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
                 ));
             }
         }
-        let groups = config_groups(&adapter.config, name)?;
+        let groups = config_groups(adapter.config, name)?;
         for module in ref_groups.keys().chain(groups.keys()) {
             let (a, b) = (ref_groups.get(module), groups.get(module));
             if a != b {
@@ -185,7 +185,7 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
                 ));
             }
         }
-        let acts = config_activations(&adapter.config, name)?;
+        let acts = config_activations(adapter.config, name)?;
         if acts != ref_acts {
             return Err(Error::incompatible(
                 name.as_str(),
@@ -209,7 +209,7 @@ pub fn check_compatible(inputs: &[(String, &Adapter)]) -> Result<Vec<GroupLayout
     Ok(ref_layout)
 }
 
-fn auto_mode(inputs: &[(String, &Adapter)]) -> (Mode, String) {
+fn auto_mode(inputs: &[(String, AdapterRef<'_>)]) -> (Mode, String) {
     let prints: Vec<Option<&str>> = inputs.iter().map(|(_, a)| string_key(a, "init_fingerprint")).collect();
     match prints[0] {
         Some(first) if prints.iter().all(|p| *p == Some(first)) => {
@@ -223,22 +223,21 @@ fn auto_mode(inputs: &[(String, &Adapter)]) -> (Mode, String) {
 }
 
 /// Weighted mean of every tensor, rounded to the reference's dtype; one task per tensor.
-fn linear_mean(inputs: &[(String, &Adapter)], weights: &[f64]) -> Adapter {
-    let reference = inputs[0].1;
+fn linear_mean(inputs: &[(String, AdapterRef<'_>)], weights: &[f64]) -> Output {
+    let reference = &inputs[0].1;
     let tensors = reference
         .tensors
         .par_iter()
         .map(|(key, tensor)| {
-            let mut acc = vec![0.0f64; tensor.view().numel()];
+            let mut acc = vec![0.0f64; tensor.numel()];
             for ((_, adapter), &w) in inputs.iter().zip(weights) {
                 let t = &adapter.tensors[key];
-                dtype::accumulate_f64(t.dtype, &t.data, w, &mut acc);
+                dtype::accumulate_f64(t.dtype, t.data, w, &mut acc);
             }
-            let data = dtype::from_f64(tensor.dtype, &acc);
-            (key.clone(), Tensor { dtype: tensor.dtype, shape: tensor.shape.clone(), data })
+            (key.clone(), OutTensor::from_f64(tensor.dtype, tensor.shape.to_vec(), acc.into_iter()))
         })
         .collect();
-    Adapter { config: reference.config.clone(), tensors }
+    Output { config: reference.config.clone(), tensors }
 }
 
 struct GroupResult {
@@ -314,7 +313,7 @@ fn average_group(
             report.refactor_error = Some(((total - sq(&projected)).max(0.0) / total).sqrt());
             GroupFactors {
                 encoder: weighted_sum(matched.iter().map(|r| &r.encoder), weights),
-                decoder: &cores.qd * &u * &t,
+                decoder: cores.qd.apply(&(&u * &t)),
                 ms: split_cols(&(&t_inv * projected), layers),
             }
         }
@@ -329,7 +328,7 @@ fn average_group(
             report.refactor_error = Some(((total - kept).max(0.0) / total).sqrt());
             GroupFactors {
                 encoder: &te * v.transpose() * qe.transpose(),
-                decoder: &cores.qd * u * &td,
+                decoder: cores.qd.apply(&(u * &td)),
                 ms: avg.iter().map(|c| &td_inv * u.transpose() * c * v * &te_inv).collect(),
             }
         }
@@ -340,6 +339,13 @@ fn average_group(
 /// Average `inputs` (name, adapter), the first being the reference that others are aligned to.
 /// The result keeps the reference's config and dtypes.
 pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Result<(Adapter, AverageReport)> {
+    let views: Vec<(String, AdapterRef<'_>)> = inputs.iter().map(|(n, a)| (n.clone(), AdapterRef::of(a))).collect();
+    let (out, report) = average_views(&views, options)?;
+    Ok((out.into_adapter(), report))
+}
+
+/// `average` of borrowed adapters, with typed result tensors.
+pub fn average_views(inputs: &[(String, AdapterRef<'_>)], options: &AverageOptions) -> Result<(Output, AverageReport)> {
     let layouts = check_compatible(inputs)?;
     let weights = resolve_weights(inputs.len(), options)?;
     let (mode, reason) = match options.mode {
@@ -348,10 +354,10 @@ pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Resul
     };
     let aligned = mode == Mode::Aligned;
     let (ref_name, reference) = &inputs[0];
-    let encoder_activation = config_activations(&reference.config, ref_name)?.0;
+    let encoder_activation = config_activations(reference.config, ref_name)?.0;
     // Aligned mode rewrites every tensor (each belongs to a group): only the config is copied.
     let mut out = if aligned {
-        Adapter { config: reference.config.clone(), tensors: Default::default() }
+        Output { config: reference.config.clone(), tensors: Default::default() }
     } else {
         linear_mean(inputs, &weights)
     };
@@ -362,10 +368,10 @@ pub fn average(inputs: &[(String, &Adapter)], options: &AverageOptions) -> Resul
         .par_iter()
         .map(|layout| {
             let factors =
-                |a: &Adapter| if encoders_needed { group_factors(a, layout) } else { decoder_side(a, layout) };
+                |a: &AdapterRef<'_>| if encoders_needed { group_factors(a, layout) } else { decoder_side(a, layout) };
             let runs: Vec<GroupFactors> = inputs.iter().map(|(_, a)| factors(a)).collect();
             let key = encoder_key(&layout.name);
-            let encoders: Vec<&Tensor> = inputs.iter().map(|(_, a)| &a.tensors[&key]).collect();
+            let encoders: Vec<TensorRef<'_>> = inputs.iter().map(|(_, a)| a.tensors[&key]).collect();
             let encoder_residuals = stored_encoder_residuals(&encoders);
             average_group(layout, &runs, encoder_residuals, &weights, encoder_activation, aligned, options.decoder)
         })

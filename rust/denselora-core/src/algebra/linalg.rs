@@ -5,8 +5,12 @@
 //! faer's SVD is backward stable: singular values are exact to about 1e-16 of the largest, which is
 //! what the algebra needs (exactly rank-deficient cores included; see the tests).
 
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::householder;
 use faer::linalg::solvers::DenseSolveCore;
+use faer::{Conj, Par};
 
+use super::OutTensor;
 use crate::dtype::DType;
 use crate::tensor::{Tensor, TensorRef};
 
@@ -34,10 +38,60 @@ pub fn to_tensor(m: &Mat, dtype: DType) -> Tensor {
     Tensor::from_f32(dtype, vec![m.nrows(), m.ncols()], &values)
 }
 
+/// An f64 matrix as a row-major result tensor of `dtype` (rounded once, at the end).
+pub fn to_out(m: &Mat, dtype: DType) -> OutTensor {
+    let values = (0..m.nrows()).flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]));
+    OutTensor::from_f64(dtype, vec![m.nrows(), m.ncols()], values)
+}
+
 /// Thin QR: `a = q r` with `q` (rows x k) orthonormal, `r` (k x cols), k = min(rows, cols).
 pub fn thin_qr(a: &Mat) -> (Mat, Mat) {
     let qr = a.qr();
     (qr.compute_thin_Q(), qr.thin_R().to_owned())
+}
+
+/// A thin QR whose `Q` stays in Householder form: `Q x` is a few products with the reflectors,
+/// a fraction of the cost of forming the rows x k factor when `x` is narrow.
+pub struct HouseholderQr {
+    qr: faer::linalg::solvers::Qr<f64>,
+}
+
+impl HouseholderQr {
+    pub fn new(a: &Mat) -> Self {
+        HouseholderQr { qr: a.qr() }
+    }
+
+    /// Columns of the thin `Q` (and rows of the thin `R`): min(rows, cols).
+    pub fn ncols(&self) -> usize {
+        self.qr.Q_basis().nrows().min(self.qr.R().ncols())
+    }
+
+    /// The thin `R` (k x cols).
+    pub fn thin_r(&self) -> Mat {
+        self.qr.thin_R().to_owned()
+    }
+
+    /// `Q x` for the thin `Q` and `x` with `ncols()` rows.
+    pub fn apply(&self, x: &Mat) -> Mat {
+        let (basis, coeff) = (self.qr.Q_basis(), self.qr.Q_coeff());
+        let rows = basis.nrows();
+        let mut y = Mat::zeros(rows, x.ncols());
+        y.subrows_mut(0, self.ncols()).copy_from(x);
+        let scratch = householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<f64>(
+            rows,
+            coeff.nrows(),
+            x.ncols(),
+        );
+        householder::apply_block_householder_sequence_on_the_left_in_place_with_conj(
+            basis,
+            coeff,
+            Conj::No,
+            y.as_mut(),
+            Par::Seq,
+            MemStack::new(&mut MemBuffer::new(scratch)),
+        );
+        y
+    }
 }
 
 /// Columns `start .. start + len` of `a`.
@@ -274,6 +328,21 @@ mod tests {
             assert_eq!((q.nrows(), q.ncols(), rr.nrows(), rr.ncols()), (r, k, k, c));
             assert!((&q * &rr - &a).norm_l2() < 1e-12 * a.norm_l2());
             assert!((q.transpose() * &q - identity(k)).norm_l2() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn householder_qr_applies_the_thin_q() {
+        use crate::algebra::testutil::Rng;
+        let mut rng = Rng::new(6);
+        for (r, c) in [(40, 12), (12, 40), (9, 9)] {
+            let a = rng.matrix(r, c);
+            let (q, rr) = thin_qr(&a);
+            let h = HouseholderQr::new(&a);
+            assert_eq!(h.ncols(), q.ncols());
+            assert!((h.thin_r() - &rr).norm_l2() < 1e-12 * a.norm_l2());
+            let x = rng.matrix(q.ncols(), 3);
+            assert!((h.apply(&x) - &q * &x).norm_l2() < 1e-12 * x.norm_l2());
         }
     }
 

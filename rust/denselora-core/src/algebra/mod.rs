@@ -19,12 +19,109 @@ pub mod linalg;
 pub mod refactor;
 pub mod truncate;
 
-use crate::adapter::{decoder_key, encoder_key, m_key, Adapter, GroupLayout};
+use std::collections::BTreeMap;
+
+use half::{bf16, f16};
+
+use crate::adapter::{decoder_key, encoder_key, m_key, validate_layout, Adapter, ConfigMap, GroupLayout};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::tensor::{Tensor, TensorRef};
 use linalg::{to_matrix, Mat};
 
-pub use average::{average, AverageOptions, AverageReport, DecoderAlignment, GroupAlignment, Mode};
-pub use truncate::{truncate, GroupTruncation, RankTarget, TruncateReport};
+pub use average::{average, average_views, AverageOptions, AverageReport, DecoderAlignment, GroupAlignment, Mode};
+pub use truncate::{truncate, truncate_view, GroupTruncation, RankTarget, TruncateReport};
+
+/// An adapter whose tensors are borrowed (numpy buffers, another adapter's storage): what the
+/// algebra reads.
+#[derive(Debug, Clone)]
+pub struct AdapterRef<'a> {
+    pub config: &'a ConfigMap,
+    pub tensors: BTreeMap<String, TensorRef<'a>>,
+}
+
+impl<'a> AdapterRef<'a> {
+    pub fn of(adapter: &'a Adapter) -> Self {
+        AdapterRef { config: &adapter.config, tensors: adapter.views() }
+    }
+
+    pub fn layout(&self, context: &str) -> Result<Vec<GroupLayout>> {
+        validate_layout(self.config, &self.tensors, context)
+    }
+
+    fn get(&self, key: &str) -> TensorRef<'a> {
+        self.tensors[key]
+    }
+}
+
+/// The values of a result tensor, typed: bfloat16 as its bit patterns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<u16>),
+}
+
+/// A result tensor: row-major values of its dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutTensor {
+    pub shape: Vec<usize>,
+    pub values: Values,
+}
+
+impl OutTensor {
+    /// f64 values rounded once to `dtype` (through f32, as `dtype::from_f64`).
+    pub fn from_f64(dtype: DType, shape: Vec<usize>, values: impl Iterator<Item = f64>) -> Self {
+        let values = match dtype {
+            DType::F32 => Values::F32(values.map(|v| v as f32).collect()),
+            DType::F16 => Values::F16(values.map(|v| f16::from_f32(v as f32)).collect()),
+            DType::BF16 => Values::BF16(values.map(|v| bf16::from_f32(v as f32).to_bits()).collect()),
+        };
+        OutTensor { shape, values }
+    }
+
+    /// A copy of `t`, bit for bit.
+    pub fn copy_of(t: TensorRef<'_>) -> Self {
+        let values = match t.dtype {
+            DType::F32 => {
+                Values::F32(t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
+            DType::F16 => Values::F16(t.data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
+            DType::BF16 => Values::BF16(t.data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
+        };
+        OutTensor { shape: t.shape.to_vec(), values }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.values {
+            Values::F32(_) => DType::F32,
+            Values::F16(_) => DType::F16,
+            Values::BF16(_) => DType::BF16,
+        }
+    }
+
+    pub fn into_tensor(self) -> Tensor {
+        let data = match &self.values {
+            Values::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Values::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Values::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        Tensor { dtype: self.dtype(), shape: self.shape, data }
+    }
+}
+
+/// The result of an operation: a config and typed tensors (handed to numpy without re-encoding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub config: ConfigMap,
+    pub tensors: BTreeMap<String, OutTensor>,
+}
+
+impl Output {
+    pub fn into_adapter(self) -> Adapter {
+        Adapter { config: self.config, tensors: self.tensors.into_iter().map(|(k, t)| (k, t.into_tensor())).collect() }
+    }
+}
 
 /// The factors of one group in f64: `E`, `D` and each layer's `M` in `layout.modules` order.
 #[derive(Clone)]
@@ -34,17 +131,14 @@ pub(crate) struct GroupFactors {
     pub ms: Vec<Mat>,
 }
 
-pub(crate) fn group_factors(adapter: &Adapter, layout: &GroupLayout) -> GroupFactors {
-    GroupFactors {
-        encoder: to_matrix(adapter.tensors[&encoder_key(&layout.name)].view()),
-        ..decoder_side(adapter, layout)
-    }
+pub(crate) fn group_factors(adapter: &AdapterRef<'_>, layout: &GroupLayout) -> GroupFactors {
+    GroupFactors { encoder: to_matrix(adapter.get(&encoder_key(&layout.name))), ..decoder_side(adapter, layout) }
 }
 
 /// `D` and the `M_l` of one group in f64, with an empty (0 x 0) encoder: for what reads only the
 /// decoder side (the report of linear averaging with a non-linear encoder).
-pub(crate) fn decoder_side(adapter: &Adapter, layout: &GroupLayout) -> GroupFactors {
-    let get = |key: String| to_matrix(adapter.tensors[&key].view());
+pub(crate) fn decoder_side(adapter: &AdapterRef<'_>, layout: &GroupLayout) -> GroupFactors {
+    let get = |key: String| to_matrix(adapter.get(&key));
     GroupFactors {
         encoder: Mat::zeros(0, 0),
         decoder: get(decoder_key(&layout.name)),
@@ -53,10 +147,10 @@ pub(crate) fn decoder_side(adapter: &Adapter, layout: &GroupLayout) -> GroupFact
 }
 
 /// Store a group's factors into `out` with the dtypes `like` has for the same tensors.
-pub(crate) fn put_group(out: &mut Adapter, like: &Adapter, layout: &GroupLayout, f: &GroupFactors) {
+pub(crate) fn put_group(out: &mut Output, like: &AdapterRef<'_>, layout: &GroupLayout, f: &GroupFactors) {
     let mut put = |key: String, m: &Mat| {
-        let dtype = like.tensors[&key].dtype;
-        out.tensors.insert(key, linalg::to_tensor(m, dtype));
+        let dtype = like.get(&key).dtype;
+        out.tensors.insert(key, linalg::to_out(m, dtype));
     };
     put(encoder_key(&layout.name), &f.encoder);
     put(decoder_key(&layout.name), &f.decoder);
@@ -65,10 +159,30 @@ pub(crate) fn put_group(out: &mut Adapter, like: &Adapter, layout: &GroupLayout,
     }
 }
 
+/// Whether every value of `t` is finite: a branch-free test of the exponent bits (all ones is NaN
+/// or infinity) that the compiler vectorizes.
+fn all_finite(t: TensorRef<'_>) -> bool {
+    match t.dtype {
+        DType::F32 => {
+            const EXP: u32 = 0x7f80_0000;
+            !t.data
+                .chunks_exact(4)
+                .fold(false, |bad, c| bad | (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & EXP == EXP))
+        }
+        DType::F16 | DType::BF16 => {
+            let exp: u16 = if t.dtype == DType::F16 { 0x7c00 } else { 0x7f80 };
+            !t.data.chunks_exact(2).fold(false, |bad, c| bad | (u16::from_le_bytes([c[0], c[1]]) & exp == exp))
+        }
+    }
+}
+
 /// NaN or infinity anywhere is an error naming the adapter and the tensor.
-pub fn check_finite(adapter: &Adapter, context: &str) -> Result<()> {
+pub fn check_finite(adapter: &AdapterRef<'_>, context: &str) -> Result<()> {
     for (name, tensor) in &adapter.tensors {
-        if let Some(pos) = crate::dtype::first_non_finite(tensor.dtype, &tensor.data) {
+        if all_finite(*tensor) {
+            continue;
+        }
+        if let Some(pos) = crate::dtype::first_non_finite(tensor.dtype, tensor.data) {
             return Err(Error::non_finite(
                 context,
                 format!("tensor {name:?} holds a non-finite value at flat index {pos}"),
@@ -133,12 +247,14 @@ pub(crate) mod testutil {
 
     pub fn factors(adapter: &Adapter) -> GroupFactors {
         let layout = adapter.layout("test").unwrap().remove(0);
-        group_factors(adapter, &layout)
+        group_factors(&AdapterRef::of(adapter), &layout)
     }
 
     pub fn set_factors(adapter: &mut Adapter, f: &GroupFactors) {
         let layout = adapter.layout("test").unwrap().remove(0);
         let like = adapter.clone();
-        put_group(adapter, &like, &layout, f);
+        let mut out = Output { config: like.config.clone(), tensors: BTreeMap::new() };
+        put_group(&mut out, &AdapterRef::of(&like), &layout, f);
+        adapter.tensors.extend(out.into_adapter().tensors);
     }
 }

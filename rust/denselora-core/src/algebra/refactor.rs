@@ -4,7 +4,7 @@
 //! factorization on both sides); the gauge then expresses the new basis in the reference's
 //! coordinates where that is well conditioned, so that the result stays close to the inputs.
 
-use super::linalg::{cols, gauge_inverse, hstack, procrustes, sq, thin_qr, vstack, Mat};
+use super::linalg::{cols, gauge_inverse, hstack, procrustes, sq, thin_qr, vstack, HouseholderQr, Mat};
 use super::GroupFactors;
 
 pub(crate) fn weighted_sum<'a>(items: impl Iterator<Item = &'a Mat>, weights: &[f64]) -> Mat {
@@ -67,7 +67,8 @@ pub(crate) fn procrustes_mean(matched: &[GroupFactors], reference: &GroupFactors
 /// Products that fix the function, in the small coordinates of the QR factors: `R_d,k M_l`
 /// (out-side basis `Q_d`), times `R_e,k^T` with a linear encoder.
 pub(crate) struct Cores {
-    pub qd: Mat,
+    /// `[D_1 | ... | D_K] = Q_d R_d`, with `Q_d` applied rather than formed.
+    pub qd: HouseholderQr,
     pub rd: Mat,
     /// `(Q_e, R_e)` of `[E_1; ...; E_K]^T` for a linear encoder.
     pub qe_re: Option<(Mat, Mat)>,
@@ -75,7 +76,8 @@ pub(crate) struct Cores {
 
 impl Cores {
     pub fn new(runs: &[GroupFactors], linear_encoder: bool) -> Self {
-        let (qd, rd) = thin_qr(&hstack(&runs.iter().map(|r| r.decoder.clone()).collect::<Vec<_>>()));
+        let qd = HouseholderQr::new(&hstack(&runs.iter().map(|r| r.decoder.clone()).collect::<Vec<_>>()));
+        let rd = qd.thin_r();
         let qe_re = linear_encoder.then(|| {
             thin_qr(&vstack(&runs.iter().map(|r| r.encoder.clone()).collect::<Vec<_>>()).transpose().to_owned())
         });

@@ -12,14 +12,17 @@
 //! `r` and `alpha` in the config are kept, so the branch keeps the scale `alpha / r` it was trained
 //! with. A group whose ranks do not change is copied bit for bit.
 
+use std::collections::BTreeMap;
+
 use rayon::prelude::*;
 use serde::Serialize;
 
 use super::linalg::{hstack, left_singular, rank_for_energy, singular_values, sq, thin_qr, tucker2, Mat};
 use super::refactor::{gauge, latent_rms};
-use super::{check_finite, group_factors, put_group, GroupFactors};
-use crate::adapter::{config_activations, decoder_key, encoder_key, m_key, Adapter};
+use super::{check_finite, group_factors, put_group, AdapterRef, GroupFactors, OutTensor, Output};
+use crate::adapter::{config_activations, decoder_key, encoder_key, m_key, validate_layout, Adapter};
 use crate::error::{ArgumentKind, Error, Result};
+use crate::tensor::TensorRef;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RankTarget {
@@ -182,6 +185,12 @@ fn truncate_nonlinear_encoder(name: &str, modules: &[String], f: &GroupFactors, 
 
 /// Truncate every group of `adapter` (named `name` in errors) to `target`.
 pub fn truncate(adapter: &Adapter, name: &str, target: RankTarget) -> Result<(Adapter, TruncateReport)> {
+    let (out, report) = truncate_view(&AdapterRef::of(adapter), name, target)?;
+    Ok((out.into_adapter(), report))
+}
+
+/// `truncate` of a borrowed adapter, with typed result tensors.
+pub fn truncate_view(adapter: &AdapterRef<'_>, name: &str, target: RankTarget) -> Result<(Output, TruncateReport)> {
     let layouts = adapter.layout(name)?;
     check_finite(adapter, name)?;
     match target {
@@ -201,8 +210,8 @@ pub fn truncate(adapter: &Adapter, name: &str, target: RankTarget) -> Result<(Ad
         }
         RankTarget::Energy(_) => {}
     }
-    let encoder_activation = config_activations(&adapter.config, name)?.0;
-    let mut out = adapter.clone();
+    let encoder_activation = config_activations(adapter.config, name)?.0;
+    let mut out = Output { config: adapter.config.clone(), tensors: Default::default() };
     // Groups are independent: one task each.
     let done_all: Vec<Truncated> = layouts
         .par_iter()
@@ -219,17 +228,24 @@ pub fn truncate(adapter: &Adapter, name: &str, target: RankTarget) -> Result<(Ad
     for (layout, done) in layouts.iter().zip(done_all) {
         if let Some(factors) = &done.factors {
             // put_group keeps each tensor's dtype; shapes come from the new factors.
-            for key in [encoder_key(&layout.name), decoder_key(&layout.name)] {
-                out.tensors.remove(&key);
-            }
-            for module in &layout.modules {
-                out.tensors.remove(&m_key(module));
-            }
             put_group(&mut out, adapter, layout, factors);
+        } else {
+            // Every tensor belongs to a group (the layout check): unchanged groups are copied.
+            let keys = [encoder_key(&layout.name), decoder_key(&layout.name)];
+            for key in keys.into_iter().chain(layout.modules.iter().map(|m| m_key(m))) {
+                let tensor = OutTensor::copy_of(adapter.tensors[&key]);
+                out.tensors.insert(key, tensor);
+            }
         }
         groups.push(done.report);
     }
-    out.layout(name)?;
+    // The layout of the result (shapes only: the check reads no values).
+    let shapes: BTreeMap<String, TensorRef<'_>> = out
+        .tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), TensorRef { dtype: t.dtype(), shape: &t.shape, data: &[] }))
+        .collect();
+    validate_layout(&out.config, &shapes, name)?;
     Ok((out, TruncateReport { input: name.to_string(), groups }))
 }
 
@@ -238,6 +254,8 @@ mod tests {
     use super::super::testutil::{factors, random_adapter, set_factors};
     use super::*;
     use crate::algebra::linalg::relative_distance;
+    use crate::dtype::DType;
+    use crate::tensor::Tensor;
 
     #[test]
     fn truncating_to_the_current_rank_is_bit_exact() {
@@ -307,6 +325,20 @@ mod tests {
         assert_eq!((fb.encoder.nrows(), fb.decoder.ncols()), (2, 2));
         let w = |g: &GroupFactors| g.ms.iter().map(|m| &g.decoder * m * &g.encoder).collect::<Vec<_>>();
         assert!(relative_distance(&w(&fb), &w(&f)) < 1e-5);
+    }
+
+    #[test]
+    fn unchanged_half_precision_groups_are_bit_exact() {
+        for dtype in [DType::F16, DType::BF16] {
+            let mut a = random_adapter(4, 4, 2, "gelu");
+            for t in a.tensors.values_mut() {
+                *t = Tensor::from_f32(dtype, t.shape.clone(), &t.to_f32());
+            }
+            let (b, _) = truncate(&a, "a", RankTarget::Rank(4)).unwrap();
+            assert_eq!(a, b);
+            let (c, _) = truncate(&a, "a", RankTarget::Rank(2)).unwrap();
+            assert!(c.tensors.values().all(|t| t.dtype == dtype));
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use super::super::align::product_residuals;
 use super::super::linalg::{relative_distance, Mat};
 use super::super::testutil::{factors, random_adapter, set_factors, Rng};
 use super::*;
+use crate::tensor::Tensor;
 use faer::linalg::solvers::DenseSolveCore;
 
 /// The branch's pre-activation products for a given input batch `x` (in x n):
