@@ -54,11 +54,21 @@ METHODS: dict[str, dict[str, Any]] = {
     "vera-r256": {"method": "vera", "r": 256, "lrs": "vera"},
     **{f"denselora-r{r}-default": {"method": "denselora", "r": r, "preset": "default", "lrs": "default"} for r in (8, 16, 32, 64)},
     **{f"denselora-r{r}": {"method": "denselora", "r": r, "preset": "paper", "lrs": "paper"} for r in (8, 16, 32, 64)},
+    # The paper's configuration with one of its differences from the default undone at a time
+    # (which of them carries its gain): its branch made linear, its M initialised orthogonal, its
+    # scale alpha/sqrt(r). And the default with the paper's Kaiming M (init alone).
     "denselora-r16-identity": {"method": "denselora", "r": 16, "preset": "paper", "activation": "identity", "lrs": "paper"},
+    "denselora-r16-orthogonal": {"method": "denselora", "r": 16, "preset": "paper", "m_init": "orthogonal", "lrs": "paper"},
+    "denselora-r16-rslora": {"method": "denselora", "r": 16, "preset": "paper", "scaling": "rslora", "lrs": "default"},
+    "denselora-r16-default-kaiming": {"method": "denselora", "r": 16, "preset": "default", "m_init": "kaiming", "lrs": "default"},
     # A tenant: only the per-layer cores M train (38,400 numbers at r=16), on the frozen shared
     # encoders and decoders of the default r=16 adapter trained (seed 0) on another task.
     "denselora-r16-tenant": {"method": "denselora", "r": 16, "preset": "default", "lrs": "default", "basis": "denselora-r16-default"},
+    # The same on the paper configuration's basis (GELU branch) at its rate.
+    "denselora-r16-paper-tenant": {"method": "denselora", "r": 16, "preset": "paper", "lrs": "paper", "basis": "denselora-r16"},
 }
+# Keys that make a method a variant of a configuration rather than a point of the curve.
+VARIANT_KEYS = ("activation", "m_init", "scaling", "basis")
 # The task whose adapter serves as a tenant's basis.
 BASIS_TASK = {"hyperbaton": "logical_fallacy_detection", "logical_fallacy_detection": "hyperbaton", "epistemic_reasoning": "hyperbaton"}
 # Learning-rate grids: the paper's configuration moves the model about 25x less per step than LoRA
@@ -103,7 +113,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     base, tokenizer = load_model(device=device)
     method = METHODS[spec["method"]]
     torch.manual_seed(spec["seed"])
-    options = {k: v for k, v in method.items() if k in ("preset", "activation")}
+    options = {k: v for k, v in method.items() if k in ("preset", "activation", "m_init", "scaling")}
     if method["method"] == "none":  # the base model as it is: the floor every method starts from
         model, trainable, total = base, 0, sum(p.numel() for p in base.parameters())
     elif "basis" in method:
@@ -122,18 +132,27 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     result = None
     diagnosis: dict[str, Any] = {}
+    agreement: dict[str, Any] = {}
     if method["method"] != "none":
         dataset = TokenizedDataset(train_examples, tokenizer, cutoff_len=256)
         probe = probe_batch(dataset, tokenizer, device)
         measured = method["method"] in ("denselora", "lora")  # the methods whose layers diagnostics reads
+        # How far the layers sharing an encoder/decoder agree on its gradient, along the run.
+        agreement_measured = method["method"] == "denselora"
+        if agreement_measured:
+            agreement["0"] = diagnostics.shared_agreement(model, probe)
 
         def on_step(step: int, _record: Any) -> None:
             if measured and step in DIAGNOSE_AT:
                 diagnosis[str(step)] = diagnostics.summarize(diagnostics.layer_updates(model, probe))
+            if agreement_measured and step in DIAGNOSE_AT:
+                agreement[str(step)] = diagnostics.shared_agreement(model, probe)
 
         result = train(model, tokenizer, dataset, config, callback=on_step)
         if measured:
             diagnosis[str(spec["steps"])] = diagnostics.summarize(diagnostics.layer_updates(model, probe))
+        if agreement_measured:
+            agreement[str(spec["steps"])] = diagnostics.shared_agreement(model, probe)
         if spec.get("save_to"):
             model.save_pretrained(spec["save_to"])
     val = multiple_choice_accuracy(model, tokenizer, splits.validation) if spec["evaluate_validation"] else None
@@ -153,16 +172,17 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_memory_mib": peak,
         "peak_memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS",
         "layer_updates": diagnosis,
+        "gradient_agreement": agreement,
     }
 
 
 def probe_batch(dataset: Any, tokenizer: Any, device: str, size: int = 8) -> dict[str, Any]:
-    """The first ``size`` training examples as one padded batch: the fixed inputs on which the
-    layer updates are measured along a run."""
+    """The first ``size`` training examples as one padded batch (with their labels): the fixed
+    inputs on which the layer updates and the shared gradients' agreement are measured along a run."""
     from denselora.training.data import Collator, pad_id_of
 
     batch = Collator(pad_id_of(tokenizer))([dataset[i] for i in range(min(size, len(dataset)))])
-    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
 
 
 def run_name(spec: dict[str, Any]) -> str:
@@ -322,7 +342,15 @@ def diagnosis(results: list[dict[str, Any]]) -> dict[str, Any]:
                     {"task": r["task"], "seed": r["seed"], "reference": f"{twin['method']} seed {twin['seed']}", "module": module,
                      "captured": statistics.fmean(v["captured"] for v in rows), "random": statistics.fmean(v["random"] for v in rows)}
                 )
-    return {"layer_updates": along, "basis_capture": capture}
+    agreement = [
+        {"task": r["task"], "method": r["method"], "seed": r["seed"], "step": int(step),
+         **{key: statistics.fmean(g[key] for g in groups.values()) for key in ("encoder_l1", "decoder_l1", "encoder_cosine", "decoder_cosine")},
+         "layers": statistics.fmean(g["layers"] for g in groups.values())}
+        for r in results
+        for step, groups in sorted(r.get("gradient_agreement", {}).items(), key=lambda kv: int(kv[0]))
+        if groups
+    ]
+    return {"layer_updates": along, "basis_capture": capture, "gradient_agreement": agreement}
 
 
 def diagnosis_tables(found: dict[str, Any]) -> str:
@@ -332,6 +360,13 @@ def diagnosis_tables(found: dict[str, Any]) -> str:
     lines += ["", "| task | LoRA r16 seed | subspaces of | module | share of LoRA's update inside them | random subspaces |", "|---|---:|---|---|---:|---:|"]
     for row in found["basis_capture"]:
         lines.append(f"| {row['task']} | {row['seed']} | {row['reference']} | {row['module']} | {row['captured']:.3f} | {row['random']:.3f} |")
+    # Mean over the groups; an L1 agreement of 1 means every layer pulls each entry the same way,
+    # a cosine near 1/sqrt(layers) that the layers' shares point in unrelated directions.
+    lines += ["", "| task | method | seed | step | encoder agreement (L1) | decoder agreement (L1) | encoder cosine | decoder cosine | 1/sqrt(layers) |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in found.get("gradient_agreement", []):
+        lines.append(f"| {row['task']} | {row['method']} | {row['seed']} | {row['step']} | {row['encoder_l1']:.3f} | {row['decoder_l1']:.3f} | "
+                     f"{row['encoder_cosine']:.3f} | {row['decoder_cosine']:.3f} | {row['layers'] ** -0.5:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -359,7 +394,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         for family, (label, color, marker) in FAMILIES.items():
             points = sorted(
                 (r for r in here if METHODS.get(r["method"], {}).get("lrs") == family
-                 and "activation" not in METHODS[r["method"]] and "basis" not in METHODS[r["method"]]),
+                 and not any(k in METHODS[r["method"]] for k in VARIANT_KEYS)),
                 key=lambda r: r["trainable_params"],
             )
             if points:

@@ -95,6 +95,45 @@ def test_layer_updates_follow_the_formula(tokens):
     assert set(summary) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "all"}
 
 
+def test_shared_gradient_shares_sum_to_the_autograd_gradient(tokens):
+    model = dl.get_denselora_model(tiny_llama(), dl.DenseLoRAConfig.paper(r=4, alpha=8, dropout=0.0))
+    randomize_adapter(model)
+    model.train()
+    inputs = {"input_ids": tokens, "labels": tokens}
+    shares = diagnostics.shared_gradient_contributions(model, inputs)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    layers_per_group = {}
+    for _, layer in model.adapter_layers():
+        layers_per_group[layer.group] = layers_per_group.get(layer.group, 0) + 1
+    assert {g: len(f["encoder"]) for g, f in shares.items()} == layers_per_group
+    model.eval()
+    model(**inputs).loss.backward()
+    for group, shared in model.shared_modules.items():
+        for factor in ("encoder", "decoder"):
+            total = torch.stack(shares[group][factor]).sum(0)
+            expected = getattr(shared, factor).grad.double()
+            np.testing.assert_allclose(total.numpy(), expected.numpy(), rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    summary = diagnostics.shared_agreement(model, inputs)
+    assert set(summary) == set(layers_per_group)
+    assert all(0.0 < row["decoder_l1"] <= 1.0 + 1e-12 for row in summary.values())
+    with pytest.raises(ArgumentError, match="labels"):
+        diagnostics.shared_gradient_contributions(model, {"input_ids": tokens})
+
+
+def test_gradient_agreement_of_known_shares():
+    c = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    same = diagnostics.gradient_agreement([c, 2 * c, 0.5 * c])
+    assert same["l1"] == pytest.approx(1.0) and same["cosine"] == pytest.approx(1.0)
+    cancelling = diagnostics.gradient_agreement([c, -c, c])
+    # |c|_1 / (3 |c|_1); cosines with the sum c: 1, -1, 1
+    assert cancelling["l1"] == pytest.approx(1 / 3) and cancelling["cosine"] == pytest.approx(1 / 3)
+    e = torch.eye(4)
+    orthogonal = diagnostics.gradient_agreement(list(e))
+    assert orthogonal["l1"] == pytest.approx(1.0) and orthogonal["cosine"] == pytest.approx(0.5)  # 1/sqrt(4)
+    with pytest.raises(ArgumentError):
+        diagnostics.gradient_agreement([])
+
+
 def test_layer_updates_of_a_peft_lora_match_peft(tokens):
     peft = pytest.importorskip("peft")
     base = tiny_llama()

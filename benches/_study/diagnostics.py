@@ -221,6 +221,86 @@ def layer_updates(
     return results
 
 
+def shared_gradient_contributions(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, dict[str, list[torch.Tensor]]]:
+    """Each layer's share of the gradient of the loss on one batch with respect to its group's shared
+    encoder ``E`` and decoder ``D``: ``{group: {"encoder": [C_l], "decoder": [C_l]}}`` in float64,
+    one entry per layer in model order. The shares sum to the gradient of the shared tensors. The
+    model runs in eval mode (no dropout) on ``inputs``, which must carry ``labels``; no ``.grad``
+    is touched, so this can run between optimizer steps."""
+    from denselora.method.functional import activation_fn
+
+    layers = [(path, layer) for path, layer in _adapted_layers(model) if isinstance(layer, DenseLoRALayer)]
+    if not layers:
+        raise ArgumentError(f"{type(model).__name__} has no DenseLoRA layers")
+    if "labels" not in inputs:
+        raise ArgumentError("shared_gradient_contributions needs inputs with 'labels' (the loss is differentiated)")
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [
+        layer.register_forward_hook(lambda mod, args, out, path=path: seen.__setitem__(path, (args[0].detach(), out)))
+        for path, layer in layers
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            loss = model(**inputs).loss
+            paths = [path for path, _ in layers if path in seen and seen[path][1].requires_grad]
+            if not paths:
+                raise ArgumentError("no adapted layer's output depends on a trainable tensor: nothing to differentiate")
+            out_grads = torch.autograd.grad(loss, [seen[path][1] for path in paths])
+        by_path = dict(layers)
+        contributions: dict[str, dict[str, list[torch.Tensor]]] = {}
+        for path, g in zip(paths, out_grads):
+            layer = by_path[path]
+            shared = layer.shared
+            e, m, d = (t.detach().double().requires_grad_(True) for t in (shared.encoder, layer.m, shared.decoder))
+            x = seen[path][0].reshape(-1, shared.in_features).double()
+            act_e, act_d = (activation_fn(name) for name in layer.activation)
+            with torch.enable_grad():
+                y = layer.scaling * act_d(act_e(x @ e.T) @ m.T @ d.T)
+                c_e, c_d = torch.autograd.grad(y, (e, d), grad_outputs=g.reshape(y.shape).double())
+            group = contributions.setdefault(layer.group, {"encoder": [], "decoder": []})
+            group["encoder"].append(c_e)
+            group["decoder"].append(c_d)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return contributions
+
+
+def gradient_agreement(contributions: Iterable[torch.Tensor]) -> dict[str, float]:
+    """How far the layers sharing one tensor agree on its gradient: ``l1`` is
+    ``|sum_l C_l|_1 / sum_l |C_l|_1`` (1 when every entry's shares have one sign, the measure of the
+    first-step analysis) and ``cosine`` the mean cosine of each share with their sum (about
+    ``1/sqrt(L)`` for L shares of equal size in unrelated directions)."""
+    shares = [c.double().reshape(-1) for c in contributions]
+    if not shares:
+        raise ArgumentError("gradient_agreement needs at least one contribution")
+    total = torch.stack(shares).sum(0)
+    l1 = sum(float(c.abs().sum()) for c in shares)
+    total_norm = float(total.norm())
+    cosines = [float(c @ total) / (float(c.norm()) * total_norm) for c in shares if float(c.norm()) > 0 and total_norm > 0]
+    return {
+        "l1": float(total.abs().sum()) / l1 if l1 > 0 else 0.0,
+        "cosine": sum(cosines) / len(cosines) if cosines else 0.0,
+        "layers": float(len(shares)),
+    }
+
+
+def shared_agreement(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """`gradient_agreement` of every group's encoder and decoder on one batch:
+    ``{group: {"encoder_l1", "encoder_cosine", "decoder_l1", "decoder_cosine", "layers"}}``."""
+    result: dict[str, dict[str, float]] = {}
+    for group, factors in shared_gradient_contributions(model, inputs).items():
+        row: dict[str, float] = {}
+        for factor, shares in factors.items():
+            agreement = gradient_agreement(shares)
+            row[f"{factor}_l1"], row[f"{factor}_cosine"], row["layers"] = agreement["l1"], agreement["cosine"], agreement["layers"]
+        result[group] = row
+    return result
+
+
 def summarize(per_layer: Mapping[str, Mapping[str, float]], keys: Iterable[str] = ("relative_norm", "entropy_rank", "energy_rank")) -> dict[str, dict[str, float]]:
     """Mean of each measure over layers, per module name (``q_proj`` ...) and over all layers."""
     buckets: dict[str, list[Mapping[str, float]]] = defaultdict(list)
