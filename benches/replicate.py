@@ -61,6 +61,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "denselora-r16-orthogonal": {"method": "denselora", "r": 16, "preset": "paper", "m_init": "orthogonal", "lrs": "paper"},
     "denselora-r16-rslora": {"method": "denselora", "r": 16, "preset": "paper", "scaling": "rslora", "lrs": "default"},
     "denselora-r16-default-kaiming": {"method": "denselora", "r": 16, "preset": "default", "m_init": "kaiming", "lrs": "default"},
+    # The paper's configuration linearised around zero: GELU has slope 1/2 there, so two of them
+    # make s * gelu(D M gelu(E x)) about (s / 4) D M E x; a linear branch with alpha / 4.
+    "denselora-r16-linearized": {"method": "denselora", "r": 16, "preset": "paper", "activation": "identity", "alpha": 8, "lrs": "paper"},
     # A tenant: only the per-layer cores M train (38,400 numbers at r=16), on the frozen shared
     # encoders and decoders of the default r=16 adapter trained (seed 0) on another task.
     "denselora-r16-tenant": {"method": "denselora", "r": 16, "preset": "default", "lrs": "default", "basis": "denselora-r16-default"},
@@ -68,7 +71,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "denselora-r16-paper-tenant": {"method": "denselora", "r": 16, "preset": "paper", "lrs": "paper", "basis": "denselora-r16"},
 }
 # Keys that make a method a variant of a configuration rather than a point of the curve.
-VARIANT_KEYS = ("activation", "m_init", "scaling", "basis")
+VARIANT_KEYS = ("activation", "m_init", "scaling", "alpha", "basis")
 # The task whose adapter serves as a tenant's basis.
 BASIS_TASK = {"hyperbaton": "logical_fallacy_detection", "logical_fallacy_detection": "hyperbaton", "epistemic_reasoning": "hyperbaton"}
 # Learning-rate grids: the paper's configuration moves the model about 25x less per step than LoRA
@@ -122,7 +125,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         model = DenseLoRAModel.from_pretrained(base, spec["basis_dir"], freeze_shared=True)
         trainable, total = model.get_nb_trainable_parameters()
     else:
-        model = build_adapter_model(base, method["method"], r=method["r"], alpha=2 * method["r"], **options)
+        model = build_adapter_model(base, method["method"], r=method["r"], alpha=method.get("alpha", 2 * method["r"]), **options)
         trainable, total = model.get_nb_trainable_parameters()
     config = TrainConfig(
         lr=spec["lr"], max_steps=spec["steps"], micro_batch_size=spec["batch_size"], warmup_steps=max(1, spec["steps"] // 10),
