@@ -395,9 +395,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         here = [r for r in rows if r["task"] == task]
         for family, (label, color, marker) in FAMILIES.items():
+            # One point per method on a curve: when several rates ran without a search, its family's.
             points = sorted(
                 (r for r in here if METHODS.get(r["method"], {}).get("lrs") == family
-                 and not any(k in METHODS[r["method"]] for k in VARIANT_KEYS)),
+                 and not any(k in METHODS[r["method"]] for k in VARIANT_KEYS)
+                 and (len({x["lr"] for x in here if x["method"] == r["method"]}) == 1 or r["lr"] == DEFAULT_LR[family])),
                 key=lambda r: r["trainable_params"],
             )
             if points:
